@@ -1,0 +1,3 @@
+from pdmd.cli import main
+
+raise SystemExit(main())

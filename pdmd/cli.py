@@ -1,0 +1,26 @@
+"""``python -m pdmd <command>``: each command module exposes ``add_arguments(parser)`` and ``run(args)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# command name -> (module, one-line help)
+COMMANDS = {
+    "lab": ("pdmd.lab", "2-D Gaussian-mixture lab: distil with every method and measure diversity"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pdmd", description="Phased DMD Studio")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(command)
+        command.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args) or 0

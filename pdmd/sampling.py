@@ -1,0 +1,82 @@
+"""Euler samplers over a phase schedule, k-diffusion style: plain functions ``(model, x, sigmas, ...)``.
+
+A model (teacher or expert) is any callable ``velocity(x, t, cond)`` with ``t`` a (B,) tensor. The sampler
+is not wrapped in ``no_grad``: the trainer back-propagates through an expert's own steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from pdmd.rectified_flow import euler_step, x0_from_velocity
+from pdmd.schedule import PhaseSchedule
+
+Velocity = Callable[[Tensor, Tensor, Any], Tensor]
+Callback = Callable[[dict], None]
+
+
+def guided_velocity(model: Velocity, x: Tensor, t: Tensor, cond, uncond=None, cfg: float = 1.0) -> Tensor:
+    """Classifier-free guidance: v = v(x, t, uncond) + cfg * (v(x, t, cond) - v(x, t, uncond))."""
+    v_cond = model(x, t, cond)
+    if uncond is None or cfg == 1.0:
+        return v_cond
+    v_uncond = model(x, t, uncond)
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def evaluations_per_step(uncond, cfg: float) -> int:
+    """Model evaluations of one guided step: 2 with CFG, 1 without."""
+    return 1 if uncond is None or cfg == 1.0 else 2
+
+
+def sample_euler(model: Velocity, x: Tensor, sigmas: Sequence[float], cond=None, *, uncond=None,
+                 cfg: float = 1.0, callback: Callback | None = None, step_offset: int = 0,
+                 phase: int = 0) -> Tensor:
+    """Euler from sigmas[0] to sigmas[-1]. ``callback`` gets one dict per step (k-diffusion keys:
+    i, sigma, sigma_next, x, denoised) plus ``phase`` and ``velocity``."""
+    for i, (t, t_next) in enumerate(zip(sigmas, sigmas[1:])):
+        t_batch = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+        v = guided_velocity(model, x, t_batch, cond, uncond, cfg)
+        if callback is not None:
+            callback({"i": step_offset + i, "phase": phase, "sigma": float(t), "sigma_next": float(t_next),
+                      "x": x, "velocity": v, "denoised": x0_from_velocity(x, t, v)})
+        x = euler_step(x, t, t_next, v)
+    return x
+
+
+@dataclass
+class PhasedSample:
+    sample: Tensor
+    boundary_states: list[tuple[float, Tensor]] = field(default_factory=list)  # (t_k, x_{t_k}), interior k
+    nfe: int = 0  # model evaluations per sample, CFG counted
+
+
+def phase_sigmas(schedule: PhaseSchedule, phase: int) -> tuple[float, ...]:
+    """The timesteps of one phase, from its start boundary to its end boundary inclusive."""
+    ends = (0, *schedule.boundary_step_indices)
+    return schedule.timesteps[ends[phase]: ends[phase + 1] + 1]
+
+
+def sample_phased(experts: Velocity | Sequence[Velocity], x: Tensor, schedule: PhaseSchedule, cond=None, *,
+                  uncond=None, cfg: float = 1.0, callback: Callback | None = None) -> PhasedSample:
+    """Doc §2: the student as a mixture of experts -- phase k's steps use expert k.
+
+    ``experts`` is one callable per phase, or a single callable for all of them (a teacher: with a one-phase
+    schedule this is the plain N-step sampler). Returns the final sample, the state at every interior
+    boundary and the NFE.
+    """
+    if callable(experts):
+        experts = [experts] * schedule.num_phases
+    if len(experts) != schedule.num_phases:
+        raise ValueError(f"{len(experts)} experts for a schedule of {schedule.num_phases} phases")
+    boundary_states = []
+    for k, expert in enumerate(experts):
+        sigmas = phase_sigmas(schedule, k)
+        x = sample_euler(expert, x, sigmas, cond, uncond=uncond, cfg=cfg, callback=callback,
+                         step_offset=(0, *schedule.boundary_step_indices)[k], phase=k)
+        if k < schedule.num_phases - 1:
+            boundary_states.append((sigmas[-1], x))
+    return PhasedSample(x, boundary_states, schedule.nfe * evaluations_per_step(uncond, cfg))

@@ -1,0 +1,1 @@
+"""Gradio tabs. They call the pdmd library; the library never imports this package."""
