@@ -7,6 +7,10 @@ import importlib
 # command name -> (module, one-line help)
 COMMANDS = {
     "lab": ("pdmd.lab", "2-D Gaussian-mixture lab: distil with every method and measure diversity"),
+    "train-teacher": ("pdmd.train_teacher", "train (or resume) the built-in tiny teacher on generated scenes"),
+    "train-probe": ("pdmd.train_probe", "train the metrics probe (adherence, diversity, FD) on generated scenes"),
+    "eval": ("pdmd.evaluate", "generate with a teacher and measure adherence, diversity and FD"),
+    "bench-teacher": ("pdmd.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }
 
 
