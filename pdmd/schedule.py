@@ -164,8 +164,8 @@ class PhaseSchedule:
         ts = [1.0]
         for (start, end), n in zip(zip(self.edges, self.edges[1:]), self.steps):
             u_start, u_end = unshift_time(start, self.shift), unshift_time(end, self.shift)
-            ts += [shift_time(u_start + (u_end - u_start) * (i + 1) / n, self.shift) for i in range(n)]
-        ts[-1] = 0.0
+            ts += [shift_time(u_start + (u_end - u_start) * (i + 1) / n, self.shift) for i in range(n - 1)]
+            ts.append(end)  # exactly on the boundary, not a rounding error away from it
         return tuple(ts)
 
     @property

@@ -1,0 +1,106 @@
+"""The distillation objective shared by every method and every model (the 2-D lab and image teachers).
+
+One code path, so comparisons are fair (doc §3-§5):
+- ``dmd``          one step from noise to x_0;
+- ``dmd-sgts``     4 steps, stochastic gradient truncation (grad only through a random exit step);
+- ``phased``       2 phases x 2 steps, one expert per phase, trained in order (Phased DMD);
+- ``phased-sgts``  the same phases with SGTS inside each phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pdmd import rectified_flow as rf
+from pdmd.sampling import Velocity, guided_velocity, phase_sigmas, sample_euler
+from pdmd.schedule import PhaseSchedule, preset
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    schedule: PhaseSchedule
+    sgts: bool  # stochastic gradient truncation
+
+
+METHODS: dict[str, Method] = {
+    "dmd": Method("dmd", PhaseSchedule.uniform(1), sgts=False),
+    "dmd-sgts": Method("dmd-sgts", PhaseSchedule.uniform(4), sgts=True),
+    "phased": Method("phased", preset("paper-2x2"), sgts=False),
+    "phased-sgts": Method("phased-sgts", preset("paper-2x2"), sgts=True),
+}
+
+
+def get_method(name: str, schedule: PhaseSchedule | None = None) -> Method:
+    """A method by name; ``schedule`` overrides its default steps (phased methods keep their phases)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    method = METHODS[name]
+    if schedule is None:
+        return method
+    if not name.startswith("phased") and schedule.num_phases != 1:
+        raise ValueError(f"method {name!r} is single-phase but the schedule has {schedule.num_phases} phases")
+    return Method(name, schedule, method.sgts)
+
+
+def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise: Tensor, cond=None,
+            *, sgts: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
+    """§3.1 back-simulation: noise -> frozen experts 1..k-1 (no grad) -> expert k's own steps -> x_s, s = t_k.
+
+    With SGTS (§5) a random exit step j of the phase is drawn: the steps before it run without grad and
+    step j's prediction is projected straight to the phase end, so only step j carries gradient.
+    Without SGTS the gradient flows through every step of the phase.
+    """
+    x = noise
+    with torch.no_grad():
+        for k in range(phase):
+            x = sample_euler(experts[k], x, phase_sigmas(schedule, k), cond)
+    sigmas = phase_sigmas(schedule, phase)
+    s = sigmas[-1]
+    if not sgts:
+        return sample_euler(experts[phase], x, sigmas, cond), s
+    exit_step = int(torch.randint(len(sigmas) - 1, (1,), generator=generator))
+    with torch.no_grad():
+        x = sample_euler(experts[phase], x, sigmas[: exit_step + 1], cond)
+    t = sigmas[exit_step]
+    t_batch = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    return rf.euler_step(x, t, s, experts[phase](x, t_batch, cond)), s
+
+
+def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generator | None = None):
+    """§3.2: t ~ T(s, 1) (nested interval) and x_t = alpha_{t|s} x_s + sigma_{t|s} eps."""
+    t = rf.sample_nested_timesteps(s, x_s.shape[0], shift, generator=generator).to(x_s.device, x_s.dtype)
+    eps = torch.randn(x_s.shape, generator=generator).to(x_s.device, x_s.dtype)
+    return t, eps, rf.subinterval_transition(x_s, eps, s, t)
+
+
+def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, cond=None, uncond=None,
+                   cfg: float = 1.0, *, shift: float = 1.0, gradient: str = "x0",
+                   generator: torch.Generator | None = None) -> Tensor:
+    """§3.3: the DMD loss of phase k whose gradient w.r.t. x_s is the distribution-matching direction.
+
+    The teacher uses CFG, the fake score none (§3.4). ``gradient`` picks the velocity form (w_{t|s}) or the
+    DMD2 x0-normalised form.
+    """
+    t, _, x_t = renoise(x_s.detach(), s, shift, generator)
+    with torch.no_grad():
+        v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg)
+        v_fake = fake(x_t, t, cond)
+        if gradient == "velocity":
+            grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)
+        elif gradient == "x0":
+            grad = rf.dmd_gradient_x0(rf.x0_from_velocity(x_t, t, v_real), rf.x0_from_velocity(x_t, t, v_fake),
+                                      x_s)
+        else:
+            raise ValueError(f"unknown DMD gradient form {gradient!r}; use 'x0' or 'velocity'")
+    return rf.dmd_loss(x_s, grad)
+
+
+def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float = 1.0,
+              generator: torch.Generator | None = None) -> Tensor:
+    """§4: score matching within the subinterval (s, 1) on generated x_s -- Eq. 13's clamped loss."""
+    x_s = x_s.detach()
+    t, eps, x_t = renoise(x_s, s, shift, generator)
+    return rf.subinterval_loss(fake(x_t, t, cond), x_s, eps, s, t)

@@ -1,0 +1,316 @@
+"""2-D lab: distil a Gaussian-mixture teacher with every method and measure what each keeps of the modes.
+
+The mixture has a closed-form velocity at every t (an exact teacher) and exact samples of p_t, so the lab can
+check a phased student's intermediate states against the truth. ``python -m pdmd lab --method all --json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pdmd import distill
+from pdmd import rectified_flow as rf
+from pdmd.sampling import sample_phased
+from pdmd.schedule import PhaseSchedule
+
+
+@dataclass
+class Mixture:
+    """Isotropic Gaussian mixture: sum_i w_i N(mu_i, std^2 I) in 2-D."""
+
+    means: Tensor
+    weights: Tensor
+    std: float = 0.1
+
+    @classmethod
+    def ring(cls, modes: int = 8, radius: float = 2.5, std: float = 0.1) -> "Mixture":
+        angle = torch.arange(modes, dtype=torch.float64) * 2 * math.pi / modes
+        means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+        return cls(means.float(), torch.full((modes,), 1.0 / modes), std)
+
+    @classmethod
+    def grid(cls, side: int = 5, spacing: float = 1.0, std: float = 0.1) -> "Mixture":
+        axis = (torch.arange(side) - (side - 1) / 2) * spacing
+        means = torch.cartesian_prod(axis, axis)
+        return cls(means.float(), torch.full((side * side,), 1.0 / side**2), std)
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.weights)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.means[labels] + self.std * torch.randn(n, 2, generator=generator)
+
+    def sample_pt(self, n: int, t: float, generator: torch.Generator | None = None) -> Tensor:
+        """Exact samples of p_t: the forward process applied to data."""
+        return rf.forward_process(self.sample(n, generator), torch.randn(n, 2, generator=generator), t)
+
+    def velocity(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        """Exact v(x_t, t) = E[eps - x_0 | x_t]. Per component, x_t ~ N((1-t) mu_i, var_t I) with
+        var_t = (1-t)^2 std^2 + t^2, and E[eps - x_0 | x_t, i] = (t - (1-t) std^2) / var_t (x_t - (1-t) mu_i) - mu_i."""
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1)
+        means = self.means.to(x.dtype)[None]                       # (1, M, 2)
+        var_t = (1 - t) ** 2 * self.std**2 + t**2                   # (B, 1, 1)
+        offset = x[:, None, :] - (1 - t) * means                    # (B, M, 2)
+        logits = self.weights.to(x.dtype).log()[None] - (offset**2).sum(-1) / (2 * var_t[..., 0])
+        resp = logits.softmax(dim=1)[..., None]                     # posterior of each component
+        per_component = (t - (1 - t) * self.std**2) / var_t * offset - means
+        return (resp * per_component).sum(1)
+
+
+class VelocityMLP(nn.Module):
+    """v(x, t) for 2-D points: sinusoidal time features and a SiLU MLP."""
+
+    def __init__(self, hidden: int = 128, depth: int = 3, time_features: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100.0), time_features // 2)))
+        layers, width = [], 2 + time_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, 2))
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        angles = t.reshape(-1, 1) * self.freqs
+        return self.net(torch.cat([x, angles.sin(), angles.cos()], dim=1))
+
+
+def train_flow_matching(mixture: Mixture, iters: int = 3000, batch: int = 1024, lr: float = 2e-3,
+                        seed: int = 0) -> VelocityMLP:
+    """The realistic teacher (and every student's initialisation): an MLP fitted by flow matching."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = VelocityMLP()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iters)
+    for _ in range(iters):
+        x0 = mixture.sample(batch, generator)
+        eps = torch.randn(batch, 2, generator=generator)
+        t = torch.rand(batch, generator=generator)
+        loss = rf.flow_matching_loss(model(rf.forward_process(x0, eps, t), t), x0, eps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return model.requires_grad_(False)
+
+
+@dataclass
+class LabConfig:
+    iters: int = 1200           # generator updates, split evenly over the phases
+    batch: int = 512
+    fake_ratio: int = 5         # fake-score updates per generator update (paper, DMD2)
+    lr_generator: float = 1e-4
+    lr_fake: float = 1e-3
+    gradient: str = "x0"        # DMD gradient form: DMD2 x0-normalised or velocity (w_{t|s})
+    teacher_iters: int = 3000
+    teacher_steps: int = 64     # the reference teacher sampler
+    eval_samples: int = 4000
+
+
+def distill_students(method: distill.Method, teacher, base: nn.Module, config: LabConfig,
+                     seed: int = 0) -> list[nn.Module]:
+    """Phased DMD training loop (doc §2-§4): phases in order, earlier experts frozen, a fresh fake per phase."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    schedule = method.schedule
+    experts = [copy.deepcopy(base).requires_grad_(True) for _ in range(schedule.num_phases)]
+    iters_per_phase = max(1, config.iters // schedule.num_phases)
+    for phase in range(schedule.num_phases):
+        fake = copy.deepcopy(base).requires_grad_(True)  # §4: re-initialised from the teacher each phase
+        opt_g = torch.optim.AdamW(experts[phase].parameters(), lr=config.lr_generator, weight_decay=0.0)
+        opt_f = torch.optim.AdamW(fake.parameters(), lr=config.lr_fake, weight_decay=0.0)
+        for _ in range(iters_per_phase):
+            for _ in range(config.fake_ratio):
+                with torch.no_grad():
+                    x_s, s = distill.rollout(experts, phase, schedule, torch.randn(config.batch, 2, generator=generator),
+                                             sgts=method.sgts, generator=generator)
+                loss_f = distill.fake_loss(fake, x_s, s, generator=generator)
+                opt_f.zero_grad()
+                loss_f.backward()
+                opt_f.step()
+            x_s, s = distill.rollout(experts, phase, schedule, torch.randn(config.batch, 2, generator=generator),
+                                     sgts=method.sgts, generator=generator)
+            loss_g = distill.generator_loss(x_s, s, teacher, fake, gradient=config.gradient, generator=generator)
+            opt_g.zero_grad()
+            loss_g.backward()
+            nn.utils.clip_grad_norm_(experts[phase].parameters(), 1.0)
+            opt_g.step()
+        experts[phase].requires_grad_(False)
+    return experts
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+REFERENCE_SAMPLES = 20_000  # data drawn for sliced W: large, so the reference adds little sampling noise
+def sliced_wasserstein(a: Tensor, b: Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Mean over random directions of the 1-D Wasserstein-1 distance between the projected samples.
+
+    Sizes may differ: the larger set is read at the smaller set's quantile levels.
+    """
+    if len(a) > len(b):
+        a, b = b, a
+    directions = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(seed))
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    pa, _ = (a @ directions).sort(0)
+    pb, _ = (b @ directions).sort(0)
+    levels = ((torch.arange(len(a)) + 0.5) * len(b) / len(a)).long()
+    return float((pa - pb[levels]).abs().mean())
+
+
+def _mode_stats(x: Tensor, mixture: Mixture):
+    distance = torch.cdist(x, mixture.means)
+    nearest_distance, label = distance.min(1)
+    in_mode = nearest_distance < 3 * mixture.std
+    counts = torch.bincount(label, minlength=mixture.num_modes).float()
+    spread = (nearest_distance[in_mode] ** 2).mean().sqrt() if in_mode.any() else torch.tensor(0.0)
+    return label, in_mode, counts, float(spread)
+
+
+def mode_metrics(x: Tensor, mixture: Mixture, reference_spread: float) -> dict:
+    """Modes covered (>= 10% of their fair share within 3 std), KL(mode histogram || weights), spread ratio
+    (RMS distance to the mode within 3 std, relative to the data's own) and sliced W to fresh data."""
+    label, in_mode, _, spread = _mode_stats(x, mixture)
+    covered_counts = torch.bincount(label[in_mode], minlength=mixture.num_modes).float()
+    covered = int((covered_counts >= 0.1 * len(x) * mixture.weights).sum())
+    histogram = torch.bincount(label, minlength=mixture.num_modes).float() / len(x)
+    nonzero = histogram > 0
+    kl = float((histogram[nonzero] * (histogram[nonzero] / mixture.weights[nonzero]).log()).sum())
+    data = mixture.sample(REFERENCE_SAMPLES, torch.Generator().manual_seed(12345))
+    return {"modes_total": mixture.num_modes, "modes_covered": covered, "mode_kl": round(kl, 4),
+            "spread_ratio": round(spread / reference_spread, 4), "sliced_w": round(sliced_wasserstein(x, data), 4)}
+
+
+# --- the experiment ----------------------------------------------------------------------------------------
+METHOD_CHOICES = ("teacher", *distill.METHODS)
+
+
+def run_lab(methods: list[str], mixture: Mixture, teacher_kind: str = "exact", seed: int = 0,
+            config: LabConfig | None = None) -> tuple[list[dict], dict[str, Tensor]]:
+    """Run each method; returns its metrics and its samples (for plotting), plus the data under 'data'."""
+    config = config or LabConfig()
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    base = train_flow_matching(mixture, iters=config.teacher_iters, seed=seed)
+    base_seconds = time.perf_counter() - start
+    teacher = mixture.velocity if teacher_kind == "exact" else base
+    data = mixture.sample(config.eval_samples, torch.Generator().manual_seed(seed + 1))
+    reference_spread = _mode_stats(data, mixture)[3]
+    noise = torch.randn(config.eval_samples, 2, generator=torch.Generator().manual_seed(seed + 2))
+    results, samples = [], {"data": data}
+    for name in methods:
+        start = time.perf_counter()
+        if name == "teacher":
+            schedule = PhaseSchedule.uniform(config.teacher_steps)
+            with torch.no_grad():
+                out = sample_phased(teacher, noise, schedule)
+            seconds = time.perf_counter() - start + (0.0 if teacher_kind == "exact" else base_seconds)
+        else:
+            method = distill.METHODS[name]
+            schedule = method.schedule
+            experts = distill_students(method, teacher, base, config, seed)
+            with torch.no_grad():
+                out = sample_phased(experts, noise, schedule)
+            seconds = time.perf_counter() - start
+        row = {"method": name, **mode_metrics(out.sample, mixture, reference_spread),
+               "seconds": round(seconds, 2), "nfe": out.nfe}
+        if out.boundary_states:
+            row["boundary_sliced_w"] = [
+                {"t": round(t, 4), "sliced_w": round(sliced_wasserstein(
+                    x, mixture.sample_pt(len(x), t, torch.Generator().manual_seed(seed + 3))), 4)}
+                for t, x in out.boundary_states]
+        results.append(row)
+        samples[name] = out.sample
+    return results, samples
+
+
+def plot(samples: dict[str, Tensor], results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {row["method"]: row for row in results}
+    names = list(samples)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    limit = float(samples["data"].abs().max()) * 1.25
+    for ax, name in zip(axes[0], names):
+        points = samples[name][:3000]
+        ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.4, color="black" if name == "data" else "tab:blue")
+        row = by_name.get(name)
+        title = name if row is None else (f"{name} (NFE {row['nfe']})\nmodes {row['modes_covered']}/"
+                                          f"{row['modes_total']}  spread {row['spread_ratio']:.2f}  "
+                                          f"SW {row['sliced_w']:.3f}")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="all", choices=(*METHOD_CHOICES, "all"),
+                        help="distillation method, 'teacher' for the reference sampler, or 'all'")
+    parser.add_argument("--modes", type=_positive_int, default=8, help="modes on the ring")
+    parser.add_argument("--grid", action="store_true", help="use a 5x5 grid of modes instead of a ring")
+    parser.add_argument("--teacher", choices=("exact", "mlp"), default="exact",
+                        help="real score: closed-form mixture velocity or the flow-matching MLP")
+    parser.add_argument("--iters", type=_positive_int, default=LabConfig.iters, help="generator updates")
+    parser.add_argument("--batch", type=_positive_int, default=LabConfig.batch)
+    parser.add_argument("--fake-ratio", type=_positive_int, default=LabConfig.fake_ratio)
+    parser.add_argument("--teacher-iters", type=_positive_int, default=LabConfig.teacher_iters)
+    parser.add_argument("--gradient", choices=("x0", "velocity"), default=LabConfig.gradient)
+    parser.add_argument("--samples", type=_positive_int, default=LabConfig.eval_samples,
+                        help="samples drawn per method for the metrics")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 avoids contention with other jobs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw data, teacher and every method side by side")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mixture = Mixture.grid() if args.grid else Mixture.ring(args.modes)
+    config = LabConfig(iters=args.iters, batch=args.batch, fake_ratio=args.fake_ratio,
+                       teacher_iters=args.teacher_iters, gradient=args.gradient, eval_samples=args.samples)
+    methods = list(METHOD_CHOICES) if args.method == "all" else [args.method]
+    if args.plot and "teacher" not in methods:
+        methods.insert(0, "teacher")
+    results, samples = run_lab(methods, mixture, args.teacher, args.seed, config)
+    if args.plot:
+        plot(samples, results, args.plot)
+    if args.method != "all":
+        results = [row for row in results if row["method"] == args.method]
+    if args.json:
+        print(json.dumps(results if args.method == "all" else results[0]))
+    else:
+        columns = ("method", "nfe", "modes_covered", "modes_total", "mode_kl", "spread_ratio", "sliced_w", "seconds")
+        print("  ".join(f"{c:>13}" for c in columns))
+        for row in results:
+            print("  ".join(f"{row[c]!s:>13}" for c in columns))
+    sys.stdout.flush()
+    return 0
