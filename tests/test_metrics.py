@@ -44,7 +44,7 @@ def test_identical_images_have_zero_diversity_and_spread(probe):
     same = image.repeat(6, 1, 1, 1)
     features = metrics.probe_outputs(probe, same)["features"]
     assert metrics.feature_diversity([features]) == pytest.approx(0, abs=1e-5)
-    assert metrics.spatial_spread([same]) == pytest.approx((0, 0), abs=1e-6)
+    assert metrics.spatial_spread([same]) == pytest.approx((0, 0), abs=1e-4)
 
 
 def test_varied_images_of_one_prompt_are_diverse(probe):
@@ -61,7 +61,9 @@ def test_position_and_size_are_measured_on_the_image():
     centre, size = metrics.position_and_size(images)
     assert (centre[:, 0] - labels["cx"]).abs().max() < 1.5
     assert (centre[:, 1] - labels["cy"]).abs().max() < 1.5
-    assert torch.corrcoef(torch.stack([size, labels["radius"]]))[0, 1] > 0.8
+    for shape in range(len(scenes.SHAPES)):  # size = sqrt(area): proportional to the radius within a shape
+        rows = labels["shape"] == shape
+        assert torch.corrcoef(torch.stack([size[rows], labels["radius"][rows]]))[0, 1] > 0.95
 
 
 def test_frechet_distance_of_dataset_to_itself_is_far_below_noise(probe):
