@@ -6,6 +6,7 @@ warm-up), the NFE, and the size of all shipped weights; ``--grid`` also draws pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pdmd.metrics import PROBE_DIR
+from pdmd import scenes
+from pdmd.evaluate import eval_prompts, measure
+from pdmd.metrics import PROBE_DIR, load_probe
 from pdmd.teachers.builtin import ASSET_DIR, load_builtin_teacher
 
 GRID_PROMPTS = (
@@ -33,11 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--grid", type=Path, default=None, help="write a prompts x 8 seeds sample grid here")
+    parser.add_argument("--reference", action="store_true",
+                        help="also print the metrics of dataset images for the standard eval prompts")
 
 
 def shipped_megabytes() -> float:
     files = [f for folder in (ASSET_DIR, PROBE_DIR) for f in folder.rglob("*") if f.is_file()]
     return sum(f.stat().st_size for f in files) / 2**20
+
+
+def dataset_reference(prompts: int = 12, per_prompt: int = 8, seed: int = 0) -> dict:
+    """The eval metrics of real scenes: the ceiling a generator's numbers are read against."""
+    names = eval_prompts(prompts)
+    groups = [scenes.render(scenes.labels_for_prompt(scenes.parse_prompt(p).attributes, per_prompt,
+                                                     seed * 100_003 + i)) for i, p in enumerate(names)]
+    return measure(groups, names, load_probe())
 
 
 def draw_grid(teacher, path: Path, seeds: int = 8) -> None:
@@ -75,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
           f"shift {teacher.default_shift:g}, NFE {result.nfe}: median {statistics.median(times):.2f} s "
           f"(min {min(times):.2f}, max {max(times):.2f}, {args.repeats} runs)")
     print(f"shipped weights (teacher + probe): {shipped_megabytes():.2f} MB")
+    if args.reference:
+        print(f"dataset images, standard eval prompts: {json.dumps(dataset_reference())}")
     if args.grid:
         draw_grid(teacher, args.grid)
         print(f"grid written to {args.grid}")
