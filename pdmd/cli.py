@@ -10,6 +10,8 @@ COMMANDS = {
     "train-teacher": ("pdmd.train_teacher", "train (or resume) the built-in tiny teacher on generated scenes"),
     "train-probe": ("pdmd.train_probe", "train the metrics probe (adherence, diversity, FD) on generated scenes"),
     "eval": ("pdmd.evaluate", "generate with a teacher and measure adherence, diversity and FD"),
+    "train": ("pdmd.trainer", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
+    "sample": ("pdmd.sample", "render a prompt with a teacher, or with a student folder"),
     "bench-teacher": ("pdmd.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }
 

@@ -23,6 +23,7 @@ class Teacher(ABC):
     default_steps: int
     default_cfg: float
     default_shift: float
+    default_prompts: tuple[str, ...] = ()  # what distillation runs on when a config lists no prompts
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:

@@ -6,6 +6,7 @@ the UNet works at 16x16, four times cheaper than at full resolution; ``decode`` 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -63,6 +64,9 @@ class BuiltinTeacher(Teacher):
     default_steps = DEFAULT_STEPS
     default_cfg = DEFAULT_CFG
     default_shift = DEFAULT_SHIFT
+    # distillation is data-free: every full prompt of the grammar (colour x shape x background)
+    default_prompts = tuple(scenes.prompt_for(c, s, b) for c, s, b in itertools.product(
+        range(len(scenes.COLOURS)), range(len(scenes.SHAPES)), range(len(scenes.BACKGROUNDS))))
 
     def __init__(self, model: UNet2DModel, info: dict | None = None):
         self.model = model

@@ -1,0 +1,197 @@
+"""Roles on one frozen base (doc §2): PEFT named adapters ``phase_1 .. phase_K`` and ``fake`` on the teacher's
+network; the teacher itself is the base with adapters disabled. Memory: one base plus small adapters.
+
+Also the student folder: one LoRA per phase in diffusers format plus ``manifest.json``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from pdmd.schedule import PhaseSchedule
+from pdmd.teachers.base import Teacher
+
+FAKE = "fake"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class StudentError(ValueError):
+    """A student folder that cannot be used; the message names the file and the problem."""
+
+
+def phase_adapter(phase: int) -> str:
+    """Adapter name of 0-based phase ``phase`` (the doc counts phases from 1)."""
+    return f"phase_{phase + 1}"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
+                          init_lora_weights=True)  # B = 0: every role starts equal to the teacher
+
+
+class Roles:
+    """Teacher, phase experts and fake score as named adapters on ``teacher.model``.
+
+    ``velocity(name)`` returns a callable v(x, t, cond) for a role (None = the teacher). Switching roles only
+    changes which adapter is active: PEFT's own ``set_adapter`` also flips ``requires_grad``, which would
+    silently drop the gradient of a graph built before the switch, so trainability is managed separately.
+    """
+
+    def __init__(self, teacher: Teacher, adapters: list[str], lora: LoraSpec):
+        self.teacher, self.lora = teacher, lora
+        teacher.model.requires_grad_(False)
+        with warnings.catch_warnings():  # several adapters on one model is the point here, not a mistake
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for name in adapters:
+                inject_adapter_in_model(lora.peft_config(), teacher.model, adapter_name=name)
+        self.layers = [m for m in teacher.model.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise StudentError(f"LoRA target modules {list(lora.target_modules)} match no layer of "
+                               f"{type(teacher.model).__name__}")
+        self.adapters = list(adapters)
+        for param in self.parameters_of(*adapters):
+            param.requires_grad_(False)
+        self._activate(None)
+
+    def _activate(self, name: str | None) -> None:
+        for layer in self.layers:
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
+
+    @contextmanager
+    def active(self, name: str | None):
+        self._activate(name)
+        try:
+            yield
+        finally:
+            self._activate(None)
+
+    def velocity(self, name: str | None):
+        def velocity(x: Tensor, t: Tensor, cond) -> Tensor:
+            with self.active(name):
+                return self.teacher.velocity(x, t, cond)
+        return velocity
+
+    def parameters_of(self, *names: str) -> list[nn.Parameter]:
+        return [p for n, p in self.teacher.model.named_parameters()
+                if any(f".{name}." in n for name in names) and "lora_" in n]
+
+    def reset(self, name: str) -> None:
+        """Re-initialise an adapter (the fake score at the start of each phase, doc §4)."""
+        for layer in self.layers:
+            if name in getattr(layer, "lora_A", {}):
+                layer.reset_lora_parameters(name, True)
+
+    def state_dict(self, name: str) -> dict[str, Tensor]:
+        """One adapter's weights in PEFT key layout (adapter name stripped)."""
+        return {k: v.detach().clone() for k, v in
+                get_peft_model_state_dict(self.teacher.model, adapter_name=name).items()}
+
+    def load_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
+        result = set_peft_model_state_dict(self.teacher.model, state, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise StudentError(f"LoRA keys match no module of the teacher: {unexpected[:8]}"
+                               + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+
+
+# --- the student folder ---------------------------------------------------------------------------------
+def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: dict, prefix: str = "unet") -> None:
+    """phase_k/pytorch_lora_weights.safetensors (diffusers layout: ``<prefix>.<module>.lora_A.weight``) and
+    manifest.json with the schedule, method and training provenance."""
+    phases = []
+    for k in range(schedule.num_phases):
+        name = phase_adapter(k)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        state = {f"{prefix}.{key}": value.contiguous().cpu() for key, value in roles.state_dict(name).items()}
+        save_file(state, str(folder / name / LORA_WEIGHT_NAME), metadata={"format": "pt", "pdmd_phase": name})
+        phases.append(f"{name}/{LORA_WEIGHT_NAME}")
+    full = {"version": MANIFEST_VERSION, **manifest, "schedule": schedule.as_dict(), "phases": phases,
+            "lora": {"rank": roles.lora.rank, "alpha": roles.lora.alpha,
+                     "target_modules": list(roles.lora.target_modules), "prefix": prefix}}
+    (folder / MANIFEST).write_text(json.dumps(full, indent=2))
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise StudentError(f"student folder {folder} does not exist")
+    if not path.is_file():
+        raise StudentError(f"{path} is missing: a student folder needs a manifest.json beside its LoRA files")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise StudentError(f"{path} is not valid JSON ({err})") from None
+    for key in ("teacher", "schedule", "phases", "lora"):
+        if key not in manifest:
+            raise StudentError(f"{path} has no {key!r} entry")
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+    if pickles:
+        raise StudentError(f"{folder} holds pickle files {pickles}; only .safetensors are loaded")
+    return manifest
+
+
+@dataclass
+class Student:
+    folder: Path
+    manifest: dict
+    schedule: PhaseSchedule
+    roles: Roles
+
+    @property
+    def experts(self):
+        return [self.roles.velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
+
+    @property
+    def cfg(self) -> float:
+        return float(self.manifest.get("cfg", 1.0))
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int = 0, callback=None):
+        return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
+
+
+def load_student(folder: str | Path, teacher: Teacher) -> Student:
+    """Attach a student's per-phase LoRAs to ``teacher`` (whose network then carries the adapters)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    schedule = PhaseSchedule.from_dict(manifest["schedule"])
+    if len(manifest["phases"]) != schedule.num_phases:
+        raise StudentError(f"{folder / MANIFEST} lists {len(manifest['phases'])} LoRA files for "
+                           f"{schedule.num_phases} phases")
+    spec = manifest["lora"]
+    lora = LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["target_modules"]))
+    roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], lora)
+    prefix = re.escape(spec.get("prefix", "unet")) + r"\."
+    for k, relative in enumerate(manifest["phases"]):
+        path = (folder / relative).resolve()
+        if folder.resolve() not in path.parents or path.suffix != ".safetensors":
+            raise StudentError(f"{folder / MANIFEST}: phase file {relative!r} must be a .safetensors inside the folder")
+        if not path.is_file():
+            raise StudentError(f"{path} is missing (phase {k + 1} of {folder})")
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise StudentError(f"{path} is not a readable safetensors file ({err})") from None
+        roles.load_state_dict(phase_adapter(k), {re.sub(f"^{prefix}", "", key): v for key, v in state.items()})
+    return Student(folder, manifest, schedule, roles)

@@ -1,0 +1,151 @@
+"""The distillation config: a frozen object that validates every field when it is loaded, so a bad config fails
+before any work with one message naming the field."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
+from pathlib import Path
+
+import yaml
+
+from pdmd.distill import METHODS
+from pdmd.experts import LoraSpec
+from pdmd.schedule import PhaseSchedule, ScheduleError
+
+
+class ConfigError(ValueError):
+    """An invalid training config; the message names the field."""
+
+
+def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r} must be a number")
+    if integer and value != int(value):
+        raise ConfigError(f"{name} = {value!r} must be a whole number")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} = {value!r} must be {'at least 0' if allow_zero else 'greater than 0'}")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    teacher: str = "builtin"
+    method: str = "phased"
+    schedule: PhaseSchedule = field(default_factory=lambda: METHODS["phased"].schedule)
+    output_dir: str = "runs/student"
+    steps_per_phase: tuple[int, ...] = (200,)   # generator updates of each phase (one value: every phase)
+    batch_size: int = 8
+    fake_ratio: int = 5                          # fake-score updates per generator update (paper, DMD2)
+    lr_generator: float = 1e-4
+    lr_fake: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0                       # 0 = off
+    teacher_cfg: float = 3.0                     # the real score's guidance (doc §3.4); the fake uses none
+    student_cfg: float = 1.0                     # guidance when sampling the student (CFG is distilled in)
+    timestep_shift: float = 1.0                  # shift of t ~ T(s, 1)
+    gradient: str = "x0"                         # DMD gradient form: "x0" (DMD2) or "velocity"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    prompts: tuple[str, ...] = ()                # distillation is data-free: prompts only
+    sample_prompts: tuple[str, ...] = ()
+    sample_every: int = 50
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"                  # "no", "bf16" or "fp16" (accelerate)
+    gradient_checkpointing: bool = False
+    report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"method = {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.teacher, str) or not self.teacher.strip():
+            raise ConfigError("teacher is missing: give a teacher id such as 'builtin' or a model folder")
+        schedule = self.schedule
+        if not isinstance(schedule, PhaseSchedule):
+            try:
+                schedule = PhaseSchedule.from_dict(schedule)
+            except ScheduleError as err:
+                raise ConfigError(f"schedule: {err}") from None
+        if not self.method.startswith("phased") and schedule.num_phases != 1:
+            raise ConfigError(f"schedule has {schedule.num_phases} phases but method {self.method!r} "
+                              "is single-phase; remove the boundaries or use a phased method")
+        steps = self.steps_per_phase
+        steps = (steps,) * schedule.num_phases if isinstance(steps, Real) else tuple(steps)
+        if len(steps) == 1:
+            steps *= schedule.num_phases
+        if len(steps) != schedule.num_phases:
+            raise ConfigError(f"steps_per_phase {list(steps)} does not fit the schedule's "
+                              f"{schedule.num_phases} phases; give one value or one per phase")
+        steps = tuple(_positive(f"steps_per_phase[{k}]", n, integer=True) for k, n in enumerate(steps))
+        lora = self.lora if isinstance(self.lora, LoraSpec) else self._lora(self.lora)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_("schedule", schedule)
+        set_("steps_per_phase", steps)
+        set_("lora", lora)
+        for name in ("batch_size", "fake_ratio", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            set_(name, _positive(name, getattr(self, name), integer=True))
+        for name in ("lr_generator", "lr_fake", "grad_clip", "timestep_shift"):
+            set_(name, _positive(name, getattr(self, name)))
+        for name in ("weight_decay", "teacher_cfg", "student_cfg"):
+            set_(name, _positive(name, getattr(self, name), allow_zero=True))
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
+        if self.gradient not in ("x0", "velocity"):
+            raise ConfigError(f"gradient = {self.gradient!r} must be 'x0' or 'velocity'")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision = {self.mixed_precision!r} must be 'no', 'bf16' or 'fp16'")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"report_to = {self.report_to!r} must be 'none' or 'tensorboard'")
+        for name in ("prompts", "sample_prompts"):
+            value = self.__dict__[name]
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{name} must be a list of prompt strings")
+            set_(name, tuple(value))
+
+    @staticmethod
+    def _lora(data) -> LoraSpec:
+        if not isinstance(data, dict) or set(data) - {"rank", "alpha", "target_modules"}:
+            raise ConfigError(f"lora = {data!r} must be a mapping with rank, alpha, target_modules")
+        rank = _positive("lora.rank", data.get("rank", LoraSpec.rank), integer=True)
+        alpha = _positive("lora.alpha", data.get("alpha", LoraSpec.alpha))
+        modules = data.get("target_modules", LoraSpec.target_modules)
+        if isinstance(modules, str) or not modules:
+            raise ConfigError("lora.target_modules must be a non-empty list of module names")
+        return LoraSpec(rank, alpha, tuple(modules))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_per_phase)
+
+    @classmethod
+    def from_dict(cls, data: dict, **overrides) -> "TrainConfig":
+        data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of fields")
+        return cls.from_dict(data, **overrides)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["schedule"] = self.schedule.as_dict()
+        data["steps_per_phase"] = list(self.steps_per_phase)
+        data["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                        "target_modules": list(self.lora.target_modules)}
+        data["prompts"], data["sample_prompts"] = list(self.prompts), list(self.sample_prompts)
+        return data

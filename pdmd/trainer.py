@@ -1,0 +1,360 @@
+"""``python -m pdmd train --config FILE``: LoRA phased distillation on one device or many (accelerate).
+
+Phases are trained in order (doc §2): expert k's adapter learns while experts 1..k-1 stay frozen, a fresh fake
+adapter is fitted to the generator's x_s with the subinterval loss, and the teacher is the base with adapters
+disabled. Randomness of step n is a pure function of (seed, rank, n), so a resumed run repeats exactly what an
+uninterrupted one would have done; checkpoints hold adapters, optimisers, EMA and the step.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pdmd import checkpoints, distill
+from pdmd.experts import FAKE, Roles, phase_adapter, save_student
+from pdmd.images import save_png
+from pdmd.train_config import ConfigError, TrainConfig
+
+CHECKPOINT_DIR = "checkpoints"
+STUDENT_DIR = "student"
+METRICS_FILE = "metrics.jsonl"
+CONTROL_FILE = "control.json"   # {"action": "stop" | "sample" | "save"}: the job manager talks through it
+
+
+def select(cond, index: Tensor):
+    """Rows ``index`` of a conditioning batch (a tensor, or a dict / tuple of tensors)."""
+    if isinstance(cond, Tensor):
+        return cond[index.to(cond.device)]
+    if isinstance(cond, dict):
+        return {k: select(v, index) for k, v in cond.items()}
+    if isinstance(cond, (tuple, list)):
+        return type(cond)(select(v, index) for v in cond)
+    return cond
+
+
+def _step_generator(config: TrainConfig, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7_919 + step)
+
+
+def _phase_of(config: TrainConfig, step: int) -> tuple[int, int]:
+    """(phase, step within the phase) of global generator step ``step``."""
+    for phase, n in enumerate(config.steps_per_phase):
+        if step < n:
+            return phase, step
+        step -= n
+    return len(config.steps_per_phase) - 1, config.steps_per_phase[-1]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, accelerator=None, teacher=None):
+        from accelerate import Accelerator
+
+        from pdmd.teachers import load_teacher
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),  # on CPU, launched ranks then join a gloo group (MULTI_CPU)
+            mixed_precision=config.mixed_precision,
+            log_with="tensorboard" if config.report_to == "tensorboard" else None,
+            project_dir=config.output_dir)
+        self.run_dir = Path(config.output_dir)
+        self.method = distill.get_method(config.method, config.schedule)
+        self.schedule = config.schedule
+        self.teacher = teacher or load_teacher(config.teacher, device=self.accelerator.device)
+        names = [phase_adapter(k) for k in range(self.schedule.num_phases)]
+        torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
+        self.roles = Roles(self.teacher, names + [FAKE], config.lora)
+        if config.gradient_checkpointing:
+            self.teacher.model.enable_gradient_checkpointing()
+        self.experts = [self.roles.velocity(name) for name in names]
+        self.fake = self.roles.velocity(FAKE)
+        self.real = self.roles.velocity(None)
+        prompts = list(config.prompts or self.teacher.default_prompts)
+        if not prompts:
+            raise ConfigError("prompts is empty and the teacher ships no default prompt list")
+        self.prompts = prompts
+        with torch.no_grad():  # prompt embeddings computed once for the whole run
+            self.cond, self.uncond = self.teacher.encode_prompts(prompts)
+        self.step = 0
+        self.ema: dict[str, Tensor] = {}
+        self.optimizers = None
+        self.optimizer_phase = -1
+
+    # --- state -------------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _build_optimizers(self, phase: int) -> None:
+        c = self.config
+        generator = torch.optim.AdamW(self.roles.parameters_of(phase_adapter(phase)), lr=c.lr_generator,
+                                      weight_decay=c.weight_decay)
+        fake = torch.optim.AdamW(self.roles.parameters_of(FAKE), lr=c.lr_fake, weight_decay=c.weight_decay)
+        self.optimizers = dict(zip(("generator", "fake"), self.accelerator.prepare(generator, fake)))
+        self.optimizer_phase = phase
+
+    def _start_phase(self, phase: int, fresh: bool) -> None:
+        for name in self.roles.adapters:
+            trainable = name in (phase_adapter(phase), FAKE)
+            for param in self.roles.parameters_of(name):
+                param.requires_grad_(trainable)
+        if fresh:  # doc §4: the fake score restarts from the teacher in every phase (seeded: resumable)
+            torch.manual_seed(self.config.seed * 1_000_003 + phase)
+            self.roles.reset(FAKE)
+        self._build_optimizers(phase)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {}
+        for name in self.roles.adapters:
+            tensors.update({f"adapter/{name}/{k}": v for k, v in self.roles.state_dict(name).items()})
+        for role, optimizer in self.optimizers.items():
+            tensors.update({f"optimizer/{role}/{k}": v for k, v in
+                            checkpoints.optimizer_tensors(optimizer.optimizer).items()})
+        tensors.update({f"ema/{k}": v for k, v in self.ema.items()})
+        return tensors
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        phase, _ = _phase_of(self.config, self.step)
+        return checkpoints.save_checkpoint(self.run_dir / CHECKPOINT_DIR, self.step, self.state_tensors(),
+                                           {"phase": phase, "config": self.config.as_dict()},
+                                           keep=self.config.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors, meta = checkpoints.load_checkpoint(path)
+        self.step = int(meta["step"])
+        for name in self.roles.adapters:
+            prefix = f"adapter/{name}/"
+            self.roles.load_state_dict(name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+        phase, step_in_phase = _phase_of(self.config, self.step)
+        if step_in_phase == 0:
+            return  # a phase boundary: the next step starts the new phase fresh, as an unbroken run would
+        self._start_phase(phase, fresh=False)
+        for role, optimizer in self.optimizers.items():
+            prefix = f"optimizer/{role}/"
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                checkpoints.load_optimizer_tensors(optimizer.optimizer, state)
+
+    # --- one generator step ------------------------------------------------------------------------------
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce the adapter gradients (only they train, so this is all DDP would do)."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+    def _update(self, role: str, loss: Tensor) -> float:
+        optimizer = self.optimizers[role]
+        params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
+        self.accelerator.backward(loss)
+        self._average_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def train_step(self) -> dict:
+        c, phase = self.config, _phase_of(self.config, self.step)[0]
+        if self.optimizer_phase != phase:
+            self._start_phase(phase, fresh=True)
+        generator = _step_generator(c, self.accelerator.process_index, self.step)
+        device = self.accelerator.device
+
+        def batch():
+            index = torch.randint(len(self.prompts), (c.batch_size,), generator=generator)
+            noise = torch.randn((c.batch_size, *self.teacher.latent_shape), generator=generator)
+            return noise.to(device), select(self.cond, index), select(self.uncond, index)
+
+        started = time.perf_counter()
+        fake_losses = []
+        for _ in range(c.fake_ratio):
+            noise, cond, _ = batch()
+            with torch.no_grad(), self.accelerator.autocast():
+                x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
+                                         sgts=self.method.sgts, generator=generator)
+            with self.accelerator.autocast():
+                loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.timestep_shift, generator=generator)
+            self._update("fake", loss)
+            fake_losses.append(loss.item())
+        noise, cond, uncond = batch()
+        with self.accelerator.autocast():
+            x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
+                                     sgts=self.method.sgts, generator=generator)
+            loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, c.teacher_cfg,
+                                          shift=c.timestep_shift, gradient=c.gradient, generator=generator)
+        grad_norm = self._update("generator", loss)
+        if c.ema_decay:
+            self._update_ema(phase)
+        self.step += 1
+        seconds = time.perf_counter() - started
+        return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
+                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
+                "it_per_s": 1.0 / seconds, "memory_mb": _peak_memory_mb(device)}
+
+    def _update_ema(self, phase: int) -> None:
+        name = phase_adapter(phase)
+        for key, value in self.roles.state_dict(name).items():
+            ema_key = f"{name}/{key}"
+            previous = self.ema.get(ema_key, value)
+            self.ema[ema_key] = self.config.ema_decay * previous + (1 - self.config.ema_decay) * value
+
+    # --- outputs -----------------------------------------------------------------------------------------
+    def export_student(self) -> Path:
+        """The student folder: EMA weights when EMA is on, else the trained adapters."""
+        target = self.run_dir / STUDENT_DIR
+        if self.ema:
+            live = {name: self.roles.state_dict(name) for name in self.roles.adapters}
+            for name in live:
+                prefix = f"{name}/"
+                ema = {k[len(prefix):]: v for k, v in self.ema.items() if k.startswith(prefix)}
+                if ema:
+                    self.roles.load_state_dict(name, ema)
+        manifest = {"teacher": self.config.teacher, "method": self.config.method, "cfg": self.config.student_cfg,
+                    "teacher_cfg": self.config.teacher_cfg, "steps_trained": self.step,
+                    "steps_per_phase": list(self.config.steps_per_phase), "ema_decay": self.config.ema_decay,
+                    "seed": self.config.seed}
+        checkpoints.atomic_export(target, lambda folder: save_student(folder, self.roles, self.schedule, manifest))
+        if self.ema:
+            for name, state in live.items():
+                self.roles.load_state_dict(name, state)
+        return target
+
+    @torch.no_grad()
+    def save_samples(self) -> Path | None:
+        prompts = list(self.config.sample_prompts or self.prompts[:4])
+        result = self.teacher.sample(prompts, self.config.seed, self.schedule, self.config.student_cfg,
+                                     self.experts)
+        path = save_png(self.teacher.decode(result.sample), self.run_dir / "samples" / f"step-{self.step:06d}.png")
+        save_png(self.teacher.decode(result.sample), path.with_name("latest.png"))
+        return path
+
+    def adapter_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for name in self.roles.adapters:
+            for key, value in sorted(self.roles.state_dict(name).items()):
+                digest.update(key.encode())
+                digest.update(value.float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def _control(self) -> str | None:
+        path = self.run_dir / CONTROL_FILE
+        if not path.is_file():
+            return None
+        try:
+            action = json.loads(path.read_text()).get("action")
+        except ValueError:
+            action = None
+        path.unlink(missing_ok=True)
+        return action
+
+    def fit(self, max_steps: int | None = None, progress: bool = True) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        end = c.total_steps if max_steps is None else min(c.total_steps, max_steps)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(c.as_dict(), indent=2))
+        if c.report_to == "tensorboard":
+            self.accelerator.init_trackers("pdmd")
+        bar = tqdm(total=c.total_steps, initial=self.step, disable=not (progress and self.is_main),
+                   desc="distilling", dynamic_ncols=True)
+        stopped = False
+        with open(self.run_dir / METRICS_FILE, "a") if self.is_main else _nowhere() as log:
+            while self.step < end:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix(phase=row["phase"], g=f"{row['loss_generator']:.3g}", f=f"{row['loss_fake']:.3g}")
+                action = self._control() if self.is_main else None
+                if self.is_main:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    if c.report_to == "tensorboard":
+                        self.accelerator.log(row, step=self.step)
+                    if self.step % c.sample_every == 0 or action == "sample":
+                        self.save_samples()
+                if self.step % c.checkpoint_every == 0 or action in ("save", "stop") or self.step == end:
+                    self.save_checkpoint()
+                if action == "stop":
+                    stopped = True
+                    break
+        bar.close()
+        finished = self.step >= c.total_steps
+        if self.is_main and finished:
+            self.export_student()
+        fingerprint = self.adapter_fingerprint()
+        (self.run_dir / f"rank-{self.accelerator.process_index}.json").write_text(
+            json.dumps({"step": self.step, "adapters_sha256": fingerprint}))
+        self.accelerator.wait_for_everyone()
+        if c.report_to == "tensorboard":
+            self.accelerator.end_training()
+        return {"step": self.step, "finished": finished, "stopped": stopped,
+                "student": str(self.run_dir / STUDENT_DIR) if finished else None}
+
+
+class _nowhere:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (see assets/students/*/config.yaml)")
+    parser.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint or a folder")
+    parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many generator steps")
+    parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ConfigError(f"--max-steps {args.max_steps} must be at least 1")
+        config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
+        trainer = Trainer(config)
+        if args.resume:
+            found = checkpoints.resolve_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, args.resume)
+            if found is None:
+                print(f"no checkpoint in {Path(config.output_dir) / CHECKPOINT_DIR} yet: starting a new run",
+                      file=sys.stderr)
+            else:
+                trainer.load_checkpoint(found)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"python -m pdmd train: error: {err}", file=sys.stderr)
+        return 2
+    result = trainer.fit(args.max_steps, progress=not args.no_progress)
+    if trainer.is_main:
+        print(json.dumps(result))
+    return 0

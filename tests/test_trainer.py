@@ -1,0 +1,212 @@
+"""The LoRA phased-distillation trainer on the built-in teacher, with tiny configs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pdmd import checkpoints
+from pdmd.cli import main
+from pdmd.experts import FAKE, StudentError, load_student, phase_adapter
+from pdmd.teachers import load_teacher
+from pdmd.train_config import ConfigError, TrainConfig
+from pdmd.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, **overrides) -> dict:
+    config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
+                  steps_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2},
+                  sample_every=100, checkpoint_every=1, keep_checkpoints=10, output_dir=str(tmp_path / "run"),
+                  sample_prompts=["a red circle", "a blue star"])
+    config.update(overrides)
+    return config
+
+
+def write(tmp_path, config: dict, name="config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def adapters(run_dir: Path) -> dict:
+    return load_file(str(checkpoints.list_checkpoints(run_dir / CHECKPOINT_DIR)[-1] / "state.safetensors"))
+
+
+def test_roles_share_one_base_and_start_equal_to_the_teacher():
+    from pdmd.experts import LoraSpec, Roles
+
+    teacher = load_teacher("builtin")
+    base_params = sum(p.numel() for p in teacher.model.parameters())
+    roles = Roles(teacher, ["phase_1", "phase_2", FAKE], LoraSpec(rank=4, alpha=4))
+    lora_params = sum(p.numel() for n, p in teacher.model.named_parameters() if "lora_" in n)
+    assert lora_params < 0.2 * base_params  # one base plus small adapters
+    x = teacher.noise(2, seed=0)
+    t = torch.full((2,), 0.7)
+    cond, _ = teacher.encode_prompts(["a red circle", "a blue star"])
+    with torch.no_grad():
+        v_teacher = roles.velocity(None)(x, t, cond)
+        torch.testing.assert_close(roles.velocity("phase_1")(x, t, cond), v_teacher)  # LoRA B = 0
+        for p in roles.parameters_of("phase_2"):
+            p.add_(0.05)
+        assert not torch.allclose(roles.velocity("phase_2")(x, t, cond), v_teacher)
+        torch.testing.assert_close(roles.velocity(None)(x, t, cond), v_teacher)  # disabled = the teacher
+        torch.testing.assert_close(roles.velocity("phase_1")(x, t, cond), v_teacher)
+
+
+def test_training_writes_metrics_samples_checkpoints_and_a_loadable_student(tmp_path):
+    config = TrainConfig.from_dict(tiny(tmp_path, sample_every=2))
+    result = Trainer(config).fit(progress=False)
+    run = Path(config.output_dir)
+    assert result["finished"] and result["step"] == 4
+    rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert [r["phase"] for r in rows] == [1, 1, 2, 2]
+    assert {"loss_generator", "loss_fake", "grad_norm", "it_per_s", "memory_mb"} <= set(rows[0])
+    assert (run / "samples" / "step-000002.png").is_file() and (run / "samples" / "latest.png").is_file()
+    assert len(checkpoints.list_checkpoints(run / CHECKPOINT_DIR)) == 4
+
+    manifest = json.loads((run / "student" / "manifest.json").read_text())
+    assert manifest["teacher"] == "builtin" and manifest["method"] == "phased"
+    assert manifest["schedule"] == {"boundaries": [0.5], "steps": [1, 1], "shift": 1.0}
+    assert manifest["steps_trained"] == 4 and manifest["cfg"] == 1.0
+    weights = load_file(str(run / "student" / manifest["phases"][0]))
+    assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in weights)
+
+    student = load_student(run / "student", load_teacher("builtin"))
+    out = student.sample(["a red circle"], seed=0)
+    assert out.nfe == 2 and out.sample.shape == (1, *student.roles.teacher.latent_shape)
+    # the trained phase-1 expert differs from the teacher: LoRA B left zero would mean nothing was learned
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = tiny(tmp_path / "a")
+    Trainer(TrainConfig.from_dict(straight)).fit(progress=False)
+    reference = adapters(Path(straight["output_dir"]))
+
+    for stop in (1, 2):  # inside phase 1, and exactly at the phase boundary
+        broken = tiny(tmp_path / f"b{stop}")
+        Trainer(TrainConfig.from_dict(broken)).fit(max_steps=stop, progress=False)
+        resumed = Trainer(TrainConfig.from_dict(broken))
+        resumed.load_checkpoint(checkpoints.resolve_checkpoint(Path(broken["output_dir"]) / CHECKPOINT_DIR, "latest"))
+        assert resumed.step == stop
+        resumed.fit(progress=False)
+        state = adapters(Path(broken["output_dir"]))
+        assert state.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(state[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_control_file_stops_gracefully_with_a_checkpoint(tmp_path):
+    config = TrainConfig.from_dict(tiny(tmp_path, checkpoint_every=100))
+    run = Path(config.output_dir)
+    run.mkdir(parents=True)
+    (run / CONTROL_FILE).write_text(json.dumps({"action": "stop"}))
+    result = Trainer(config).fit(progress=False)
+    assert result["stopped"] and not result["finished"] and result["step"] == 1
+    assert checkpoints.list_checkpoints(run / CHECKPOINT_DIR)[-1].name == "step-000001"
+
+
+def test_a_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    run_dir = tmp_path / "checkpoints"
+    checkpoints.save_checkpoint(run_dir, 1, {"w": torch.ones(3)}, {})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(checkpoints, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(run_dir, 2, {"w": torch.zeros(3)}, {})
+    latest = checkpoints.resolve_checkpoint(run_dir, "latest")
+    assert latest.name == "step-000001"
+    tensors, meta = checkpoints.load_checkpoint(latest)
+    assert meta["step"] == 1 and tensors["w"].sum() == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "gan"}, "method = 'gan' is unknown"),
+    ({"schedule": {"boundaries": [0.3, 0.6], "steps": 1}}, "schedule: boundary 0.6 follows 0.3"),
+    ({"steps_per_phase": [2, 2, 2]}, "steps_per_phase [2, 2, 2] does not fit the schedule's 2 phases"),
+    ({"method": "dmd-sgts"}, "schedule has 2 phases but method 'dmd-sgts' is single-phase"),
+    ({"lr_generator": 0}, "lr_generator = 0 must be greater than 0"),
+    ({"lr_fake": -1e-4}, "lr_fake = -0.0001 must be greater than 0"),
+    ({"batch_size": "eight"}, "batch_size = 'eight' must be a number"),
+    ({"teacher": ""}, "teacher is missing"),
+    ({"learning_rate": 1e-4}, "unknown config field(s) ['learning_rate']"),
+])
+def test_invalid_config_fails_before_any_work_naming_the_field(tmp_path, override, message, capsys):
+    config = tiny(tmp_path, **override)
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict(config)
+    assert message in str(err.value)
+    assert main(["train", "--config", str(write(tmp_path, config))]) == 2
+    assert message in capsys.readouterr().err
+    assert not Path(config["output_dir"]).exists()
+
+
+def test_unknown_teacher_and_missing_config_are_named(tmp_path, capsys):
+    assert main(["train", "--config", str(write(tmp_path, tiny(tmp_path, teacher="sdxl-nope")))]) == 2
+    assert "unknown teacher 'sdxl-nope'" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def _student(tmp_path) -> Path:
+    config = tiny(tmp_path, steps_per_phase=1)
+    Trainer(TrainConfig.from_dict(config)).fit(progress=False)
+    return Path(config["output_dir"]) / "student"
+
+
+def test_bad_student_folders_are_refused_with_the_reason(tmp_path):
+    folder = _student(tmp_path)
+    teacher = load_teacher("builtin")
+    (folder / "extra.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(StudentError, match=r"pickle files \['extra.bin'\]"):
+        load_student(folder, teacher)
+    (folder / "extra.bin").unlink()
+    weights = folder / "phase_1" / "pytorch_lora_weights.safetensors"
+    state = load_file(str(weights))
+    save_file({**state, "unet.no_such_block.conv.lora_A.weight": torch.zeros(2, 2)}, str(weights))
+    with pytest.raises(StudentError, match="LoRA keys match no module of the teacher: .*no_such_block"):
+        load_student(folder, load_teacher("builtin"))
+    (folder / "manifest.json").unlink()
+    with pytest.raises(StudentError, match="manifest.json is missing"):
+        load_student(folder, load_teacher("builtin"))
+
+
+def test_sample_command_renders_teacher_and_student(tmp_path, capsys):
+    folder = _student(tmp_path)
+    out = tmp_path / "student.png"
+    assert main(["sample", "--student", str(folder), "--prompt", "a red circle", "--seed", "0",
+                 "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 2 and out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["sample", "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "t.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 4  # 2 steps with CFG
+    assert main(["sample", "--student", str(tmp_path / "none"), "--prompt", "x", "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_accelerate_launch_two_processes_keeps_ranks_identical(tmp_path):
+    config = tiny(tmp_path, method="dmd", schedule={"steps": 1}, steps_per_phase=12, batch_size=4, fake_ratio=4,
+                  lr_fake=1e-3, checkpoint_every=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "pdmd", "train", "--config", str(write(tmp_path, config)), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(config["output_dir"])
+    ranks = [json.loads((run / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 12
+    assert ranks[0]["adapters_sha256"] == ranks[1]["adapters_sha256"]
+    rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert len(rows) == 12  # only the main process logs
+    # the fake score fits the generator's samples: its loss falls from the teacher-initialised start
+    first, last = sum(r["loss_fake"] for r in rows[:4]), sum(r["loss_fake"] for r in rows[-4:])
+    assert last < 0.9 * first
