@@ -19,9 +19,8 @@ from pdmd import metrics, scenes
 from pdmd.sampling import Velocity
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
-from pdmd.teachers.builtin import load_builtin_teacher
-
-MODELS = {"builtin": load_builtin_teacher}
+from pdmd.experts import StudentError, load_student, read_manifest
+from pdmd.teachers import TEACHERS, load_teacher
 # Dataset images per prompt in the FD reference: more than we generate, so the reference is the better estimate.
 REFERENCE_PER_PROMPT = 32
 REFERENCE_SEED = 5_555_555
@@ -139,7 +138,8 @@ def _prompt(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(MODELS), default="builtin", help="teacher to evaluate")
+    parser.add_argument("--model", choices=TEACHERS, default="builtin", help="teacher to evaluate")
+    parser.add_argument("--student", metavar="DIR", help="evaluate this student folder (on its teacher) instead")
     parser.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the model's)")
     parser.add_argument("--cfg", type=_non_negative_float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--shift", type=_positive_float, default=None, help="timestep shift (default: the model's)")
@@ -155,17 +155,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = MODELS[args.model]()
-    schedule = PhaseSchedule.uniform(args.steps or teacher.default_steps,
-                                     teacher.default_shift if args.shift is None else args.shift)
-    cfg = teacher.default_cfg if args.cfg is None else args.cfg
+    experts = None
+    if args.student:
+        try:
+            teacher = load_teacher(read_manifest(args.student)["teacher"])
+            student = load_student(args.student, teacher)
+        except (StudentError, ValueError) as err:
+            print(f"python -m pdmd eval: error: {err}", file=sys.stderr)
+            return 2
+        schedule, experts = student.schedule, student.experts
+        cfg = student.cfg if args.cfg is None else args.cfg
+    else:
+        teacher = load_teacher(args.model)
+        schedule = PhaseSchedule.uniform(args.steps or teacher.default_steps,
+                                         teacher.default_shift if args.shift is None else args.shift)
+        cfg = teacher.default_cfg if args.cfg is None else args.cfg
     prompts = args.prompt or eval_prompts(args.prompts)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = evaluate(teacher, schedule, cfg, args.seed, prompts, args.per_prompt)
+        result = evaluate(teacher, schedule, cfg, args.seed, prompts, args.per_prompt, experts=experts)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
-    result.update(model=args.model, schedule=schedule.as_dict(), cfg=cfg, seed=args.seed)
+    result.update(model=args.student or args.model, schedule=schedule.as_dict(), cfg=cfg, seed=args.seed)
     if args.json:
         print(json.dumps(result))
     else:

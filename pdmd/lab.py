@@ -106,10 +106,10 @@ def train_flow_matching(mixture: Mixture, iters: int = 3000, batch: int = 1024, 
 
 @dataclass
 class LabConfig:
-    iters: int = 1200           # generator updates, split evenly over the phases
+    iters: int = 2000           # generator updates, split evenly over the phases
     batch: int = 512
     fake_ratio: int = 5         # fake-score updates per generator update (paper, DMD2)
-    lr_generator: float = 1e-4
+    lr_generator: float = 5e-4
     lr_fake: float = 1e-3
     gradient: str = "x0"        # DMD gradient form: DMD2 x0-normalised or velocity (w_{t|s})
     teacher_iters: int = 3000
@@ -220,6 +220,8 @@ def run_lab(methods: list[str], mixture: Mixture, teacher_kind: str = "exact", s
             with torch.no_grad():
                 out = sample_phased(experts, noise, schedule)
             seconds = time.perf_counter() - start
+        if not torch.isfinite(out.sample).all():
+            raise RuntimeError(f"method {name!r} diverged (non-finite samples); lower the learning rate")
         row = {"method": name, **mode_metrics(out.sample, mixture, reference_spread),
                "seconds": round(seconds, 2), "nfe": out.nfe}
         if out.boundary_states:

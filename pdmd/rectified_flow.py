@@ -58,8 +58,10 @@ def unshift_time(t, shift: float):
 def transition_coefficients(s, t):
     # §1: alpha_{t|s} = (1-t)/(1-s),  sigma_{t|s}^2 = t^2 - alpha_{t|s}^2 s^2
     alpha_ts = alpha(t) / alpha(s)
-    sigma_ts = (sigma(t) ** 2 - alpha_ts**2 * sigma(s) ** 2) ** 0.5
-    return alpha_ts, sigma_ts
+    variance = sigma(t) ** 2 - alpha_ts**2 * sigma(s) ** 2
+    # >= 0 for t >= s; clamped so rounding at t = s cannot produce a NaN
+    variance = variance.clamp(min=0) if isinstance(variance, Tensor) else max(variance, 0.0)
+    return alpha_ts, variance**0.5
 
 
 def subinterval_transition(x_s: Tensor, eps: Tensor, s, t) -> Tensor:
@@ -75,7 +77,8 @@ def sample_nested_timesteps(s, n: int, shift: float = 1.0, generator: torch.Gene
     u ~ U(0, 1) is shifted like the sampling schedule, then mapped onto (s, 1).
     ``s`` is a float or an (n,) tensor.
     """
-    u = torch.rand(n, generator=generator, device=device)
+    # u in (0, 1): t = s exactly would make sigma_{t|s} = 0 (and t = 0 a zero sigma_t for the velocity form)
+    u = torch.rand(n, generator=generator, device=device).clamp(min=1e-6)
     s = torch.as_tensor(s, dtype=u.dtype, device=u.device)
     return s + (1 - s) * shift_time(u, shift)
 
@@ -85,10 +88,16 @@ def subinterval_target(x_s: Tensor, eps: Tensor, s, t) -> Tensor:
 
     target = ((1-s)^2 t + (1-t) s^2) / ((1-s)^2 sigma_{t|s}) eps - x_s / (1-s);  at s = 0 it is eps - x_0.
     """
+    _, sigma_ts = transition_coefficients(_per_sample(s, x_s), _per_sample(t, x_s))
+    return scaled_subinterval_target(x_s, eps, s, t) / sigma_ts
+
+
+def scaled_subinterval_target(x_s: Tensor, eps: Tensor, s, t) -> Tensor:
+    """sigma_{t|s} * target, written without the division so it stays finite at t = s (Eq. 13)."""
     s, t = _per_sample(s, x_s), _per_sample(t, x_s)
     _, sigma_ts = transition_coefficients(s, t)
     a_s, a_t, sig_s, sig_t = alpha(s), alpha(t), sigma(s), sigma(t)
-    return (a_s**2 * sig_t + a_t * sig_s**2) / (a_s**2 * sigma_ts) * eps - x_s / a_s
+    return (a_s**2 * sig_t + a_t * sig_s**2) / a_s**2 * eps - sigma_ts * x_s / a_s
 
 
 def naive_subinterval_target(x_s: Tensor, eps: Tensor) -> Tensor:
@@ -102,10 +111,9 @@ def subinterval_loss(v_pred: Tensor, x_s: Tensor, eps: Tensor, s, t,
 
     The scaled form stays finite as t -> s, where the target itself blows up. Mean over all elements.
     """
-    s_b, t_b = _per_sample(s, x_s), _per_sample(t, x_s)
-    _, sigma_ts = transition_coefficients(s_b, t_b)
+    _, sigma_ts = transition_coefficients(_per_sample(s, x_s), _per_sample(t, x_s))
     weight = torch.clamp(1 / sigma_ts**2, max=max_weight)
-    scaled_target = (sigma_ts * subinterval_target(x_s, eps, s, t)).detach()
+    scaled_target = scaled_subinterval_target(x_s, eps, s, t).detach()
     return (weight * (sigma_ts * v_pred - scaled_target) ** 2).mean()
 
 

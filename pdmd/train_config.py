@@ -19,6 +19,11 @@ class ConfigError(ValueError):
 
 
 def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} = {value!r} must be a number") from None
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ConfigError(f"{name} = {value!r} must be a number")
     if integer and value != int(value):

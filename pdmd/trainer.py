@@ -250,14 +250,18 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def _control(self) -> str | None:
+        """The job manager's request, read by the main process and shared with every rank."""
+        action = None
         path = self.run_dir / CONTROL_FILE
-        if not path.is_file():
-            return None
-        try:
-            action = json.loads(path.read_text()).get("action")
-        except ValueError:
-            action = None
-        path.unlink(missing_ok=True)
+        if self.is_main and path.is_file():
+            try:
+                action = json.loads(path.read_text()).get("action")
+            except (ValueError, AttributeError):
+                action = None
+            path.unlink(missing_ok=True)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            action = broadcast_object_list([action])[0]
         return action
 
     def fit(self, max_steps: int | None = None, progress: bool = True) -> dict:
@@ -278,7 +282,7 @@ class Trainer:
                 row = self.train_step()
                 bar.update(1)
                 bar.set_postfix(phase=row["phase"], g=f"{row['loss_generator']:.3g}", f=f"{row['loss_fake']:.3g}")
-                action = self._control() if self.is_main else None
+                action = self._control()
                 if self.is_main:
                     log.write(json.dumps(row) + "\n")
                     log.flush()

@@ -61,9 +61,9 @@ def test_subinterval_loss_is_finite_and_clamped_near_s():
     g = torch.Generator().manual_seed(3)
     x_s, eps = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
     s = 0.4
-    t = torch.full((32,), s + 1e-6)
-    loss = rf.subinterval_loss(torch.zeros(32, 2), x_s, eps, s, t)
-    assert torch.isfinite(loss)
+    for t in (torch.full((32,), s + 1e-6), torch.full((32,), s)):  # t = s exactly: sigma_{t|s} = 0
+        assert torch.isfinite(rf.subinterval_loss(torch.zeros(32, 2), x_s, eps, s, t))
+    assert torch.isfinite(rf.subinterval_loss(torch.zeros(32, 2), x_s, eps, 0.0, torch.zeros(32)))
     # far from s the weight is 1/sigma^2 < 10: the loss equals the plain MSE against the target
     t_far = torch.full((32,), 0.95)
     target = rf.subinterval_target(x_s, eps, s, t_far)

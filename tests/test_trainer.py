@@ -210,3 +210,14 @@ def test_accelerate_launch_two_processes_keeps_ranks_identical(tmp_path):
     # the fake score fits the generator's samples: its loss falls from the teacher-initialised start
     first, last = sum(r["loss_fake"] for r in rows[:4]), sum(r["loss_fake"] for r in rows[-4:])
     assert last < 0.9 * first
+
+
+def test_eval_command_measures_a_student_with_the_teachers_keys(tmp_path, capsys):
+    folder = _student(tmp_path)
+    assert main(["eval", "--student", str(folder), "--prompts", "2", "--per-prompt", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert {"adherence", "diversity", "fd", "nfe", "seconds", "images"} <= set(row)
+    assert row["nfe"] == 2 and row["images"] == 4  # a 2-phase x 1-step student, no CFG
+    (folder / "manifest.json").unlink()
+    assert main(["eval", "--student", str(folder), "--json"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""``python -m pdmd bench-train --config FILE``: time per generator step and training peak memory against the
+teacher's own inference peak (each measured in a fresh process, so one does not inflate the other)."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _measure_inference(config_path: str) -> dict:
+    from pdmd.train_config import TrainConfig
+    from pdmd.teachers import load_teacher
+
+    config = TrainConfig.from_yaml(config_path)
+    teacher = load_teacher(config.teacher, device="cuda" if torch.cuda.is_available() else "cpu")
+    prompts = list(teacher.default_prompts[: config.batch_size])
+    started = time.perf_counter()
+    teacher.sample(prompts, seed=0)
+    return {"seconds": time.perf_counter() - started, "peak_mb": _peak_mb()}
+
+
+def _measure_training(config_path: str, steps: int) -> dict:
+    from pdmd.train_config import TrainConfig
+    from pdmd.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(TrainConfig.from_yaml(config_path, output_dir=folder))
+        trainer.train_step()  # warm-up: first calls allocate and pick kernels
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        return {"seconds_per_step": (time.perf_counter() - started) / steps, "peak_mb": _peak_mb()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=5, help="timed generator steps (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in both measurements")
+    parser.add_argument("--part", choices=("inference", "training"), help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.part == "inference":
+        print(json.dumps(_measure_inference(args.config)))
+        return 0
+    if args.part == "training":
+        print(json.dumps(_measure_training(args.config, args.steps)))
+        return 0
+
+    def child(part: str) -> dict:
+        command = [sys.executable, "-m", "pdmd", "bench-train", "--config", args.config, "--steps", str(args.steps),
+                   "--part", part] + (["--threads", str(args.threads)] if args.threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    inference, training = child("inference"), child("training")
+    print(json.dumps({
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "seconds_per_generator_step": round(training["seconds_per_step"], 4),
+        "train_peak_mb": round(training["peak_mb"], 1), "teacher_inference_peak_mb": round(inference["peak_mb"], 1),
+        "memory_ratio": round(training["peak_mb"] / inference["peak_mb"], 3),
+    }))
+    return 0
