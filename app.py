@@ -1,0 +1,27 @@
+"""Phased DMD Studio: ``python app.py [--host H] [--port P]`` (env PDMD_HOST / PDMD_PORT, or gradio's own)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ui.app import CSS, allowed_paths, build_app
+from ui.students import MAX_UPLOAD_BYTES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default=os.environ.get("PDMD_HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
+                        help="interface to listen on (0.0.0.0 to accept other machines)")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("PDMD_PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    build_app().queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS,
+                               allowed_paths=allowed_paths(), max_file_size=MAX_UPLOAD_BYTES)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Where students come from: shipped ones in assets/students, finished runs under runs/, and uploads.
+
+Security: a student is only ever loaded from one of these roots (a client can post any string as the
+picker's value), uploads accept only .safetensors files plus one manifest.json, within a size limit, and
+are written under names the app makes up itself -- never a name or path the client sent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, StudentError, phase_adapter, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIR = ROOT / "assets" / "students"
+BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
+BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+def runs_dir() -> Path:
+    """Finished training runs; PDMD_RUNS_DIR moves it (tests point it at a temporary folder)."""
+    return Path(os.environ.get("PDMD_RUNS_DIR", ROOT / "runs")).resolve()
+
+
+def uploads_dir() -> Path:
+    return runs_dir() / "uploads"
+
+
+def student_roots() -> list[Path]:
+    return [SHIPPED_DIR.resolve(), runs_dir()]
+
+
+@dataclass(frozen=True)
+class StudentChoice:
+    label: str
+    folder: Path
+
+
+def _describe(folder: Path, kind: str) -> str:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    schedule = manifest.get("schedule", {})
+    name = folder.name if kind == "shipped" else str(folder.relative_to(runs_dir()))
+    return (f"{kind}: {name} ({manifest.get('method', '?')}, {len(schedule.get('steps', []))} phase(s), "
+            f"{manifest.get('steps_trained', '?')} steps trained)")
+
+
+def student_name(folder: Path) -> str:
+    """A run's student folder is called 'student': name it after its run instead."""
+    return folder.parent.name if folder.name == "student" else folder.name
+
+
+def discover_students() -> list[StudentChoice]:
+    """Every folder holding a manifest.json: shipped students first, then runs (newest first), then uploads."""
+    found = []
+    if SHIPPED_DIR.is_dir():
+        found += [StudentChoice(_safe_describe(m.parent, "shipped"), m.parent)
+                  for m in sorted(SHIPPED_DIR.rglob(MANIFEST))]
+    runs = runs_dir()
+    if runs.is_dir():
+        manifests = [m for m in runs.rglob(MANIFEST) if uploads_dir() not in m.parents]
+        found += [StudentChoice(_safe_describe(m.parent, "run"), m.parent)
+                  for m in sorted(manifests, key=lambda m: m.stat().st_mtime, reverse=True)]
+        if uploads_dir().is_dir():
+            found += [StudentChoice(_safe_describe(m.parent, "upload"), m.parent)
+                      for m in sorted(uploads_dir().glob(f"*/{MANIFEST}"))]
+    return found
+
+
+def _safe_describe(folder: Path, kind: str) -> str:
+    # a broken manifest must not hide the other students; loading it later names the problem
+    try:
+        return _describe(folder, kind)
+    except (OSError, ValueError, AttributeError):
+        return f"{kind}: {folder.name} (unreadable manifest)"
+
+
+def picker_choices() -> list[tuple[str, str]]:
+    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in discover_students()]
+
+
+def resolve_student_folder(value: str) -> Path:
+    """The picker's value -> a student folder inside one of the app's own roots, or StudentError."""
+    if not value:
+        raise StudentError("pick a student (or the baseline)")
+    folder = Path(value).resolve()
+    if not any(root == folder or root in folder.parents for root in student_roots()):
+        raise StudentError(f"{value!r} is not one of the app's student folders")
+    return folder
+
+
+# --- uploads -----------------------------------------------------------------------------------------------
+def sanitise(name: str, fallback: str = "student") -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:40]
+    return cleaned or fallback
+
+
+def _check_upload_files(paths: list[Path]) -> tuple[Path, list[Path]]:
+    if not paths:
+        raise StudentError("no files uploaded: choose the student folder (manifest.json + phase_k/*.safetensors)")
+    manifests, weights, total = [], [], 0
+    for path in paths:
+        name = path.name
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise StudentError(f"{name} refused: pickle files are never loaded; upload .safetensors only")
+        if name == MANIFEST:
+            manifests.append(path)
+        elif path.suffix == ".safetensors":
+            weights.append(path)
+        else:
+            raise StudentError(f"{name} refused: only .safetensors files and one manifest.json are accepted")
+        total += path.stat().st_size
+    if total > MAX_UPLOAD_BYTES:
+        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
+    if len(manifests) != 1:
+        raise StudentError(f"a student needs exactly one {MANIFEST}; the upload has {len(manifests)}")
+    return manifests[0], weights
+
+
+def _phase_of_weights(path: Path, phases: int) -> int:
+    """0-based phase of an uploaded LoRA file: the trainer's metadata tag, else a phase_k file name."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tag = (handle.metadata() or {}).get("pdmd_phase", "")
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise StudentError(f"{path.name} is not a readable safetensors file ({err})") from None
+    match = re.fullmatch(r"phase_(\d+)", tag) or re.match(r"phase_(\d+)", path.stem)
+    if not match or not 1 <= int(match.group(1)) <= phases:
+        raise StudentError(f"{path.name}: cannot tell which of the {phases} phases it belongs to "
+                           "(name it phase_k.safetensors or upload the trainer's student folder)")
+    return int(match.group(1)) - 1
+
+
+def import_upload(paths: list[str | Path]) -> Path:
+    """Copy an uploaded student into runs/uploads/<name>-<hash>/ in the standard layout and return it."""
+    manifest_path, weights = _check_upload_files([Path(p) for p in paths])
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StudentError(f"{MANIFEST} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("phases"), list):
+        raise StudentError(f"{MANIFEST} has no 'phases' list")
+    phases = len(manifest["phases"])
+    by_phase = {}
+    for path in weights:
+        phase = _phase_of_weights(path, phases)
+        if phase in by_phase:
+            raise StudentError(f"{path.name} and {by_phase[phase].name} both claim phase {phase + 1}")
+        by_phase[phase] = path
+    missing = [k + 1 for k in range(phases) if k not in by_phase]
+    if missing:
+        raise StudentError(f"the manifest lists {phases} phases; no .safetensors uploaded for phase(s) {missing}")
+
+    digest = hashlib.sha256()
+    for path in [manifest_path, *(by_phase[k] for k in range(phases))]:
+        digest.update(path.read_bytes())
+    folder = uploads_dir() / f"{sanitise(str(manifest.get('method', 'student')))}-{digest.hexdigest()[:10]}"
+    manifest["phases"] = [f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}" for k in range(phases)]
+    for k in range(phases):
+        (folder / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
+        (folder / manifest["phases"][k]).write_bytes(by_phase[k].read_bytes())
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    try:
+        read_manifest(folder)  # the library's own checks, before anyone picks it
+    except StudentError:
+        discard_upload(folder)
+        raise
+    return folder
+
+
+def discard_upload(folder: Path) -> None:
+    """Remove a rejected upload so it never shows up in the picker."""
+    if uploads_dir() in Path(folder).resolve().parents:
+        shutil.rmtree(folder, ignore_errors=True)
