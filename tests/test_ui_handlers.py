@@ -1,0 +1,297 @@
+"""Every callback of the app, called as a plain function: good input, bad input, and that bad input only
+produces a message (never an exception that would take the page down)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pdmd.experts import MANIFEST
+from pdmd.schedule import PRESETS
+from ui import compare, lab as lab_tab, phases, students
+from ui.app import build_app
+from ui.models import ModelStore
+from ui_fixtures import break_lora_keys, make_student
+
+PAPER = PRESETS["paper-2x2"].as_dict()
+PROMPT = "a red star on a dark background"
+
+
+def no_progress(*args, **kwargs):
+    pass
+
+
+def skipped(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    make_student(root / "tiny" / "student")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def runs_dir(runs, monkeypatch):
+    monkeypatch.setenv("PDMD_RUNS_DIR", str(runs))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def store():
+    return ModelStore()
+
+
+@pytest.fixture
+def student(runs) -> str:
+    return str(runs / "tiny" / "student")
+
+
+def copy_student(runs: Path, name: str) -> Path:
+    target = runs / name / "student"
+    shutil.copytree(runs / "tiny" / "student", target)
+    return target
+
+
+def run_student(store, prompt=PROMPT, seed=0, value=None, source=compare.AS_TRAINED, schedule=PAPER, cfg=3.0,
+                randomise=False):
+    return compare.on_compare_student(store, prompt, seed, randomise, value or students.BASELINE, source, schedule, cfg)
+
+
+# --- Compare -------------------------------------------------------------------------------------------------
+def test_student_then_teacher_fill_images_captions_strip_and_download(store, student):
+    image, caption, seed, status, run = run_student(store, value=student)
+    assert isinstance(image, Image.Image) and image.size == (256, 256)
+    assert "NFE 4" in caption and " s" in caption and seed == 0 and run["boundaries"] == [0.5]
+    teacher_image, teacher_caption, summary, strip, download, done = compare.on_compare_teacher(
+        store, run, 32, 3.0, progress=no_progress)
+    assert isinstance(teacher_image, Image.Image) and "NFE 64" in teacher_caption
+    assert "faster" in summary and "×" in summary
+    assert isinstance(strip, Image.Image) and strip.width > 4 * 128  # four tiles for the one boundary
+    assert Path(download).is_file() and Image.open(download).size[0] > 2 * 256
+    assert done == "Done."
+
+
+def test_baseline_uses_the_phases_schedule_and_teacher_cfg(store):
+    _, caption, _, _, run = run_student(store, schedule=PRESETS["wan2.2-lightning"].as_dict())
+    assert "Baseline" in caption and "NFE 8" in caption and run["boundaries"] == [0.875]
+
+
+def test_same_seed_gives_the_same_student_image(store, student):
+    first, second = run_student(store, value=student)[0], run_student(store, value=student)[0]
+    assert first.tobytes() == second.tobytes()
+
+
+def test_randomise_reports_the_seed_it_used(store):
+    _, caption, seed, _, run = run_student(store, seed=0, randomise=True)
+    assert 0 <= seed <= compare.MAX_SEED and run["seed"] == seed and f"seed {seed}" in caption
+
+
+@pytest.mark.parametrize("prompt, seed, needle", [
+    ("", 0, "prompt is empty"),
+    ("   ", 0, "prompt is empty"),
+    ("a red blue star", 0, "two different colours"),
+    (PROMPT, "abc", "seed 'abc' is not a number"),
+    (PROMPT, -1, "must lie between"),
+    (PROMPT, 1.5, "whole number"),
+])
+def test_bad_compare_input_gives_a_message_and_no_run(store, prompt, seed, needle):
+    image, _, _, status, run = run_student(store, prompt=prompt, seed=seed)
+    assert skipped(image) and run is None and needle in status and "pdmd-error" in status
+    assert all(skipped(v) for v in compare.on_compare_teacher(store, run, 32, 3.0, progress=no_progress))
+
+
+def test_unknown_words_are_reported_not_fatal(store):
+    _, _, _, status, run = run_student(store, prompt="a red star with sparkles")
+    assert run is not None and "sparkles" in status
+
+
+@pytest.mark.parametrize("steps, cfg, needle", [("x", 3.0, "not a number"), (500, 3.0, "between"),
+                                                 (32, 99, "CFG"), (1, 3.0, "at least 2")])
+def test_bad_teacher_settings_give_a_message(store, steps, cfg, needle):
+    run = run_student(store)[4]
+    outputs = compare.on_compare_teacher(store, run, steps, cfg, progress=no_progress)
+    assert all(skipped(v) for v in outputs[:5]) and needle in outputs[5]
+
+
+def test_student_folder_without_manifest(store, runs):
+    folder = copy_student(runs, "no-manifest")
+    (folder / MANIFEST).unlink()
+    status = run_student(store, value=str(folder))[3]
+    assert "manifest.json is missing" in status
+
+
+def test_student_folder_with_a_pickle(store, runs):
+    folder = copy_student(runs, "pickled")
+    (folder / "phase_1" / "extra.bin").write_bytes(b"not loaded")
+    status = run_student(store, value=str(folder))[3]
+    assert "pickle" in status and "extra.bin" in status
+
+
+def test_student_whose_loras_do_not_fit_the_teacher(store, runs):
+    folder = copy_student(runs, "misfit")
+    break_lora_keys(folder)
+    status = run_student(store, value=str(folder))[3]
+    assert "match no module" in status
+
+
+def test_folder_outside_the_app_roots_is_refused(store, tmp_path):
+    make_student(tmp_path / "elsewhere")
+    status = run_student(store, value=str(tmp_path / "elsewhere"))[3]
+    assert "not one of the app's student folders" in status
+
+
+def test_phases_schedule_must_match_the_students_experts(store, student):
+    three = PRESETS["one-step-per-phase"].as_dict()
+    status = run_student(store, value=student, source=compare.FROM_PHASES, schedule=three)[3]
+    assert "4 phase(s)" in status and "2 expert(s)" in status
+    shifted = PRESETS["wan2.2-lightning"].as_dict()
+    run = run_student(store, value=student, source=compare.FROM_PHASES, schedule=shifted)[4]
+    assert run["boundaries"] == [0.875]
+
+
+def test_describe_student_shows_the_schedule(student):
+    assert "boundaries 0.5" in compare.describe_student(student, compare.AS_TRAINED, PAPER)
+    assert "Baseline" in compare.describe_student(students.BASELINE, compare.AS_TRAINED, PAPER)
+    assert "pdmd-error" in compare.describe_student("/etc", compare.AS_TRAINED, PAPER)
+
+
+def test_teacher_schedule_lands_on_every_boundary():
+    assert compare.teacher_schedule(32, 1.0, (0.5,)).steps == (16, 16)
+    assert compare.teacher_schedule(32, 1.0, (0.875,)).timesteps == PRESETS["wan2.2-lightning"].__class__.uniform(
+        32).timesteps  # the plain 32-step grid already has 0.875 on it
+    uneven = compare.teacher_schedule(5, 1.0, (0.99, 0.98, 0.97))
+    assert sum(uneven.steps) == 5 and min(uneven.steps) >= 1
+
+
+def test_diversity_scores_both_sides(store, student):
+    teacher_grid, student_grid, text = compare.on_diversity(store, PROMPT, 0, 4, student, compare.AS_TRAINED, PAPER,
+                                                            8, 3.0, progress=no_progress)
+    assert isinstance(teacher_grid, Image.Image) and isinstance(student_grid, Image.Image)
+    assert "Diversity" in text and "teacher **" in text
+
+
+def test_diversity_rejects_bad_input(store):
+    outputs = compare.on_diversity(store, "", 0, 4, students.BASELINE, compare.AS_TRAINED, PAPER, 8, 3.0,
+                                   progress=no_progress)
+    assert skipped(outputs[0]) and "prompt is empty" in outputs[2]
+    outputs = compare.on_diversity(store, PROMPT, 0, 99, students.BASELINE, compare.AS_TRAINED, PAPER, 8, 3.0,
+                                   progress=no_progress)
+    assert "number of seeds" in outputs[2]
+
+
+def test_refresh_lists_baseline_and_runs(student):
+    update = compare.on_refresh_students("/gone")
+    values = [value for _, value in update["choices"]]
+    assert values[0] == students.BASELINE and student in values and update["value"] == students.BASELINE
+
+
+# --- uploads -------------------------------------------------------------------------------------------------
+def upload_files(tmp_path: Path, source: Path) -> list[str]:
+    """The student's files as a browser uploads a folder: same base names, each in its own temp folder."""
+    paths = []
+    for index, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        target = tmp_path / f"upload-{index}" / path.name
+        target.parent.mkdir()
+        shutil.copy(path, target)
+        paths.append(str(target))
+    return paths
+
+
+def test_upload_imports_a_student_and_selects_it(store, student, tmp_path, runs):
+    update, message = compare.on_upload(store, upload_files(tmp_path, Path(student)))
+    assert "✅" in message and update["value"].startswith(str(runs / "uploads"))
+    assert run_student(store, value=update["value"])[4]["nfe"] == 4
+
+
+def test_upload_refuses_pickles_other_files_and_missing_manifest(store, student, tmp_path):
+    files = upload_files(tmp_path, Path(student))
+    pickle = tmp_path / "weights.pt"
+    pickle.write_bytes(b"x")
+    assert "pickle" in compare.on_upload(store, files + [str(pickle)])[1]
+    script = tmp_path / "run.py"
+    script.write_text("print()")
+    assert "only .safetensors" in compare.on_upload(store, files + [str(script)])[1]
+    assert "exactly one manifest.json" in compare.on_upload(store, [f for f in files if MANIFEST not in f])[1]
+    assert "no files uploaded" in compare.on_upload(store, None)[1]
+
+
+def test_upload_size_limit(store, student, tmp_path, monkeypatch):
+    monkeypatch.setattr(students, "MAX_UPLOAD_BYTES", 100)
+    assert "the limit is" in compare.on_upload(store, upload_files(tmp_path, Path(student)))[1]
+
+
+def test_upload_with_loras_that_do_not_fit_is_refused_and_removed(store, runs, tmp_path):
+    folder = copy_student(runs, "misfit-upload")
+    break_lora_keys(folder)
+    before = set((runs / "uploads").glob("*")) if (runs / "uploads").is_dir() else set()
+    update, message = compare.on_upload(store, upload_files(tmp_path, folder))
+    assert skipped(update) and "match no module" in message
+    assert set((runs / "uploads").glob("*")) == before  # nothing left for the picker to offer
+
+
+def test_sanitise_names():
+    assert students.sanitise("../../etc/passwd") == "etc-passwd"
+    assert students.sanitise("...") == "student"
+
+
+# --- Phases --------------------------------------------------------------------------------------------------
+def test_valid_schedule_plots_and_feeds_compare():
+    plot, summary, message, state = phases.on_schedule_edit("0.9, 0.6", "2", "3", PAPER)
+    assert isinstance(plot, Image.Image)
+    assert "NFE 6" in summary and "log-SNR" in summary and "-4.394" in summary
+    assert "✅" in message and state == {"boundaries": [0.9, 0.6], "steps": [2, 2, 2], "shift": 3.0}
+
+
+@pytest.mark.parametrize("boundaries, steps, shift, needle", [
+    ("1.5", "2", "1", "boundary 1.5 must lie strictly between 0 and 1"),
+    ("0.3, 0.6", "2", "1", "strictly decreasing"),
+    ("0.5, abc", "2", "1", "'abc' is not a number"),
+    ("0.5", "2, 2, 2", "1", "3 phases"),
+    ("0.5", "0", "1", "at least 1"),
+    ("0.5", "2", "-1", "shift -1.0 must be greater than 0"),
+    ("0.5", "2", "", "not a number"),
+])
+def test_invalid_schedule_names_the_problem_and_keeps_the_last_valid(boundaries, steps, shift, needle):
+    plot, summary, message, state = phases.on_schedule_edit(boundaries, steps, shift, PAPER)
+    assert skipped(plot) and skipped(summary) and state == PAPER
+    assert needle in message and "pdmd-error" in message
+
+
+def test_presets_fill_the_editor():
+    assert phases.on_preset("wan2.2-lightning") == ("0.875", "2, 2", "5", "")
+    assert "unknown preset" in phases.on_preset("nope")[3]
+
+
+# --- Lab -----------------------------------------------------------------------------------------------------
+def test_lab_runs_methods_and_tabulates_metrics():
+    plot, table, message = lab_tab.on_run_lab(["teacher", "dmd"], "ring", 4, "exact", 2, 5, 200, 0,
+                                              progress=no_progress)
+    assert isinstance(plot, Image.Image) and plot.width > 600
+    assert [row[0] for row in table] == ["teacher", "dmd"] and len(table[0]) == len(lab_tab.TABLE_COLUMNS)
+    assert "✅" in message
+
+
+@pytest.mark.parametrize("methods, iters, needle", [([], 2, "at least one method"), (["dmd"], "many", "not a number"),
+                                                    (["dmd"], 0, "between"), (["nope"], 2, "unknown choice")])
+def test_lab_bad_input(methods, iters, needle):
+    plot, table, message = lab_tab.on_run_lab(methods, "ring", 4, "exact", iters, 5, 200, 0, progress=no_progress)
+    assert skipped(plot) and needle in message
+
+
+# --- the app -------------------------------------------------------------------------------------------------
+def test_app_has_the_four_tabs_in_order(store):
+    app = build_app(store)
+    tabs = [block.label for block in app.blocks.values() if type(block).__name__ == "Tab"]
+    assert tabs == ["Compare", "Phases", "Train", "Lab"]
+
+
+def test_host_and_port_from_flags_and_env(monkeypatch):
+    import app
+
+    monkeypatch.setenv("PDMD_PORT", "8123")
+    assert app.parse_args([]).port == 8123 and app.parse_args([]).host == "127.0.0.1"
+    assert app.parse_args(["--host", "0.0.0.0", "--port", "9000"]).port == 9000

@@ -1,0 +1,28 @@
+"""Students for the app tests, written the way the trainer writes them but without training (LoRA B = 0)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pdmd.experts import LoraSpec, Roles, phase_adapter, save_student
+from pdmd.schedule import PhaseSchedule
+from pdmd.teachers import load_teacher
+
+
+def make_student(folder: Path, schedule: PhaseSchedule = PhaseSchedule((0.5,), (2, 2), 1.0)) -> Path:
+    teacher = load_teacher("builtin")
+    roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], LoraSpec(rank=2, alpha=2))
+    save_student(folder, roles, schedule, {"teacher": "builtin", "method": "phased", "cfg": 1.0, "steps_trained": 0})
+    return folder
+
+
+def break_lora_keys(folder: Path) -> None:
+    """Rename every LoRA key so it fits no module of the teacher."""
+    path = folder / phase_adapter(0) / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(str(path))
+    save_file({key.replace("unet.", "unet.no_such_block."): value for key, value in state.items()}, str(path),
+              metadata=metadata)
