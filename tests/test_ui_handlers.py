@@ -203,7 +203,7 @@ def upload_files(tmp_path: Path, source: Path) -> list[str]:
 
 def test_upload_imports_a_student_and_selects_it(store, student, tmp_path, runs):
     update, message = compare.on_upload(store, upload_files(tmp_path, Path(student)))
-    assert "✅" in message and update["value"].startswith(str(runs / "uploads"))
+    assert "✓" in message and update["value"].startswith(str(runs / "uploads"))
     assert run_student(store, value=update["value"])[4]["nfe"] == 4
 
 
@@ -243,7 +243,7 @@ def test_valid_schedule_plots_and_feeds_compare():
     plot, summary, message, state = phases.on_schedule_edit("0.9, 0.6", "2", "3", PAPER)
     assert isinstance(plot, Image.Image)
     assert "NFE 6" in summary and "log-SNR" in summary and "-4.394" in summary
-    assert "✅" in message and state == {"boundaries": [0.9, 0.6], "steps": [2, 2, 2], "shift": 3.0}
+    assert "✓" in message and state == {"boundaries": [0.9, 0.6], "steps": [2, 2, 2], "shift": 3.0}
 
 
 @pytest.mark.parametrize("boundaries, steps, shift, needle", [
@@ -272,7 +272,7 @@ def test_lab_runs_methods_and_tabulates_metrics():
                                               progress=no_progress)
     assert isinstance(plot, Image.Image) and plot.width > 600
     assert [row[0] for row in table] == ["teacher", "dmd"] and len(table[0]) == len(lab_tab.TABLE_COLUMNS)
-    assert "✅" in message
+    assert "✓" in message
 
 
 @pytest.mark.parametrize("methods, iters, needle", [([], 2, "at least one method"), (["dmd"], "many", "not a number"),

@@ -12,7 +12,7 @@ from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
 
 TITLE = "Phased DMD Studio"
 CSS = ".pdmd-error { color: #b00020; font-weight: 600; }"
-INTRO = ("# 🧭 Phased DMD Studio\nA many-step teacher next to its few-step student — one LoRA expert per noise "
+INTRO = ("# Phased DMD Studio\nA many-step teacher next to its few-step student — one LoRA expert per noise "
          "phase ([Phased DMD](https://arxiv.org/abs/2510.27684)) — on the built-in 32×32 teacher, on CPU.")
 TRAIN_NOTE = ("**Training from the browser arrives with the Train-tab issue.** Until then, distil a student "
               "on the command line — it appears in Compare's student picker when it finishes:\n\n"

@@ -280,7 +280,7 @@ def on_upload(store: ModelStore, files):
     except StudentError as err:
         return gr.skip(), error_markdown(f"Upload refused: {err}")
     return (gr.update(choices=students.picker_choices(), value=str(folder)),
-            f"✅ Uploaded student loaded as {folder.name}.")
+            f"✓ Uploaded student loaded as {folder.name}.")
 
 
 def random_seed() -> int:
@@ -309,6 +309,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
             schedule_info = gr.Markdown(elem_id="compare-schedule")
             run_button = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
             status = gr.Markdown(elem_id="compare-status")
+            examples = gr.Examples(EXAMPLES, [prompt, seed], label="One-click examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="compare-summary")
             with gr.Row():
@@ -345,7 +346,6 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
             api_name="compare_teacher" if api else False)
 
     chain(run_button.click(lambda: "Running the student…", None, status, queue=False), api=True)
-    examples = gr.Examples(EXAMPLES, [prompt, seed], label="One-click examples")
     chain(examples.load_input_event.then(lambda: False, None, randomise), api=False)
 
     describe_inputs = [picker, source, schedule_state]

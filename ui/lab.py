@@ -51,7 +51,7 @@ def on_run_lab(methods, mixture_kind, modes, teacher_kind, iters, base_iters, sa
     progress(1.0, desc="plotting")
     samples_by_method = {"data": samples_by_method.pop("data"), **samples_by_method}
     table = [[row[c] for c in TABLE_COLUMNS] for row in rows]
-    return lab_plot(samples_by_method, rows), table, f"✅ {len(rows)} method(s) on a {mixture.num_modes}-mode {mixture_kind}."
+    return lab_plot(samples_by_method, rows), table, f"✓ {len(rows)} method(s) on a {mixture.num_modes}-mode {mixture_kind}."
 
 
 def lab_plot(samples_by_method: dict, rows: list[dict]) -> Image.Image:
@@ -65,22 +65,19 @@ def build_lab_tab() -> None:
     gr.Markdown("Distil a 2-D Gaussian mixture with each method and see which modes survive. "
                 "Small iteration counts run in seconds to a minute on a CPU; `python -m pdmd lab` runs the full study.")
     with gr.Row():
-        with gr.Column(scale=2):
-            methods = gr.CheckboxGroup(list(lab.METHOD_CHOICES), value=DEFAULT_METHODS, label="Methods",
-                                       elem_id="lab-methods")
-            with gr.Row():
-                mixture = gr.Radio(list(MIXTURES), value="ring", label="Mixture")
-                modes = gr.Number(8, label="Modes on the ring", precision=0)
-                teacher_kind = gr.Radio(["exact", "mlp"], value="exact", label="Real score")
-            with gr.Row():
-                iters = gr.Number(200, label="Generator iterations", precision=0, elem_id="lab-iters")
-                base_iters = gr.Number(500, label="MLP base fit iterations", precision=0, elem_id="lab-base-iters")
-                samples = gr.Number(2000, label="Samples per method", precision=0)
-                seed = gr.Number(0, label="Seed", precision=0)
-            run_button = gr.Button("Run lab", variant="primary", elem_id="lab-run")
-            status = gr.Markdown(elem_id="lab-status")
-        with gr.Column(scale=3):
-            plot = gr.Image(label="Data, teacher and students", type="pil", interactive=False, elem_id="lab-plot")
+        methods = gr.CheckboxGroup(list(lab.METHOD_CHOICES), value=DEFAULT_METHODS, label="Methods",
+                                   elem_id="lab-methods", scale=3)
+        mixture = gr.Radio(list(MIXTURES), value="ring", label="Mixture")
+        modes = gr.Number(8, label="Modes on the ring", precision=0)
+        teacher_kind = gr.Radio(["exact", "mlp"], value="exact", label="Real score")
+    with gr.Row():
+        iters = gr.Number(200, label="Generator iterations", precision=0, elem_id="lab-iters")
+        base_iters = gr.Number(500, label="MLP base fit iterations", precision=0, elem_id="lab-base-iters")
+        samples = gr.Number(2000, label="Samples per method", precision=0)
+        seed = gr.Number(0, label="Seed", precision=0)
+        run_button = gr.Button("Run lab", variant="primary", elem_id="lab-run")
+    status = gr.Markdown(elem_id="lab-status")
+    plot = gr.Image(label="Data, teacher and students", type="pil", interactive=False, elem_id="lab-plot")
     table = gr.Dataframe(headers=TABLE_COLUMNS, label="Metrics", interactive=False, elem_id="lab-table")
     run_button.click(on_run_lab, [methods, mixture, modes, teacher_kind, iters, base_iters, samples, seed],
                      [plot, table, status], api_name="lab")

@@ -70,11 +70,11 @@ def on_schedule_edit(boundaries: str, steps: str, shift: str, last_valid: dict):
         return (gr.skip(), gr.skip(),
                 error_markdown(f"{err}. Compare keeps the last valid schedule ({kept})."), last_valid)
     return (plot_schedule(schedule), summary_markdown(schedule),
-            f"✅ {schedule.describe()} — used by Compare.", schedule.as_dict())
+            f"✓ {schedule.describe()} — used by Compare.", schedule.as_dict())
 
 
 def on_preset(name: str):
-    """Fill the editor with a preset (the edit handler then validates and plots it)."""
+    """Fill the editor with a preset (the fields' change handler then validates and plots it)."""
     if name not in PRESETS:
         return gr.skip(), gr.skip(), gr.skip(), error_markdown(f"unknown preset {name!r}")
     return (*schedule_fields(PRESETS[name]), "")
@@ -97,8 +97,8 @@ def build_phases_tab(schedule_state: gr.State) -> dict:
                             elem_id="phases-plot")
     fields = [boundaries_box, steps_box, shift_box]
     edit_outputs = [plot, summary, message, schedule_state]
+    # .change, not .input: it also fires on paste and autofill, and when a preset fills the fields
     for box in fields:
-        box.input(on_schedule_edit, [*fields, schedule_state], edit_outputs, show_progress="hidden")
-    preset.input(on_preset, preset, [*fields, message]).then(
-        on_schedule_edit, [*fields, schedule_state], edit_outputs)
+        box.change(on_schedule_edit, [*fields, schedule_state], edit_outputs, show_progress="hidden")
+    preset.input(on_preset, preset, [*fields, message])
     return {"fields": fields, "outputs": edit_outputs}

@@ -1,0 +1,110 @@
+"""Compare-tab latency of a live app, measured the way a browser calls it (gradio_client on localhost).
+
+    python benchmarks/app_latency.py --student runs/.../student          # starts app.py on a free port
+    python benchmarks/app_latency.py --url http://127.0.0.1:7860/ --student ...
+
+1. sequential: N Compare clicks, each the student event (its images on screen) then the teacher event;
+2. concurrent: C clients at once, each one full Compare; all must succeed.
+Prints one JSON object with p50/p95 of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gradio_client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red star on a dark background", "a blue circle on a light background",
+           "a yellow triangle on a sky background", "a green square on a grey background"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50_s": round(statistics.median(values), 3), "p95_s": round(percentile(values, 0.95), 3),
+            "max_s": round(max(values), 3)}
+
+
+def compare_once(client: Client, student: str, index: int) -> tuple[float, float]:
+    """One Compare click: seconds until the student's image arrives, then until the teacher's."""
+    start = time.perf_counter()
+    student_out = client.predict(PROMPTS[index % len(PROMPTS)], index, False, student, "as trained", 3.0,
+                                 api_name="/compare_student")
+    student_seconds = time.perf_counter() - start
+    if "NFE" not in student_out[1]:
+        raise RuntimeError(f"student step failed: {student_out[3]}")
+    teacher_out = client.predict(32, 3.0, api_name="/compare_teacher")
+    if "NFE" not in teacher_out[1]:
+        raise RuntimeError(f"teacher step failed: {teacher_out[5]}")
+    return student_seconds, time.perf_counter() - start
+
+
+def start_app(runs_dir: str | None) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    if runs_dir:
+        env["PDMD_RUNS_DIR"] = runs_dir
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise TimeoutError("the app did not start within 2 minutes")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running app; default: start app.py on a free port")
+    parser.add_argument("--student", required=True, help="student folder as the picker lists it, or 'baseline'")
+    parser.add_argument("--runs-dir", help="PDMD_RUNS_DIR for the started app")
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--concurrent", type=int, default=10)
+    args = parser.parse_args()
+    student = args.student if args.student == "baseline" else str(Path(args.student).resolve())
+    server, url = (None, args.url) if args.url else start_app(args.runs_dir)
+    try:
+        client = Client(url, verbose=False)
+        compare_once(client, student, 0)  # warm-up: loads the student
+        sequential = [compare_once(client, student, i) for i in range(args.clicks)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrent) as pool:
+            clients = [Client(url, verbose=False) for _ in range(args.concurrent)]
+            concurrent = list(pool.map(lambda i: compare_once(clients[i], student, i), range(args.concurrent)))
+        wall = time.perf_counter() - started
+    finally:
+        if server:
+            server.terminate()
+            server.wait(timeout=30)
+    print(json.dumps({
+        "student_images": summary([s for s, _ in sequential]),
+        "full_compare_incl_teacher": summary([t for _, t in sequential]),
+        "teacher_after_student": summary([t - s for s, t in sequential]),
+        "concurrent": {"clients": args.concurrent, "succeeded": len(concurrent), "wall_s": round(wall, 2),
+                       "student_images": summary([s for s, _ in concurrent]),
+                       "full_compare": summary([t for _, t in concurrent])},
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The app as a visitor uses it: Playwright drives Debian chromium against a live ``python app.py``.
+
+Screenshots of every tab go to test-artifacts/ (gitignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ui_fixtures import make_student
+
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"app exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"app did not answer on {url} within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    make_student(runs / "tiny" / "student")
+    port = free_port()
+    log = runs / "app.log"
+    env = {**os.environ, "PDMD_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, server, log)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(app_url)
+        page.get_by_role("tab", name="Compare").wait_for()
+        yield page
+        browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_compare_shows_teacher_and_student_with_nfe_and_timings(page):
+    open_tab(page, "Compare")
+    page.locator("#compare-student input").click()
+    page.get_by_role("option", name=re.compile("run: tiny")).click()
+    page.locator("#compare-run").click()
+    playwright.expect(page.locator("#teacher-caption")).to_contain_text("NFE 64", timeout=60_000)
+    playwright.expect(page.locator("#student-caption")).to_contain_text(re.compile(r"NFE 4, \d+\.\d\d s"))
+    playwright.expect(page.locator("#teacher-caption")).to_contain_text(re.compile(r"\d+\.\d\d s"))
+    playwright.expect(page.locator("#compare-summary")).to_contain_text("faster")
+    for image in ("#teacher-image img", "#student-image img", "#boundary-strip img"):
+        playwright.expect(page.locator(image)).to_be_visible()
+    screenshot(page, "compare")
+
+
+def test_phases_rejects_a_bad_boundary_with_a_visible_message(page):
+    open_tab(page, "Phases")
+    playwright.expect(page.locator("#phases-plot img")).to_be_visible(timeout=30_000)
+    page.locator("#phases-boundaries textarea").fill("0.5, 1.5")
+    message = page.locator("#phases-message")
+    playwright.expect(message).to_contain_text("boundary 1.5 must lie strictly between 0 and 1", timeout=30_000)
+    playwright.expect(message).to_be_visible()
+    screenshot(page, "phases")
+    page.locator("#phases-boundaries textarea").fill("0.875")  # and it recovers
+    playwright.expect(message).to_contain_text("NFE 4", timeout=30_000)
+
+
+def test_train_tab_says_what_is_coming(page):
+    open_tab(page, "Train")
+    playwright.expect(page.get_by_text("Training from the browser arrives with the Train-tab issue")).to_be_visible()
+    screenshot(page, "train")
+
+
+def test_lab_draws_its_plot(page):
+    open_tab(page, "Lab")
+    page.locator("#lab-iters input").fill("2")
+    page.locator("#lab-base-iters input").fill("5")
+    page.locator("#lab-run").click()
+    playwright.expect(page.locator("#lab-plot img")).to_be_visible(timeout=90_000)
+    playwright.expect(page.locator("#lab-status")).to_contain_text("method(s)")
+    screenshot(page, "lab")
