@@ -102,6 +102,13 @@ def test_compare_shows_teacher_and_student_with_nfe_and_timings(page):
     screenshot(page, "compare")
 
 
+def test_one_click_example_runs_the_comparison(page):
+    open_tab(page, "Compare")
+    page.get_by_text("a blue circle on a light background").first.click()
+    playwright.expect(page.locator("#student-caption")).to_contain_text("seed 7", timeout=60_000)
+    playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
+
+
 def test_phases_rejects_a_bad_boundary_with_a_visible_message(page):
     open_tab(page, "Phases")
     playwright.expect(page.locator("#phases-plot img")).to_be_visible(timeout=30_000)
