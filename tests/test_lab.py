@@ -74,3 +74,13 @@ def test_methods_share_one_code_path_with_their_budgets():
     assert distill.METHODS["phased-sgts"].sgts and distill.METHODS["dmd-sgts"].sgts
     with pytest.raises(ValueError, match="unknown method 'gan'"):
         distill.get_method("gan")
+
+
+def test_a_uniform_smear_covers_no_mode():
+    from pdmd.lab import mode_metrics
+
+    grid = Mixture.grid()
+    smear = (torch.rand(20_000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 5
+    metrics = mode_metrics(smear, grid, reference_spread=0.14)
+    assert metrics["modes_covered"] == 0 and metrics["sliced_w"] > 0.05
+    assert mode_metrics(grid.sample(20_000, torch.Generator().manual_seed(1)), grid, 0.14)["modes_covered"] == 25

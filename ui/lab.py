@@ -1,8 +1,4 @@
-"""Lab tab: the 2-D lab (pdmd.lab) with small iteration counts, its scatter plots and metrics table.
-
-pdmd.lab.run_lab has no progress hook, so the tab runs one method per call to report progress between
-methods; each call refits the same seeded MLP base, which is why the tab's default base fit is short.
-"""
+"""Lab tab: the 2-D lab (pdmd.lab) with small iteration counts, its scatter plots and metrics table."""
 from __future__ import annotations
 
 import tempfile
@@ -42,14 +38,10 @@ def on_run_lab(methods, mixture_kind, modes, teacher_kind, iters, base_iters, sa
         return gr.skip(), gr.skip(), error_markdown(str(err))
     mixture = lab.Mixture.grid() if mixture_kind == "grid" else lab.Mixture.ring(modes)
     ordered = [m for m in lab.METHOD_CHOICES if m in methods]
-    rows, samples_by_method = [], {}
-    for done, method in enumerate(ordered):
-        progress(done / len(ordered), desc=f"{method} ({done + 1}/{len(ordered)})")
-        method_rows, method_samples = lab.run_lab([method], mixture, teacher_kind, seed, config)
-        rows += method_rows
-        samples_by_method.update(method_samples)  # 'data' is the same seeded draw every time
+    rows, samples_by_method = lab.run_lab(
+        ordered, mixture, teacher_kind, seed, config,
+        progress=lambda done, total, name: progress(done / total, desc=f"{name} ({done + 1}/{total})"))
     progress(1.0, desc="plotting")
-    samples_by_method = {"data": samples_by_method.pop("data"), **samples_by_method}
     table = [[row[c] for c in TABLE_COLUMNS] for row in rows]
     return lab_plot(samples_by_method, rows), table, f"✓ {len(rows)} method(s) on a {mixture.num_modes}-mode {mixture_kind}."
 
