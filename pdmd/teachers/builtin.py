@@ -31,7 +31,7 @@ TIMESTEP_SCALE = 1000.0
 
 # Defaults chosen from the measurements in docs/benchmarks.md ("Built-in teacher").
 DEFAULT_STEPS = 32
-DEFAULT_CFG = 3.0
+DEFAULT_CFG = 5.0
 DEFAULT_SHIFT = 1.0
 
 
