@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from pdmd.cli import positive_int
+
 
 def _peak_mb() -> float:
     if torch.cuda.is_available():
@@ -46,8 +48,8 @@ def _measure_training(config_path: str, steps: int) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=5, help="timed generator steps (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in both measurements")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed generator steps (after one warm-up)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads in both measurements")
     parser.add_argument("--part", choices=("inference", "training"), help=argparse.SUPPRESS)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pdmd import metrics, scenes
+from pdmd.cli import non_negative_float, positive_float, positive_int
 from pdmd.sampling import Velocity
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
@@ -102,33 +103,6 @@ def evaluate(teacher: Teacher, schedule: PhaseSchedule | None = None, cfg: float
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
 def _prompt(text: str) -> str:
     try:
         scenes.parse_prompt(text)
@@ -140,15 +114,15 @@ def _prompt(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=TEACHERS, default="builtin", help="teacher to evaluate")
     parser.add_argument("--student", metavar="DIR", help="evaluate this student folder (on its teacher) instead")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default: the model's)")
-    parser.add_argument("--cfg", type=_non_negative_float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--shift", type=_positive_float, default=None, help="timestep shift (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the model's)")
+    parser.add_argument("--cfg", type=non_negative_float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--shift", type=positive_float, default=None, help="timestep shift (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", type=_positive_int, default=12, help="how many standard eval prompts")
+    parser.add_argument("--prompts", type=positive_int, default=12, help="how many standard eval prompts")
     parser.add_argument("--prompt", type=_prompt, action="append", default=None,
                         help="evaluate this prompt instead of the standard set (repeatable)")
-    parser.add_argument("--per-prompt", type=_positive_int, default=8, help="images per prompt")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--per-prompt", type=positive_int, default=8, help="images per prompt")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

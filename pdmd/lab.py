@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pdmd import distill
+from pdmd.cli import positive_int
 from pdmd import rectified_flow as rf
 from pdmd.sampling import sample_phased
 from pdmd.schedule import PhaseSchedule
@@ -267,31 +268,21 @@ def plot(samples: dict[str, Tensor], results: list[dict], path: str) -> None:
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="all", choices=(*METHOD_CHOICES, "all"),
                         help="distillation method, 'teacher' for the reference sampler, or 'all'")
-    parser.add_argument("--modes", type=_positive_int, default=8, help="modes on the ring")
+    parser.add_argument("--modes", type=positive_int, default=8, help="modes on the ring")
     parser.add_argument("--grid", action="store_true", help="use a 5x5 grid of modes instead of a ring")
     parser.add_argument("--teacher", choices=("exact", "mlp"), default="exact",
                         help="real score: closed-form mixture velocity or the flow-matching MLP")
-    parser.add_argument("--iters", type=_positive_int, default=LabConfig.iters, help="generator updates")
-    parser.add_argument("--batch", type=_positive_int, default=LabConfig.batch)
-    parser.add_argument("--fake-ratio", type=_positive_int, default=LabConfig.fake_ratio)
-    parser.add_argument("--teacher-iters", type=_positive_int, default=LabConfig.teacher_iters)
+    parser.add_argument("--iters", type=positive_int, default=LabConfig.iters, help="generator updates")
+    parser.add_argument("--batch", type=positive_int, default=LabConfig.batch)
+    parser.add_argument("--fake-ratio", type=positive_int, default=LabConfig.fake_ratio)
+    parser.add_argument("--teacher-iters", type=positive_int, default=LabConfig.teacher_iters)
     parser.add_argument("--gradient", choices=("x0", "velocity"), default=LabConfig.gradient)
-    parser.add_argument("--samples", type=_positive_int, default=LabConfig.eval_samples,
+    parser.add_argument("--samples", type=positive_int, default=LabConfig.eval_samples,
                         help="samples drawn per method for the metrics")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 avoids contention with other jobs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pdmd.cli import non_negative_float, positive_int
 from pdmd.experts import StudentError, load_student, read_manifest
 from pdmd.images import save_png
 from pdmd.schedule import PhaseSchedule
@@ -19,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="teacher steps (default: the teacher's)")
-    parser.add_argument("--cfg", type=float, help="guidance (default: the teacher's or the student's)")
+    parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
+    parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
     parser.add_argument("--out", required=True, help="output PNG")
 
 
@@ -29,10 +30,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m pdmd sample: error: {message}", file=sys.stderr)
         return 2
 
-    if args.steps is not None and args.steps < 1:
-        return fail(f"--steps {args.steps} must be at least 1")
-    if args.cfg is not None and args.cfg < 0:
-        return fail(f"--cfg {args.cfg} must be at least 0")
     try:
         teacher_id = args.teacher or (read_manifest(Path(args.student))["teacher"] if args.student else "builtin")
         teacher = load_teacher(teacher_id)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pdmd import checkpoints, distill
+from pdmd.cli import positive_int
 from pdmd.experts import FAKE, Roles, phase_adapter, save_student
 from pdmd.images import save_png
 from pdmd.train_config import ConfigError, TrainConfig
@@ -334,9 +335,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see assets/students/*/config.yaml)")
     parser.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint or a folder")
-    parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many generator steps")
+    parser.add_argument("--max-steps", type=positive_int,
+                        help="stop (with a checkpoint) after this many generator steps")
     parser.add_argument("--output-dir", help="override the config's output_dir")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -344,8 +346,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        if args.max_steps is not None and args.max_steps < 1:
-            raise ConfigError(f"--max-steps {args.max_steps} must be at least 1")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
         trainer = Trainer(config)
         if args.resume:
