@@ -47,7 +47,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0                       # 0 = off
-    teacher_cfg: float = 3.0                     # the real score's guidance (doc §3.4); the fake uses none
+    teacher_cfg: float | None = None             # the real score's guidance (doc §3.4; None: the teacher's
+                                                 # default); the fake score uses none
     student_cfg: float = 1.0                     # guidance when sampling the student (CFG is distilled in)
     timestep_shift: float = 1.0                  # shift of t ~ T(s, 1)
     gradient: str = "x0"                         # DMD gradient form: "x0" (DMD2) or "velocity"
@@ -94,7 +95,8 @@ class TrainConfig:
         for name in ("lr_generator", "lr_fake", "grad_clip", "timestep_shift"):
             set_(name, _positive(name, getattr(self, name)))
         for name in ("weight_decay", "teacher_cfg", "student_cfg"):
-            set_(name, _positive(name, getattr(self, name), allow_zero=True))
+            if getattr(self, name) is not None:
+                set_(name, _positive(name, getattr(self, name), allow_zero=True))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
         if self.gradient not in ("x0", "velocity"):

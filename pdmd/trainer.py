@@ -77,6 +77,7 @@ class Trainer:
         self.experts = [self.roles.velocity(name) for name in names]
         self.fake = self.roles.velocity(FAKE)
         self.real = self.roles.velocity(None)
+        self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
         prompts = list(config.prompts or self.teacher.default_prompts)
         if not prompts:
             raise ConfigError("prompts is empty and the teacher ships no default prompt list")
@@ -193,7 +194,7 @@ class Trainer:
         with self.accelerator.autocast():
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
-            loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, c.teacher_cfg,
+            loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg,
                                           shift=c.timestep_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", loss)
         if c.ema_decay:
@@ -223,7 +224,7 @@ class Trainer:
                 if ema:
                     self.roles.load_state_dict(name, ema)
         manifest = {"teacher": self.config.teacher, "method": self.config.method, "cfg": self.config.student_cfg,
-                    "teacher_cfg": self.config.teacher_cfg, "steps_trained": self.step,
+                    "teacher_cfg": self.teacher_cfg, "steps_trained": self.step,
                     "steps_per_phase": list(self.config.steps_per_phase), "ema_decay": self.config.ema_decay,
                     "seed": self.config.seed}
         checkpoints.atomic_export(target, lambda folder: save_student(folder, self.roles, self.schedule, manifest))

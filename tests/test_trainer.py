@@ -221,3 +221,12 @@ def test_eval_command_measures_a_student_with_the_teachers_keys(tmp_path, capsys
     (folder / "manifest.json").unlink()
     assert main(["eval", "--student", str(folder), "--json"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_teacher_guidance_defaults_to_the_teachers_own(tmp_path):
+    trainer = Trainer(TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1)))
+    assert trainer.teacher_cfg == trainer.teacher.default_cfg
+    explicit = Trainer(TrainConfig.from_dict(tiny(tmp_path, teacher_cfg=2.5)))
+    assert explicit.teacher_cfg == 2.5
+    with pytest.raises(ConfigError, match="teacher_cfg = -1 must be at least 0"):
+        TrainConfig.from_dict(tiny(tmp_path, teacher_cfg=-1))
