@@ -230,3 +230,10 @@ def test_teacher_guidance_defaults_to_the_teachers_own(tmp_path):
     assert explicit.teacher_cfg == 2.5
     with pytest.raises(ConfigError, match="teacher_cfg = -1 must be at least 0"):
         TrainConfig.from_dict(tiny(tmp_path, teacher_cfg=-1))
+
+
+def test_tensorboard_logging_through_accelerate(tmp_path):
+    config = TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1, report_to="tensorboard"))
+    Trainer(config).fit(progress=False)
+    events = list(Path(config.output_dir).rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
