@@ -1,0 +1,77 @@
+"""The teacher next to its students on one eval: NFE, 4-image batch time, adherence, diversity, FD.
+
+    OMP_NUM_THREADS=1 python benchmarks/student_table.py assets/students/phased assets/students/dmd-sgts ...
+
+Every row uses the same prompts, images per prompt and seed (pdmd.evaluate); the 4-image time is the median
+of 3 runs after a warm-up, sampling plus decoding. Prints a markdown table, then one JSON line per row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdmd.evaluate import evaluate  # noqa: E402
+from pdmd.experts import load_student, read_manifest  # noqa: E402
+from pdmd.teachers import load_teacher  # noqa: E402
+
+BATCH_PROMPTS = ["a red circle on a dark background", "a blue star on a light background",
+                 "a green triangle on a sky background", "a yellow square on a grey background"]
+
+
+def batch_seconds(sample, repeats: int = 3) -> float:
+    sample()  # warm-up: first calls allocate and pick kernels
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sample()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def teacher_row(teacher, per_prompt: int, seed: int) -> dict:
+    row = evaluate(teacher, seed=seed, per_prompt=per_prompt)
+    row["four_image_seconds"] = batch_seconds(lambda: teacher.decode(teacher.sample(BATCH_PROMPTS, 0).sample))
+    return {"name": f"teacher ({teacher.default_steps} steps, CFG {teacher.default_cfg:g})", **row}
+
+
+def student_row(folder: Path, per_prompt: int, seed: int) -> dict:
+    teacher = load_teacher(read_manifest(folder)["teacher"])
+    student = load_student(folder, teacher)
+    row = evaluate(teacher, student.schedule, student.cfg, seed, per_prompt=per_prompt, experts=student.experts)
+    row["four_image_seconds"] = batch_seconds(lambda: teacher.decode(student.sample(BATCH_PROMPTS, 0).sample))
+    manifest = student.manifest
+    return {"name": f"{manifest['method']} ({manifest['steps_trained']} updates)", **row}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("students", nargs="+", type=Path, help="student folders")
+    parser.add_argument("--per-prompt", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    teacher = load_teacher("builtin")
+    rows = [teacher_row(teacher, args.per_prompt, args.seed)]
+    rows += [student_row(folder, args.per_prompt, args.seed) for folder in args.students]
+    base = rows[0]
+    print("| model | NFE | 4-image batch (s) | speed-up | adherence | diversity | position std | size std | FD |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['name']} | {row['nfe']} | {row['four_image_seconds']:.3f} | "
+              f"{base['four_image_seconds'] / row['four_image_seconds']:.1f}x | {row['adherence']:.3f} | "
+              f"{row['diversity']:.2f} | {row['position_spread']:.2f} | {row['size_spread']:.2f} | {row['fd']:.1f} |")
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    raise SystemExit(main())
