@@ -25,6 +25,7 @@ FAKE = "fake"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}  # refused by name, never opened
 
 
 class StudentError(ValueError):
@@ -145,7 +146,7 @@ def read_manifest(folder: Path) -> dict:
     for key in ("teacher", "schedule", "phases", "lora"):
         if key not in manifest:
             raise StudentError(f"{path} has no {key!r} entry")
-    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise StudentError(f"{folder} holds pickle files {pickles}; only .safetensors are loaded")
     return manifest

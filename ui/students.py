@@ -16,14 +16,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, StudentError, phase_adapter, read_manifest
+from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, PICKLE_SUFFIXES, StudentError, phase_adapter, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = ROOT / "assets" / "students"
 BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
 BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
 def runs_dir() -> Path:
