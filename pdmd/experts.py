@@ -146,7 +146,7 @@ def read_manifest(folder: Path) -> dict:
     for key in ("teacher", "schedule", "phases", "lora"):
         if key not in manifest:
             raise StudentError(f"{path} has no {key!r} entry")
-    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise StudentError(f"{folder} holds pickle files {pickles}; only .safetensors are loaded")
     return manifest
