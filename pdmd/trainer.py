@@ -157,10 +157,11 @@ class Trainer:
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
 
-    def _update(self, role: str, loss: Tensor) -> float:
+    def _update(self, role: str, adapter: str, loss: Tensor) -> float:
         optimizer = self.optimizers[role]
         params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
-        self.accelerator.backward(loss)
+        with self.roles.active(adapter):  # gradient checkpointing re-runs forwards: with the same adapter
+            self.accelerator.backward(loss)
         self._average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         optimizer.step()
@@ -188,7 +189,7 @@ class Trainer:
                                          sgts=self.method.sgts, generator=generator)
             with self.accelerator.autocast():
                 loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.timestep_shift, generator=generator)
-            self._update("fake", loss)
+            self._update("fake", FAKE, loss)
             fake_losses.append(loss.item())
         noise, cond, uncond = batch()
         with self.accelerator.autocast():
@@ -196,7 +197,7 @@ class Trainer:
                                      sgts=self.method.sgts, generator=generator)
             loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg,
                                           shift=c.timestep_shift, gradient=c.gradient, generator=generator)
-        grad_norm = self._update("generator", loss)
+        grad_norm = self._update("generator", phase_adapter(phase), loss)
         if c.ema_decay:
             self._update_ema(phase)
         self.step += 1

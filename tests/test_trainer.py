@@ -237,3 +237,16 @@ def test_tensorboard_logging_through_accelerate(tmp_path):
     Trainer(config).fit(progress=False)
     events = list(Path(config.output_dir).rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
+    plain = tiny(tmp_path / "plain", steps_per_phase=1)
+    checkpointed = tiny(tmp_path / "ckpt", steps_per_phase=1, gradient_checkpointing=True)
+    trainer = Trainer(TrainConfig.from_dict(checkpointed))
+    assert trainer.teacher.model.is_gradient_checkpointing
+    trainer.fit(progress=False)
+    Trainer(TrainConfig.from_dict(plain)).fit(progress=False)
+    a, b = adapters(Path(plain["output_dir"])), adapters(Path(checkpointed["output_dir"]))
+    for key in a:
+        if key.startswith("adapter/"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
