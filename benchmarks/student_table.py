@@ -51,11 +51,30 @@ def student_row(folder: Path, per_prompt: int, seed: int) -> dict:
     return {"name": f"{manifest['method']} ({manifest['steps_trained']} updates)", **row}
 
 
+def draw_grid(rows: list[tuple[str, torch.Tensor]], prompt: str, path: Path) -> None:
+    """One row of 8 seeds per model, for the same prompt: diversity kept or lost, at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(rows), 1, figsize=(7, 1.05 * len(rows)))
+    for axis, (name, images) in zip(axes, rows):
+        axis.imshow(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy(), interpolation="nearest")
+        axis.set_title(name, fontsize=8, pad=2)
+        axis.axis("off")
+    figure.suptitle(f'"{prompt}", seeds 0-7', fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("students", nargs="+", type=Path, help="student folders")
     parser.add_argument("--per-prompt", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=Path, help="also draw 8 seeds of one prompt for every model to this PNG")
+    parser.add_argument("--grid-prompt", default="a blue star on a light background")
     args = parser.parse_args()
     teacher = load_teacher("builtin")
     rows = [teacher_row(teacher, args.per_prompt, args.seed)]
@@ -69,6 +88,13 @@ def main() -> int:
               f"{row['diversity']:.2f} | {row['position_spread']:.2f} | {row['size_spread']:.2f} | {row['fd']:.1f} |")
     for row in rows:
         print(json.dumps(row))
+    if args.grid:
+        prompts = [args.grid_prompt] * 8
+        grid = [(rows[0]["name"], teacher.decode(teacher.sample(prompts, args.seed).sample))]
+        for folder, row in zip(args.students, rows[1:]):
+            student = load_student(folder, load_teacher(read_manifest(folder)["teacher"]))
+            grid.append((row["name"], student.roles.teacher.decode(student.sample(prompts, args.seed).sample)))
+        draw_grid(grid, args.grid_prompt, args.grid)
     return 0
 
 
