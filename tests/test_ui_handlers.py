@@ -186,7 +186,9 @@ def test_diversity_rejects_bad_input(store):
 def test_refresh_lists_baseline_and_runs(student):
     update = compare.on_refresh_students("/gone")
     values = [value for _, value in update["choices"]]
-    assert values[0] == students.BASELINE and student in values and update["value"] == students.BASELINE
+    assert values[0] == students.BASELINE and student in values
+    assert update["value"] == str(students.SHIPPED_DIR / "phased")  # a vanished pick falls back to the default
+    assert students.default_choice() in values
 
 
 # --- uploads -------------------------------------------------------------------------------------------------

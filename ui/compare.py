@@ -264,7 +264,7 @@ def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, 
 def on_refresh_students(current: str):
     choices = students.picker_choices()
     values = [v for _, v in choices]
-    return gr.update(choices=choices, value=current if current in values else students.BASELINE)
+    return gr.update(choices=choices, value=current if current in values else students.default_choice())
 
 
 def on_upload(store: ModelStore, files):
@@ -289,7 +289,8 @@ def random_seed() -> int:
 
 # --- layout ------------------------------------------------------------------------------------------------
 def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
-    teacher_steps_default, teacher_cfg_default = 32, 3.0  # the built-in teacher's defaults
+    teacher = store.teacher()  # loaded at start-up: the sliders open on its own defaults, the first click is fast
+    teacher_steps_default, teacher_cfg_default = teacher.default_steps, teacher.default_cfg
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(EXAMPLES[0][0], label="Prompt", elem_id="compare-prompt",
@@ -302,7 +303,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
                 steps = gr.Slider(4, 100, teacher_steps_default, step=1, label="Teacher steps")
                 cfg = gr.Slider(1.0, 8.0, teacher_cfg_default, step=0.5, label="Teacher CFG")
             with gr.Row():
-                picker = gr.Dropdown(students.picker_choices(), value=students.BASELINE, label="Student",
+                picker = gr.Dropdown(students.picker_choices(), value=students.default_choice(), label="Student",
                                      scale=4, elem_id="compare-student")
                 refresh = gr.Button("↻", scale=0, min_width=40)
             source = gr.Radio([AS_TRAINED, FROM_PHASES], value=AS_TRAINED, label="Student schedule")

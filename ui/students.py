@@ -82,6 +82,12 @@ def _safe_describe(folder: Path, kind: str) -> str:
         return f"{kind}: {folder.name} (unreadable manifest)"
 
 
+def default_choice() -> str:
+    """The app opens on the shipped phased student (the method's story), else on the baseline."""
+    phased = SHIPPED_DIR / "phased"
+    return str(phased) if (phased / MANIFEST).is_file() else BASELINE
+
+
 def picker_choices() -> list[tuple[str, str]]:
     return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in discover_students()]
 
