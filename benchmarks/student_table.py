@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdmd.evaluate import evaluate  # noqa: E402
 from pdmd.experts import load_student, read_manifest  # noqa: E402
+from pdmd.images import save_grid  # noqa: E402
 from pdmd.teachers import load_teacher  # noqa: E402
 
 BATCH_PROMPTS = ["a red circle on a dark background", "a blue star on a light background",
@@ -51,23 +52,6 @@ def student_row(folder: Path, per_prompt: int, seed: int) -> dict:
     return {"name": f"{manifest['method']} ({manifest['steps_trained']} updates)", **row}
 
 
-def draw_grid(rows: list[tuple[str, torch.Tensor]], prompt: str, path: Path) -> None:
-    """One row of 8 seeds per model, for the same prompt: diversity kept or lost, at a glance."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(len(rows), 1, figsize=(7, 1.05 * len(rows)))
-    for axis, (name, images) in zip(axes, rows):
-        axis.imshow(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy(), interpolation="nearest")
-        axis.set_title(name, fontsize=8, pad=2)
-        axis.axis("off")
-    figure.suptitle(f'"{prompt}", seeds 0-7', fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("students", nargs="+", type=Path, help="student folders")
@@ -94,7 +78,7 @@ def main() -> int:
         for folder, row in zip(args.students, rows[1:]):
             student = load_student(folder, load_teacher(read_manifest(folder)["teacher"]))
             grid.append((row["name"], student.roles.teacher.decode(student.sample(prompts, args.seed).sample)))
-        draw_grid(grid, args.grid_prompt, args.grid)
+        save_grid(grid, f'"{args.grid_prompt}", seeds 0-7', args.grid)
     return 0
 
 

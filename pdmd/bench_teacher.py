@@ -16,6 +16,7 @@ import torch
 
 from pdmd import scenes
 from pdmd.evaluate import eval_prompts, measure
+from pdmd.images import save_grid
 from pdmd.metrics import PROBE_DIR, load_probe
 from pdmd.teachers.builtin import ASSET_DIR, load_builtin_teacher
 
@@ -54,22 +55,10 @@ def dataset_reference(prompts: int = 12, per_prompt: int = 8, seed: int = 0) -> 
 
 
 def draw_grid(teacher, path: Path, seeds: int = 8) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [teacher.decode(teacher.sample([prompt] * seeds, seed=0).sample) for prompt in GRID_PROMPTS]
-    figure, axes = plt.subplots(len(rows), 1, figsize=(seeds * 0.8 + 0.2, len(rows) * 1.05))
-    for axis, prompt, images in zip(axes, GRID_PROMPTS, rows):
-        axis.imshow(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1).numpy(), interpolation="nearest")
-        axis.set_title(f'"{prompt}"' if prompt else "(empty prompt: unconditional)", fontsize=8, pad=2)
-        axis.axis("off")
-    figure.suptitle(f"built-in teacher, {teacher.default_steps} steps, CFG {teacher.default_cfg:g}, "
-                    f"seeds 0-{seeds - 1}", fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    rows = [(f'"{prompt}"' if prompt else "(empty prompt: unconditional)",
+             teacher.decode(teacher.sample([prompt] * seeds, seed=0).sample)) for prompt in GRID_PROMPTS]
+    save_grid(rows, f"built-in teacher, {teacher.default_steps} steps, CFG {teacher.default_cfg:g}, "
+                    f"seeds 0-{seeds - 1}", path)
 
 
 def run(args: argparse.Namespace) -> int:
