@@ -250,3 +250,12 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
     for key in a:
         if key.startswith("adapter/"):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    config = TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1, mixed_precision="bf16"))
+    trainer = Trainer(config)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    result = trainer.fit(progress=False)
+    rows = [json.loads(line) for line in (Path(config.output_dir) / METRICS_FILE).read_text().splitlines()]
+    assert result["finished"] and all(torch.isfinite(torch.tensor(r["loss_generator"])) for r in rows)
