@@ -20,6 +20,15 @@ from pdmd.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; each test's Trainer may ask for other settings (bf16)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny(tmp_path, **overrides) -> dict:
     config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
                   steps_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2},
