@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pdmd import checkpoints
 from pdmd.cli import main
-from pdmd.experts import FAKE, StudentError, load_student, phase_adapter
+from pdmd.experts import FAKE, StudentError, load_student
 from pdmd.teachers import load_teacher
 from pdmd.train_config import ConfigError, TrainConfig
 from pdmd.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import gradio as gr
-import torch
 from PIL import Image
 
 from pdmd.experts import StudentError, read_manifest
