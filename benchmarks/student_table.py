@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdmd.evaluate import evaluate  # noqa: E402
-from pdmd.experts import load_student, read_manifest  # noqa: E402
+from pdmd.experts import load_student  # noqa: E402
 from pdmd.images import save_grid  # noqa: E402
 from pdmd.teachers import load_teacher  # noqa: E402
 
@@ -44,8 +44,8 @@ def teacher_row(teacher, per_prompt: int, seed: int) -> dict:
 
 
 def student_row(folder: Path, per_prompt: int, seed: int) -> dict:
-    teacher = load_teacher(read_manifest(folder)["teacher"])
-    student = load_student(folder, teacher)
+    student = load_student(folder)
+    teacher = student.roles.teacher
     row = evaluate(teacher, student.schedule, student.cfg, seed, per_prompt=per_prompt, experts=student.experts)
     row["four_image_seconds"] = batch_seconds(lambda: teacher.decode(student.sample(BATCH_PROMPTS, 0).sample))
     manifest = student.manifest
@@ -76,7 +76,7 @@ def main() -> int:
         prompts = [args.grid_prompt] * 8
         grid = [(rows[0]["name"], teacher.decode(teacher.sample(prompts, args.seed).sample))]
         for folder, row in zip(args.students, rows[1:]):
-            student = load_student(folder, load_teacher(read_manifest(folder)["teacher"]))
+            student = load_student(folder)
             grid.append((row["name"], student.roles.teacher.decode(student.sample(prompts, args.seed).sample)))
         save_grid(grid, f'"{args.grid_prompt}", seeds 0-7', args.grid)
     return 0

@@ -20,7 +20,7 @@ from pdmd.cli import non_negative_float, positive_float, positive_int
 from pdmd.sampling import Velocity
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
-from pdmd.experts import StudentError, load_student, read_manifest
+from pdmd.experts import StudentError, load_student
 from pdmd.teachers import TEACHERS, load_teacher
 # Dataset images per prompt in the FD reference: more than we generate, so the reference is the better estimate.
 REFERENCE_PER_PROMPT = 32
@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     experts = None
     if args.student:
         try:
-            teacher = load_teacher(read_manifest(args.student)["teacher"])
-            student = load_student(args.student, teacher)
+            student = load_student(args.student)
+            teacher = student.roles.teacher
         except (StudentError, ValueError) as err:
             print(f"python -m pdmd eval: error: {err}", file=sys.stderr)
             return 2

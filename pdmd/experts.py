@@ -172,10 +172,14 @@ class Student:
         return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
 
 
-def load_student(folder: str | Path, teacher: Teacher) -> Student:
-    """Attach a student's per-phase LoRAs to ``teacher`` (whose network then carries the adapters)."""
+def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
+    """Attach a student's per-phase LoRAs to ``teacher`` (whose network then carries the adapters); without
+    one, the teacher the manifest names is loaded."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if teacher is None:
+        from pdmd.teachers import load_teacher
+        teacher = load_teacher(manifest["teacher"])
     schedule = PhaseSchedule.from_dict(manifest["schedule"])
     if len(manifest["phases"]) != schedule.num_phases:
         raise StudentError(f"{folder / MANIFEST} lists {len(manifest['phases'])} LoRA files for "

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pdmd.cli import non_negative_float, positive_int
-from pdmd.experts import StudentError, load_student, read_manifest
+from pdmd.experts import StudentError, load_student
 from pdmd.images import save_png
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers import load_teacher
@@ -31,12 +31,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        teacher_id = args.teacher or (read_manifest(Path(args.student))["teacher"] if args.student else "builtin")
-        teacher = load_teacher(teacher_id)
         if args.student:
-            student = load_student(args.student, teacher)
-            schedule, cfg, experts = student.schedule, student.cfg, student.experts
+            student = load_student(args.student, load_teacher(args.teacher) if args.teacher else None)
+            teacher, schedule, cfg, experts = student.roles.teacher, student.schedule, student.cfg, student.experts
         else:
+            teacher = load_teacher(args.teacher or "builtin")
             schedule = PhaseSchedule.uniform(args.steps or teacher.default_steps, teacher.default_shift)
             cfg, experts = teacher.default_cfg, None
     except (StudentError, ValueError, OSError) as err:
@@ -44,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg if args.cfg is None else args.cfg
     with torch.no_grad():
         result = teacher.sample([args.prompt], args.seed, schedule, cfg, experts)
-        image = teacher.decode(result.sample)[0]
-    save_png(image[None], Path(args.out))
+    save_png(teacher.decode(result.sample), Path(args.out))
     print(json.dumps({"out": args.out, "nfe": result.nfe, "seed": args.seed, "schedule": schedule.as_dict()}))
     return 0

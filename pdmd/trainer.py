@@ -8,6 +8,7 @@ uninterrupted one would have done; checkpoints hold adapters, optimisers, EMA an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -239,9 +240,9 @@ class Trainer:
         prompts = list(self.config.sample_prompts or self.prompts[:4])
         result = self.teacher.sample(prompts, self.config.seed, self.schedule, self.config.student_cfg,
                                      self.experts)
-        path = save_png(self.teacher.decode(result.sample), self.run_dir / "samples" / f"step-{self.step:06d}.png")
-        save_png(self.teacher.decode(result.sample), path.with_name("latest.png"))
-        return path
+        images = self.teacher.decode(result.sample)
+        save_png(images, self.run_dir / "samples" / "latest.png")
+        return save_png(images, self.run_dir / "samples" / f"step-{self.step:06d}.png")
 
     def adapter_fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -280,7 +281,8 @@ class Trainer:
         bar = tqdm(total=c.total_steps, initial=self.step, disable=not (progress and self.is_main),
                    desc="distilling", dynamic_ncols=True)
         stopped = False
-        with open(self.run_dir / METRICS_FILE, "a") if self.is_main else _nowhere() as log:
+        # only the main process logs; the others hold a null context and never write
+        with open(self.run_dir / METRICS_FILE, "a") if self.is_main else contextlib.nullcontext() as log:
             while self.step < end:
                 row = self.train_step()
                 bar.update(1)
@@ -310,20 +312,6 @@ class Trainer:
             self.accelerator.end_training()
         return {"step": self.step, "finished": finished, "stopped": stopped,
                 "student": str(self.run_dir / STUDENT_DIR) if finished else None}
-
-
-class _nowhere:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass
 
 
 def _peak_memory_mb(device: torch.device) -> float:
