@@ -1,0 +1,213 @@
+"""Tiny diffusers pipelines with random weights, one builder per supported family, for tests and the GPU check.
+
+Each ``build_<family>(folder)`` makes the real diffusers pipeline class from its real component classes at toy
+sizes (hidden 16-64, one or two layers), with tokenizers built here from a small vocabulary -- nothing is
+downloaded -- and writes it with ``save_pretrained``, so it loads exactly as a downloaded model folder would.
+``BUILDERS`` maps a family name to its builder; ``build(family, folder)`` is the one entry point.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+SEED = 0
+CLIP_MAX_LENGTH = 77
+
+
+# --- tokenizers, built locally -----------------------------------------------------------------------------
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE vocabularies (CLIP, Qwen2) are made of."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    return sorted(ByteLevel.alphabet())
+
+
+def clip_tokenizer():
+    """A CLIP BPE tokenizer with no merges: one token per byte (word ends marked ``</w>``, as CLIP does)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _byte_alphabet():
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer over letters, digits and punctuation, with and without the word marker."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def qwen2_tokenizer():
+    """A Qwen2 byte-level BPE tokenizer with no merges, plus the chat-template special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {char: i for i, char in enumerate(_byte_alphabet())}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[token] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=[])
+
+
+# --- text encoders -----------------------------------------------------------------------------------------
+def _clip_text(with_projection: bool, hidden: int = 32, projection: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH,
+                            projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                            hidden_act="gelu")
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _t5_encoder(d_model: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kwargs = dict(vocab_size=128, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return UMT5EncoderModel(UMT5Config(**kwargs)) if umt5 else T5EncoderModel(T5Config(**kwargs))
+
+
+def _image_vae(latent_channels: int, scaling_factor: float, shift_factor: float):
+    """An AutoencoderKL that halves 16x16 images to 8x8 latents (the SD3 / FLUX VAE at toy size)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+# --- the families ------------------------------------------------------------------------------------------
+def build_sd3(folder: str | Path) -> Path:
+    """StableDiffusion3Pipeline: MMDiT, two CLIP text encoders with projection and a T5, 16x16 images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_image_vae(4, scaling_factor=1.5, shift_factor=0.1),
+        text_encoder=_clip_text(True), tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_text(True), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(64), tokenizer_3=t5_tokenizer())
+    return _save(pipe, folder)
+
+
+def _flux(folder: str | Path, guidance_embeds: bool) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler,
+                        vae=_image_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=_clip_text(False), tokenizer=clip_tokenizer(),
+                        text_encoder_2=_t5_encoder(32), tokenizer_2=t5_tokenizer())
+    return _save(pipe, folder)
+
+
+def build_flux_dev(folder: str | Path) -> Path:
+    """FluxPipeline, guidance-distilled like FLUX.1-dev (guidance is a network input, no CFG pair)."""
+    return _flux(folder, guidance_embeds=True)
+
+
+def build_flux_schnell(folder: str | Path) -> Path:
+    """FluxPipeline without guidance embedding, like FLUX.1-schnell (true CFG when asked for)."""
+    return _flux(folder, guidance_embeds=False)
+
+
+def _wan_transformer():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _wan(folder: str | Path, two_experts: bool) -> Path:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.1 * k for k in range(16)], latents_std=[1.0 + 0.1 * k for k in range(16)])
+    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_wan_transformer(),
+                       transformer_2=_wan_transformer() if two_experts else None,
+                       boundary_ratio=0.875 if two_experts else None)
+    return _save(pipe, folder)
+
+
+def build_wan21(folder: str | Path) -> Path:
+    """WanPipeline with one transformer (Wan 2.1 T2V), UMT5 text encoder, Wan video VAE."""
+    return _wan(folder, two_experts=False)
+
+
+def build_wan22(folder: str | Path) -> Path:
+    """WanPipeline with two experts (Wan 2.2 A14B): ``transformer`` for t >= 0.875, ``transformer_2`` below."""
+    return _wan(folder, two_experts=True)
+
+
+def build_qwen_image(folder: str | Path) -> Path:
+    """QwenImagePipeline: Qwen2.5-VL text encoder, QwenImage MMDiT and VAE, 32x32 images."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, \
+        QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen2_tokenizer()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True],
+                                 latents_mean=[0.0, 0.1, -0.1, 0.2], latents_std=[1.0, 1.2, 0.8, 1.1])
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                     "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
+                             tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, folder)
+
+
+def _save(pipe, folder: str | Path) -> Path:
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+BUILDERS = {
+    "sd3": build_sd3,
+    "flux-dev": build_flux_dev,
+    "flux-schnell": build_flux_schnell,
+    "wan2.1": build_wan21,
+    "wan2.2": build_wan22,
+    "qwen-image": build_qwen_image,
+}
+
+
+def build(family: str, folder: str | Path) -> Path:
+    """Write the tiny pipeline of ``family`` (a key of BUILDERS) to ``folder`` and return the folder."""
+    if family not in BUILDERS:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[family](folder)
