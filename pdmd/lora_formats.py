@@ -1,0 +1,347 @@
+"""Published LoRA files in and our students out, in the key layouts people actually share.
+
+In: a LoRA file in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight``), the ComfyUI /
+original-checkpoint layout (``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` + ``.alpha``, or with
+``lora_A``/``lora_B`` as the Wan2.2-Lightning files have) or the kohya layout (``lora_unet_...``) is converted by
+the diffusers LoRA loader of the teacher's family (``<Family>LoraLoaderMixin.lora_state_dict``, the classmethod
+every diffusers pipeline uses, which runs the right converter) into module-relative PEFT keys with the
+``alpha / rank`` scale folded in. Every key either lands on a module of the teacher or is reported: nothing is
+silently dropped.
+
+Out: a student's per-phase LoRAs as single files in the diffusers layout (``pipe.load_lora_weights``) or in a
+layout ComfyUI's LoRA loader reads (comfy/lora.py ``model_lora_keys_unet``): Wan under its original module names
+``diffusion_model.blocks.N.self_attn.q.lora_down.weight``, Qwen-Image as ``diffusion_model.<module>.lora_down``
+(ComfyUI's Qwen-Image keeps the diffusers module names), FLUX and SD3 as ``transformer.<module>.lora_A`` which
+ComfyUI maps itself (``flux_to_diffusers`` / ``mmdit_to_diffusers``). Scales are folded into ``lora_up``/``lora_B``
+so no ``.alpha`` is needed: every reader then applies the LoRA at scale 1.
+
+A *published student* is an ordinary student folder (manifest.json + phase_k/pytorch_lora_weights.safetensors)
+made from such files: phase k gets file k, times its strength.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, MANIFEST_VERSION, PICKLE_SUFFIXES, StudentError, \
+    phase_adapter, read_manifest
+from pdmd.schedule import PhaseSchedule
+
+# family -> the diffusers LoRA loader mixin its pipeline inherits (and whose lora_state_dict converts)
+LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin",
+           "qwen-image": "QwenImageLoraLoaderMixin"}
+FAMILIES = tuple(LOADERS)
+LAYOUTS = ("diffusers", "comfyui", "kohya")
+EXPORT_LAYOUTS = ("diffusers", "comfyui")
+TRANSFORMER_PREFIX = "transformer"
+PUBLISHED = "published"  # the manifest's method for students made from published LoRA files
+SHOWN_KEYS = 8
+
+# Wan: diffusers module name -> original checkpoint name (what ComfyUI's Wan model and the published
+# Wan LoRAs use); the inverse of diffusers' _convert_non_diffusers_wan_lora_to_diffusers
+WAN_BLOCK_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                   "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                   "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+                   "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+                   "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+WAN_TOP_NAMES = {"condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
+                 "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+                 "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+                 "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+                 "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+                 "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+                 "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3"}
+PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+class LoraFormatError(StudentError):
+    """A LoRA file that cannot be converted or does not fit the teacher; the message lists the keys."""
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return ", ".join(keys[:SHOWN_KEYS]) + more
+
+
+def family_of(pipeline_class: str) -> str:
+    """Our family id for a diffusers pipeline class name (``WanPipeline`` -> ``wan``)."""
+    for prefix, family in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("Wan", "wan"),
+                           ("QwenImage", "qwen-image")):
+        if pipeline_class.startswith(prefix) and not pipeline_class.startswith(("Flux2", "Flux3")):
+            return family
+    raise LoraFormatError(f"no LoRA converter for pipeline {pipeline_class!r}; supported families: "
+                          f"{', '.join(FAMILIES)}")
+
+
+def _check_family(family: str) -> str:
+    if family not in LOADERS:
+        raise LoraFormatError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    return family
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+def read_lora(path: str | Path) -> dict[str, Tensor]:
+    """A LoRA file's tensors; only .safetensors is ever opened (pickles can run code)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFormatError(f"{path.name} refused: pickle files are never loaded; use .safetensors")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraFormatError(f"{path.name} is not a .safetensors file")
+    if not path.is_file():
+        raise LoraFormatError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise LoraFormatError(f"{path.name} is not a readable safetensors file ({err})") from None
+
+
+def detect_layout(state: dict[str, Tensor]) -> str:
+    """``kohya`` (lora_unet_...), ``comfyui`` (original names: diffusion_model. prefix or lora_down/lora_up) or
+    ``diffusers`` (lora_A/lora_B on diffusers module names)."""
+    keys = list(state)
+    if not keys:
+        raise LoraFormatError("the LoRA file holds no tensors")
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "kohya"
+    if any(k.startswith("diffusion_model.") or ".lora_down." in k for k in keys):
+        return "comfyui"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "diffusers"
+    raise LoraFormatError(f"no LoRA weights found (no lora_A/lora_B/lora_down/lora_up keys): {_listing(keys)}")
+
+
+# --- import ------------------------------------------------------------------------------------------------
+def _unsupported(state: dict[str, Tensor]) -> list[str]:
+    """Keys diffusers' converters would drop with only a log line: full-weight diffs, DoRA scales, biases."""
+    return [k for k in state if k.endswith((".diff", ".diff_b", ".dora_scale")) or ".lora_B.bias" in k]
+
+
+def _fold_leftover_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Diffusers-named files may still carry kohya suffixes or ``.alpha`` (FLUX's converter hands alphas back
+    separately; SD3's has no converter): rename to lora_A/lora_B and fold alpha / rank into lora_B."""
+    renamed = {k.replace(".lora_down.weight", ".lora_A.weight").replace(".lora_up.weight", ".lora_B.weight"): v
+               for k, v in state.items()}
+    alphas = {k[: -len(".alpha")]: v for k, v in renamed.items() if k.endswith(".alpha")}
+    out = {k: v for k, v in renamed.items() if not k.endswith(".alpha")}
+    for module, alpha in alphas.items():
+        down, up = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        if down not in out or up not in out:
+            raise LoraFormatError(f"{module}.alpha has no lora_A/lora_B pair beside it")
+        out[up] = out[up] * (float(alpha) / out[down].shape[0])
+    return out
+
+
+def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
+    """Any supported layout -> ``{<module>.lora_A.weight, <module>.lora_B.weight}`` relative to the
+    transformer, scale folded in (load at alpha = rank). Text-encoder parts and keys diffusers would drop are
+    errors, listed."""
+    from diffusers import loaders
+
+    layout = detect_layout(state)
+    unsupported = _unsupported(state)
+    if unsupported:
+        raise LoraFormatError(f"unsupported LoRA keys (full-weight diffs, DoRA or bias terms): {_listing(unsupported)}")
+    if layout == "kohya":
+        stray = [k for k in state if not k.startswith(("lora_unet_", "lora_te"))]
+        if stray:  # the kohya converters keep lora_unet_/lora_te keys only and drop the rest unreported
+            raise LoraFormatError(f"LoRA keys match no module of the teacher: {_listing(stray)}")
+    if _check_family(family) == "sd3" and layout != "diffusers":
+        raise LoraFormatError(f"diffusers has no converter for SD3 LoRAs in the {layout} layout; "
+                              "use a diffusers-layout file (transformer.<module>.lora_A.weight)")
+    loader = getattr(loaders, LOADERS[family])
+    try:
+        converted = loader.lora_state_dict(dict(state), **({"return_alphas": True} if family == "flux" else {}))
+    except (ValueError, KeyError, IndexError, NotImplementedError, AttributeError) as err:
+        raise LoraFormatError(f"diffusers' {family} LoRA converter cannot read this {layout}-layout file: "
+                              f"{str(err)[:400]}") from None
+    if family == "flux":
+        converted, alphas = converted
+        converted = {**converted, **{k: v for k, v in (alphas or {}).items()}}
+    converted = _fold_leftover_alphas(converted)
+    prefix = f"{TRANSFORMER_PREFIX}."
+    outside = [k for k in converted if not k.startswith(prefix) and k.startswith(("text_encoder", "unet."))]
+    if outside:
+        raise LoraFormatError(f"only the transformer's LoRA is loaded; these keys are for other parts: "
+                              f"{_listing(outside)}")
+    return {k.removeprefix(prefix): v for k, v in converted.items()}
+
+
+def check_fits(state: dict[str, Tensor], model: nn.Module) -> None:
+    """Every key names a Linear of ``model`` with a matching shape, or a LoraFormatError lists the misfits."""
+    modules = dict(model.named_modules())
+    unmatched, misshapen = [], []
+    for key, value in state.items():
+        match = PAIR.match(key)
+        module = modules.get(match["module"]) if match else None
+        module = getattr(module, "base_layer", module)  # already wrapped by PEFT
+        if not isinstance(module, nn.Linear):
+            unmatched.append(key)
+        elif (match["part"] == "lora_A" and value.shape[1] != module.in_features) or \
+                (match["part"] == "lora_B" and value.shape[0] != module.out_features):
+            misshapen.append(f"{key} {tuple(value.shape)} vs {match['module']} "
+                             f"({module.out_features}x{module.in_features})")
+    if unmatched:
+        raise LoraFormatError(f"LoRA keys match no module of the teacher: {_listing(unmatched)}")
+    if misshapen:
+        raise LoraFormatError(f"LoRA shapes do not fit the teacher: {_listing(misshapen)}")
+    pairs = {PAIR.match(k)["module"] for k in state}
+    lonely = [m for m in pairs if f"{m}.lora_A.weight" not in state or f"{m}.lora_B.weight" not in state]
+    if lonely:
+        raise LoraFormatError(f"LoRA modules missing their lora_A or lora_B half: {_listing(lonely)}")
+
+
+def load_published(path: str | Path, family: str, model: nn.Module | None = None,
+                   strength: float = 1.0) -> dict[str, Tensor]:
+    """One published LoRA file as PEFT weights for ``family``, times ``strength`` (0 = no change, 1 = as
+    published), checked against ``model`` when given."""
+    state = to_peft(read_lora(path), family)
+    if model is not None:
+        check_fits(state, model)
+    return {k: (v * strength if ".lora_B." in k else v).float().contiguous() for k, v in state.items()}
+
+
+def _pad_rank(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+    """Zero-pad every pair to ``rank``: the extra rows of A meet zero columns of B, so B @ A is unchanged."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])], 0)
+        else:
+            out[key] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
+    return out
+
+
+def make_published_student(folder: str | Path, files: list[str | Path], teacher: str, family: str,
+                           schedule: PhaseSchedule, strengths: list[float] | None = None, cfg: float = 1.0,
+                           experts: list[str] | None = None, model: nn.Module | None = None) -> Path:
+    """A student folder from published per-phase LoRA files: phase k <- files[k] x strengths[k].
+
+    ``experts`` names, per phase, the transformer the LoRA belongs to (Wan2.2 A14B: ``transformer`` for the
+    high-noise file, ``transformer_2`` for the low-noise one); it is recorded in the manifest. Ranks are
+    zero-padded to the largest, so one LoRA spec (alpha = rank, scale 1) serves every phase exactly.
+    """
+    folder, files = Path(folder), [Path(f) for f in files]
+    _check_family(family)
+    if len(files) != schedule.num_phases:
+        raise LoraFormatError(f"{len(files)} LoRA file(s) for a {schedule.num_phases}-phase schedule: give one "
+                              "file per phase (e.g. Wan2.2-Lightning: high-noise file, then low-noise file)")
+    strengths = [1.0] * len(files) if strengths is None else [float(s) for s in strengths]
+    if len(strengths) != len(files) or not all(0.0 <= s <= 4.0 for s in strengths):
+        raise LoraFormatError(f"strengths {strengths} must be one number in [0, 4] per phase")
+    if experts is not None and len(experts) != len(files):
+        raise LoraFormatError(f"experts {experts} must name one transformer per phase")
+    states = [load_published(f, family, model, s) for f, s in zip(files, strengths)]
+    rank = max(v.shape[0] for state in states for k, v in state.items() if ".lora_A." in k)
+    modules = sorted({PAIR.match(k)["module"] for state in states for k in state})
+    phases = []
+    for k, state in enumerate(states):
+        (folder / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
+        padded = {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in _pad_rank(state, rank).items()}
+        save_file(padded, str(folder / phase_adapter(k) / LORA_WEIGHT_NAME),
+                  metadata={"format": "pt", "pdmd_phase": phase_adapter(k)})
+        phases.append(f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}")
+    manifest = {"version": MANIFEST_VERSION, "teacher": teacher, "family": family, "method": PUBLISHED,
+                "cfg": float(cfg), "steps_trained": 0, "schedule": schedule.as_dict(), "phases": phases,
+                "lora": {"rank": rank, "alpha": float(rank), "target_modules": modules, "prefix": TRANSFORMER_PREFIX},
+                "published": {"files": [f.name for f in files], "layouts": [detect_layout(read_lora(f)) for f in files],
+                              "strengths": strengths}}
+    if experts is not None:
+        manifest["experts"] = list(experts)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def published_folder_name(files: list[str | Path], strengths: list[float]) -> str:
+    """A name made from the files' contents and the strengths (never from a client's file name)."""
+    digest = hashlib.sha256(json.dumps([float(s) for s in strengths]).encode())
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return f"{PUBLISHED}-{digest.hexdigest()[:10]}"
+
+
+# --- export ------------------------------------------------------------------------------------------------
+def wan_original_name(module: str) -> str:
+    """diffusers Wan module name -> the original checkpoint's (ComfyUI's) name."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+    if match and match[2] in WAN_BLOCK_NAMES:
+        return f"blocks.{match[1]}.{WAN_BLOCK_NAMES[match[2]]}"
+    if module in WAN_TOP_NAMES:
+        return WAN_TOP_NAMES[module]
+    raise LoraFormatError(f"Wan module {module!r} has no original-checkpoint name ComfyUI knows")
+
+
+def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
+    """Scale-folded PEFT weights -> the keys ComfyUI's LoRA loader maps for ``family`` (see module doc)."""
+    out = {}
+    for key, value in state.items():
+        match = PAIR.match(key)
+        if match is None:
+            raise LoraFormatError(f"{key} is not a lora_A/lora_B weight")
+        module, part = match["module"], match["part"]
+        if family == "wan":
+            out[f"diffusion_model.{wan_original_name(module)}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value
+        elif family == "qwen-image":
+            out[f"diffusion_model.{module}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value
+        elif family in ("flux", "sd3"):
+            out[f"{TRANSFORMER_PREFIX}.{key}"] = value
+        else:
+            raise LoraFormatError(f"no ComfyUI layout for family {family!r}; supported: {', '.join(FAMILIES)}")
+    return out
+
+
+def student_phase_states(folder: str | Path) -> tuple[dict, list[dict[str, Tensor]]]:
+    """A student folder's manifest and its per-phase weights as module-relative PEFT keys with the PEFT
+    scale (alpha / rank) folded into lora_B."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    spec = manifest["lora"]
+    scale = float(spec["alpha"]) / int(spec["rank"])
+    prefix = f"{spec.get('prefix', 'unet')}."
+    states = []
+    for relative in manifest["phases"]:
+        state = load_file(str(folder / relative))
+        states.append({k.removeprefix(prefix): (v * scale if ".lora_B." in k else v).contiguous()
+                       for k, v in state.items()})
+    return manifest, states
+
+
+def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
+                   family: str | None = None) -> list[Path]:
+    """Write each phase of a student as one LoRA file, ``out/<student>-phase_k-<layout>.safetensors``, plus
+    ``export.json`` saying which file is which phase (and, for two-expert Wan, which transformer)."""
+    if layout not in EXPORT_LAYOUTS:
+        raise LoraFormatError(f"unknown export layout {layout!r}; choose {' or '.join(EXPORT_LAYOUTS)}")
+    folder, out = Path(folder), Path(out)
+    manifest, states = student_phase_states(folder)
+    family = family or manifest.get("family")
+    if family is None:
+        raise LoraFormatError(f"{folder / MANIFEST} names no model family (the built-in teacher has no "
+                              f"diffusers or ComfyUI counterpart); pass one of {', '.join(FAMILIES)}")
+    _check_family(family)
+    out.mkdir(parents=True, exist_ok=True)
+    name = folder.parent.name if folder.name == "student" else folder.name
+    written = []
+    for k, state in enumerate(states):
+        keys = comfyui_state(state, family) if layout == "comfyui" else \
+            {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
+        path = out / f"{name}-{phase_adapter(k)}-{layout}.safetensors"
+        save_file(keys, str(path), metadata={"format": "pt", "pdmd_phase": phase_adapter(k), "pdmd_family": family})
+        written.append(path)
+    experts = manifest.get("experts")
+    (out / "export.json").write_text(json.dumps({
+        "student": name, "teacher": manifest["teacher"], "family": family, "layout": layout,
+        "schedule": manifest["schedule"], "cfg": manifest.get("cfg", 1.0),
+        "phases": [{"file": p.name, "phase": k + 1, **({"expert": experts[k]} if experts else {})}
+                   for k, p in enumerate(written)]}, indent=2))
+    return written
