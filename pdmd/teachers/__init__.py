@@ -1,16 +1,94 @@
-"""Teachers: every flow-matching model the trainer and the app can distil or sample, behind one interface."""
+"""Teachers: every flow-matching model the trainer and the app can distil or sample, behind one interface.
+
+``load_teacher(ID_OR_PATH)``: ``builtin`` is the tiny model shipped in assets/; a folder holding a diffusers
+pipeline (model_index.json) or a Hugging Face Hub id of one loads the matching family adapter. Code from a
+model repository is never run (no ``trust_remote_code``, no custom pipelines).
+"""
 from __future__ import annotations
 
-from pdmd.teachers.base import Teacher
+import json
+from pathlib import Path
 
-__all__ = ["Teacher", "load_teacher", "TEACHERS"]
+from pdmd.teachers.base import Teacher, TeacherError
+
+__all__ = ["Teacher", "TeacherError", "load_teacher", "TEACHERS", "PIPELINES", "read_model_index"]
 
 TEACHERS = ("builtin",)
+MODEL_INDEX = "model_index.json"
+# diffusers pipeline class -> (module, adapter class)
+PIPELINES = {
+    "StableDiffusion3Pipeline": ("pdmd.teachers.sd3", "SD3Teacher"),
+    "FluxPipeline": ("pdmd.teachers.flux", "FluxTeacher"),
+    "WanPipeline": ("pdmd.teachers.wan", "WanTeacher"),
+    "QwenImagePipeline": ("pdmd.teachers.qwen_image", "QwenImageTeacher"),
+}
 
 
-def load_teacher(name: str, device=None) -> Teacher:
-    """A teacher by id: ``builtin`` is the tiny model shipped in assets/."""
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``owner/name``; anything else with a path shape is meant as a folder."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
+
+
+def read_model_index(name: str) -> tuple[dict, bool]:
+    """The pipeline's model_index.json and whether ``name`` is a local folder (else a Hub id)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        path = folder / MODEL_INDEX
+        if not path.is_file():
+            raise TeacherError(f"{folder} has no {MODEL_INDEX}: it is not a diffusers pipeline folder (save one "
+                               f"with pipe.save_pretrained(folder); supported: {', '.join(PIPELINES)})")
+        try:
+            return json.loads(path.read_text()), True
+        except ValueError as err:
+            raise TeacherError(f"{path} is not valid JSON ({err})") from None
+    if folder.exists() or _looks_like_path(name):
+        raise TeacherError(f"teacher {name!r}: no such folder (and not a Hub id of the form owner/name)")
+    try:
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(name, MODEL_INDEX)
+    except Exception as err:  # offline, no such repository, gated, ...: all mean the same to the user
+        raise TeacherError(f"could not download {name} ({type(err).__name__}); pass a local folder holding the "
+                           f"pipeline (model_index.json and its component folders)") from None
+    return json.loads(Path(path).read_text()), False
+
+
+def load_teacher(name: str, device=None, dtype=None, offload: bool = False, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None) -> Teacher:
+    """A teacher by id or path.
+
+    ``dtype``: "fp32", "bf16", "fp16" or a torch dtype (default: bf16 on CUDA, fp32 on the CPU). ``offload``
+    keeps the text encoders and the VAE on the CPU, moving each to ``device`` only while it runs. ``height``,
+    ``width`` (pixels) and ``num_frames`` (video) default to the pipeline's own.
+    """
     if name == "builtin":
         from pdmd.teachers.builtin import load_builtin_teacher
         return load_builtin_teacher(device=device)
-    raise ValueError(f"unknown teacher {name!r}; available: {', '.join(TEACHERS)}")
+    import importlib
+
+    import torch
+
+    from pdmd.teachers.diffusers_base import parse_dtype
+
+    index, local = read_model_index(name)
+    class_name = index.get("_class_name")
+    if class_name not in PIPELINES:
+        raise TeacherError(f"{name} holds a {class_name or 'pipeline with no _class_name'}, which is not supported; "
+                           f"supported pipelines: {', '.join(PIPELINES)} (or 'builtin')")
+    module, adapter = PIPELINES[class_name]
+    teacher_class = getattr(importlib.import_module(module), adapter)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if num_frames is not None and not teacher_class.is_video:
+        raise TeacherError(f"num_frames is for video teachers; {name} is a {class_name}")
+    import diffusers
+    try:
+        pipe = getattr(diffusers, class_name).from_pretrained(str(Path(name).expanduser()) if local else name,
+                                                              dtype=dtype)
+    except torch.OutOfMemoryError as err:
+        from pdmd.teachers.diffusers_base import MEMORY_ADVICE
+        raise TeacherError(f"{name} does not fit in memory ({err}): {MEMORY_ADVICE}") from None
+    except Exception as err:  # a damaged folder, a missing component, no network for a component file
+        where = "" if local else "; if it could not download, pass a local folder"
+        raise TeacherError(f"could not load {class_name} from {name}: {type(err).__name__}: {err}{where}") from None
+    extra = {"num_frames": num_frames} if teacher_class.is_video else {}
+    return teacher_class(pipe, name, device=device, offload=offload, height=height, width=width, **extra)

@@ -10,6 +10,13 @@ from torch import Tensor, nn
 from pdmd.sampling import Callback, PhasedSample, Velocity, sample_phased
 from pdmd.schedule import PhaseSchedule
 
+# LoRA targets of a diffusers transformer: every attention projection (what published students adapt too)
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded or run; the message names the model and what to do about it."""
+
 
 class Teacher(ABC):
     """A flow-matching model: prompts -> conditioning, velocity v(x_t, t, cond), latents -> images.
@@ -24,6 +31,16 @@ class Teacher(ABC):
     default_cfg: float
     default_shift: float
     default_prompts: tuple[str, ...] = ()  # what distillation runs on when a config lists no prompts
+    family: str | None = None              # the diffusers model family ("sd3", "flux", "wan", "qwen-image")
+    lora_prefix: str = "transformer"       # the diffusers LoRA key prefix of ``model`` (``<prefix>.<module>...``)
+    lora_target_modules: tuple[str, ...] = ATTENTION_TARGETS  # LoRA targets when a config names none
+    is_video: bool = False                 # decode gives (B, F, 3, H, W) frames instead of (B, 3, H, W)
+    # A guidance-distilled teacher (FLUX.1-dev) takes guidance as a network input: encode_prompts gives no
+    # unconditional branch and ``with_guidance`` puts the scale into the conditioning instead.
+    guidance_embedded: bool = False
+    # Two-expert teachers (Wan 2.2 A14B): ``model`` is an nn.ModuleDict of these networks and
+    # ``expert_at(t)`` names the one that handles noise level t.
+    expert_names: tuple[str, ...] = ()
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:
@@ -42,6 +59,22 @@ class Teacher(ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, 3, H, W) with values in [0, 1]."""
 
+    def expert_at(self, t: float) -> str:
+        raise TeacherError(f"{self.name} has a single network, no experts")
+
+    def options(self) -> dict:
+        """The load options (resolution, frames) a student needs to rebuild this teacher; see load_teacher."""
+        return {}
+
+    def with_guidance(self, velocity: Velocity, cfg: float) -> Velocity:
+        """``velocity`` run at guidance ``cfg`` when guidance is a network input; unchanged otherwise (CFG is
+        then the sampler's ``(cond, uncond)`` pair)."""
+        return velocity
+
+    def enable_gradient_checkpointing(self) -> None:
+        for network in (self.model.values() if isinstance(self.model, nn.ModuleDict) else [self.model]):
+            network.enable_gradient_checkpointing()
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -58,6 +91,11 @@ class Teacher(ABC):
                callback: Callback | None = None) -> PhasedSample:
         """Teacher sampling by default (its own steps/shift/CFG); pass ``experts`` to sample a student."""
         schedule = schedule or PhaseSchedule.uniform(self.default_steps, self.default_shift)
+        cfg = self.default_cfg if cfg is None else cfg
         cond, uncond = self.encode_prompts(list(prompts))
-        return sample_phased(experts or self.velocity, self.noise(len(prompts), seed), schedule, cond,
-                             uncond=uncond, cfg=self.default_cfg if cfg is None else cfg, callback=callback)
+        experts = experts or self.velocity
+        if self.guidance_embedded:
+            experts = [self.with_guidance(e, cfg) for e in (experts if isinstance(experts, list) else [experts])]
+            experts = experts if len(experts) > 1 else experts[0]
+        return sample_phased(experts, self.noise(len(prompts), seed), schedule, cond,
+                             uncond=uncond, cfg=cfg, callback=callback)

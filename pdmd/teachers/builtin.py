@@ -64,6 +64,8 @@ class BuiltinTeacher(Teacher):
     default_steps = DEFAULT_STEPS
     default_cfg = DEFAULT_CFG
     default_shift = DEFAULT_SHIFT
+    lora_prefix = "unet"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
     # distillation is data-free: every full prompt of the grammar (colour x shape x background)
     default_prompts = tuple(scenes.prompt_for(c, s, b) for c, s, b in itertools.product(
         range(len(scenes.COLOURS)), range(len(scenes.SHAPES)), range(len(scenes.BACKGROUNDS))))

@@ -1,0 +1,64 @@
+"""Qwen-Image (``QwenImagePipeline``). Matches the pipeline's __call__: latents packed into 2x2 patches, image
+shapes for the rotary embedding, the timestep is t itself, the text mask of the Qwen2.5-VL encoder, and latents
+unscaled as ``latents * latents_std + latents_mean`` before the (video-shaped) VAE.
+
+Guidance is true CFG against a blank negative prompt, as the pipeline's ``true_cfg_scale``. The pipeline also
+rescales the guided prediction to the norm of the conditional one; the shared sampler here does plain CFG, so
+with cfg > 1 a teacher sample differs from the pipeline's by that rescaling.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pdmd.teachers.base import TeacherError
+from pdmd.teachers.diffusers_base import DiffusersTeacher, pack_2x2, unpack_2x2
+
+NEGATIVE_PROMPT = " "  # what the Qwen-Image model card passes as negative_prompt
+
+
+class QwenImageTeacher(DiffusersTeacher):
+    family = "qwen-image"
+    pipeline_class = "QwenImagePipeline"
+    prompt_length = 512
+    default_size = (1024, 1024)
+    default_steps = 50
+    default_cfg = 4.0  # the pipeline's true_cfg_scale
+
+    def __init__(self, pipe, *args, **kwargs):
+        if pipe.transformer.config.guidance_embeds:
+            raise TeacherError("Qwen-Image transformers with guidance_embeds are not supported")
+        super().__init__(pipe, *args, **kwargs)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        factor = self.pipe.vae_scale_factor
+        return self.model.config.in_channels // 4, self.height // factor, self.width // factor
+
+    def image_tokens(self) -> int:
+        _, height, width = self.latent_shape
+        return (height // 2) * (width // 2)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
+        def encode(texts):
+            embeds, mask = self.encode_with(
+                lambda device: self.pipe.encode_prompt(prompt=texts, device=device,
+                                                       max_sequence_length=self.prompt_length))
+            return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+        return encode(prompts), encode([NEGATIVE_PROMPT] * len(prompts))
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
+        batch, _, height, width = x.shape
+        out = self.model(hidden_states=pack_2x2(x).to(self.dtype), timestep=self.timesteps(t, x).to(self.dtype),
+                         guidance=None, encoder_hidden_states_mask=cond["prompt_embeds_mask"],
+                         encoder_hidden_states=cond["prompt_embeds"],
+                         img_shapes=[[(1, height // 2, width // 2)]] * batch, return_dict=False)[0]
+        return unpack_2x2(out.float(), height, width)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        config = self.pipe.vae.config
+        view = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(view).to(latents)
+        std = torch.tensor(config.latents_std).view(view).to(latents)
+        return self.decode_vae(latents[:, :, None] * std + mean)[:, :, 0]
