@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
 METRICS_FILE = "metrics.jsonl"
 CONTROL_FILE = "control.json"   # {"action": "stop" | "sample" | "save"}: the job manager talks through it
+STATUS_FILE = "status.json"     # how the last process ended: {"state": finished|stopped|failed, "step", "error"}
 
 
 def select(cond, index: Tensor):
@@ -89,6 +92,7 @@ class Trainer:
         self.ema: dict[str, Tensor] = {}
         self.optimizers = None
         self.optimizer_phase = -1
+        self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
 
     # --- state -------------------------------------------------------------------------------------------
     @property
@@ -263,6 +267,8 @@ class Trainer:
             except (ValueError, AttributeError):
                 action = None
             path.unlink(missing_ok=True)
+        if self.is_main and self.stop_requested:
+            action = "stop"
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
             action = broadcast_object_list([action])[0]
@@ -304,6 +310,8 @@ class Trainer:
         finished = self.step >= c.total_steps
         if self.is_main and finished:
             self.export_student()
+        if self.is_main:
+            write_status(self.run_dir, "finished" if finished else "stopped", self.step)
         fingerprint = self.adapter_fingerprint()
         (self.run_dir / f"rank-{self.accelerator.process_index}.json").write_text(
             json.dumps({"step": self.step, "adapters_sha256": fingerprint}))
@@ -312,6 +320,14 @@ class Trainer:
             self.accelerator.end_training()
         return {"step": self.step, "finished": finished, "stopped": stopped,
                 "student": str(self.run_dir / STUDENT_DIR) if finished else None}
+
+
+def write_status(run_dir: Path, state: str, step: int, error: str | None = None) -> None:
+    """Atomically record how this process ends, so a job manager that restarted can tell stopped from killed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = run_dir / f".tmp-{STATUS_FILE}"
+    temporary.write_text(json.dumps({"state": state, "step": step, "error": error}))
+    os.replace(temporary, run_dir / STATUS_FILE)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -348,7 +364,17 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"python -m pdmd train: error: {err}", file=sys.stderr)
         return 2
-    result = trainer.fit(args.max_steps, progress=not args.no_progress)
+
+    def stop_gracefully(signum, frame):  # SIGTERM (the job manager's stop, `kill PID`): checkpoint, then exit
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop_gracefully)
+    try:
+        result = trainer.fit(args.max_steps, progress=not args.no_progress)
+    except Exception as err:  # a crash: say so in status.json, keep the traceback and a nonzero exit
+        if trainer.is_main:
+            write_status(trainer.run_dir, "failed", trainer.step, f"{type(err).__name__}: {err}")
+        raise
     if trainer.is_main:
         print(json.dumps(result))
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,17 +16,13 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, PICKLE_SUFFIXES, StudentError, phase_adapter, read_manifest
+from pdmd.jobs import runs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = ROOT / "assets" / "students"
 BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
 BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
-
-
-def runs_dir() -> Path:
-    """Finished training runs; PDMD_RUNS_DIR moves it (tests point it at a temporary folder)."""
-    return Path(os.environ.get("PDMD_RUNS_DIR", ROOT / "runs")).resolve()
 
 
 def uploads_dir() -> Path:
@@ -82,14 +77,31 @@ def _safe_describe(folder: Path, kind: str) -> str:
         return f"{kind}: {folder.name} (unreadable manifest)"
 
 
-def default_choice() -> str:
-    """The app opens on the shipped phased student (the method's story), else on the baseline."""
+def default_choice(teacher: str | None = None) -> str:
+    """The app opens on the shipped phased student (the method's story); another teacher opens on its newest
+    student; else the baseline."""
     phased = SHIPPED_DIR / "phased"
-    return str(phased) if (phased / MANIFEST).is_file() else BASELINE
+    if teacher in (None, "builtin"):
+        return str(phased) if (phased / MANIFEST).is_file() else BASELINE
+    own = picker_choices(teacher)[1:]
+    return own[0][1] if own else BASELINE
 
 
-def picker_choices() -> list[tuple[str, str]]:
-    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in discover_students()]
+def teacher_of(folder: Path) -> str | None:
+    """The teacher a student folder's manifest names (None when unreadable: loading it names the problem)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("teacher")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def picker_choices(teacher: str | None = None) -> list[tuple[str, str]]:
+    """The baseline and every student, or only the students of ``teacher`` (unreadable ones always show)."""
+    from ui.models import same_teacher
+
+    found = [c for c in discover_students()
+             if teacher is None or (t := teacher_of(c.folder)) is None or same_teacher(t, teacher)]
+    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in found]
 
 
 def resolve_student_folder(value: str) -> Path:

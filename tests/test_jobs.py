@@ -1,0 +1,188 @@
+"""The job manager with real ``python -m pdmd train`` processes on a tiny config.
+
+Each trainer start costs a few seconds of imports, so the tests share launches: one job runs long (it is
+always stopped), the others are a handful of steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdmd import checkpoints
+from pdmd.jobs import (FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, STOPPED, Gate, JobError, JobManager,
+                       display_command, is_alive, process_start_time, last_step, log_tail, metrics, zip_student)
+from pdmd.train_config import ConfigError
+from pdmd.trainer import CHECKPOINT_DIR, STATUS_FILE
+
+WAIT_S = 180  # a generous limit for a failure message, not a speed requirement
+
+
+def tiny(**overrides) -> dict:
+    config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
+                  steps_per_phase=2, batch_size=1, fake_ratio=1, lora={"rank": 2, "alpha": 2},
+                  sample_every=1000, checkpoint_every=1, keep_checkpoints=2, sample_prompts=["a red circle"])
+    config.update(overrides)
+    return config
+
+
+LONG = tiny(steps_per_phase=100_000)  # never finishes inside a test: it is always stopped
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def manager(tmp_path):
+    manager = JobManager(tmp_path / "jobs", device="cpu")
+    yield manager
+    for job in manager.jobs():  # never leave a trainer behind
+        if is_alive(job.pid, job.pid_started):
+            os.killpg(job.pid, signal.SIGKILL)
+
+
+def wait_for(manager: JobManager, job_id: int, condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        manager.poll()
+        job = manager.get(job_id)
+        if condition(job):
+            return job
+        time.sleep(0.2)
+    job = manager.get(job_id)
+    raise AssertionError(f"job {job.name} never {what}: {job.status}, step {job.step}\n{log_tail(job)}")
+
+
+def test_queue_progress_graceful_stop_and_finish(manager):
+    long = manager.submit("long", LONG)
+    assert long.status == RUNNING and long.total == 200_000
+    assert display_command(long) == (f"python -m pdmd train --config {long.folder}/config.yaml --output-dir "
+                                     f"{long.folder} --no-progress --threads 1")
+    saved = yaml.safe_load((long.folder / "config.yaml").read_text())
+    assert saved["output_dir"] == str(long.folder) and saved["steps_per_phase"] == [100_000, 100_000]
+
+    short = manager.submit("short", tiny())
+    assert short.status == QUEUED  # one running job per device: the second waits
+
+    long = wait_for(manager, long.id, lambda j: j.step >= 2, "made progress")
+    assert manager.get(short.id).status == QUEUED
+    manager.stop(long.id)
+    long = wait_for(manager, long.id, lambda j: j.status == STOPPED, "stopped")
+    assert long.error is None and long.ended and not is_alive(long.pid, long.pid_started)
+    assert json.loads((long.folder / STATUS_FILE).read_text())["state"] == "stopped"
+    latest = checkpoints.resolve_checkpoint(long.folder / CHECKPOINT_DIR, "latest")
+    tensors, meta = checkpoints.load_checkpoint(latest)  # graceful: a loadable checkpoint of the last step
+    assert meta["step"] == long.step == last_step(long.folder) and any(k.startswith("adapter/") for k in tensors)
+
+    short = wait_for(manager, short.id, lambda j: j.status == FINISHED, "finished")  # the queue moved on
+    assert short.step == short.total == 4
+    assert [r["step"] for r in metrics(short.folder)] == [1, 2, 3, 4]
+    assert (short.student / "manifest.json").is_file()
+    archive = zip_student(short, short.folder.parent / "downloads")
+    import zipfile
+    assert "manifest.json" in zipfile.ZipFile(archive).namelist()
+
+    with pytest.raises(JobError, match="'short' is finished; only a stopped, interrupted or failed job"):
+        manager.resume(short.id)
+    with pytest.raises(JobError, match="only a finished job has a student"):
+        zip_student(long, short.folder.parent / "downloads")
+
+    # resumed, it carries on from its checkpoint; force stop kills the process group
+    resumed = manager.resume(long.id)
+    assert resumed.status == RUNNING and "--resume latest" in display_command(resumed)
+    first = long.step
+    resumed = wait_for(manager, long.id, lambda j: j.step > first, "resumed")
+    pid = resumed.pid
+    manager.stop(long.id, force=True)
+    killed = wait_for(manager, long.id, lambda j: j.status == STOPPED, "was force-stopped")
+    assert "force-stopped" in killed.error
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # no process of the group is left
+    assert checkpoints.resolve_checkpoint(long.folder / CHECKPOINT_DIR, "latest") is not None
+
+
+def test_sigkill_is_interrupted_recovered_after_a_restart_and_resumes_to_the_end(manager, tmp_path):
+    job = manager.submit("killed", tiny(steps_per_phase=3))
+    job = wait_for(manager, job.id, lambda j: j.step >= 2, "made progress")
+    os.kill(job.pid, signal.SIGKILL)  # not via the manager: a crash, the OOM killer, a power cut of the trainer
+    while process_start_time(job.pid) is not None:  # the kill is asynchronous
+        time.sleep(0.05)
+
+    restarted = JobManager(tmp_path / "jobs", device="cpu")  # the app restarts: the table is recovered
+    job = restarted.get(job.id)
+    assert job.status == INTERRUPTED and "resume it" in job.error
+    assert job.step >= 2 and job.pid is None
+
+    job = restarted.resume(job.id)
+    job = wait_for(restarted, job.id, lambda j: j.status == FINISHED, "finished after resuming")
+    assert job.step == job.total == 6
+    assert [r["step"] for r in metrics(job.folder)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((job.student / "manifest.json").read_text())["steps_trained"] == 6
+
+
+def test_a_crashing_trainer_fails_with_its_last_log_lines_and_cannot_resume(manager):
+    job = manager.submit("crash", tiny(teacher="no-such-teacher"))  # valid config, fails when it loads
+    job = wait_for(manager, job.id, lambda j: j.status == FAILED, "failed")
+    assert "python -m pdmd train: error: teacher 'no-such-teacher'" in job.error  # the log's last lines
+    with pytest.raises(JobError, match="has no checkpoint to resume from"):
+        manager.resume(job.id)
+
+
+def test_a_job_still_running_after_a_restart_is_adopted(manager, tmp_path):
+    job = manager.submit("adopted", LONG)
+    job = wait_for(manager, job.id, lambda j: j.step >= 1, "made progress")
+    restarted = JobManager(tmp_path / "jobs", device="cpu")
+    assert restarted.get(job.id).status == RUNNING  # the process outlived the app: still ours
+    restarted.stop(job.id)
+    job = wait_for(restarted, job.id, lambda j: j.status == STOPPED, "stopped")
+    assert job.error is None
+
+
+@pytest.mark.parametrize("name, config, message", [
+    ("../evil", tiny(), "run name '../evil' is not allowed"),
+    ("a/b", tiny(), "no slashes"),
+    ("", tiny(), "run name '' is not allowed"),
+    ("ok", tiny(lr_generator=0), "lr_generator = 0 must be greater than 0"),
+    ("ok", tiny(batch_size="eight"), "batch_size = 'eight' must be a number"),
+    ("ok", tiny(steps_per_phase=[2, 2, 2]), "does not fit the schedule's 2 phases"),
+    ("ok", tiny(lora={"rank": -1, "alpha": 2}), "lora.rank = -1 must be greater than 0"),
+])
+def test_bad_requests_are_refused_before_anything_is_written(manager, name, config, message):
+    with pytest.raises((JobError, ConfigError), match=message.replace("(", r"\(").replace("[", r"\[")):
+        manager.submit(name, config)
+    assert manager.jobs() == [] and [p.name for p in manager.root.iterdir() if p.is_dir()] == []
+
+
+def test_a_taken_name_and_unknown_jobs_are_refused(manager):
+    with pytest.raises(JobError, match="no job #7"):
+        manager.resume(7)
+    (manager.root / "taken").mkdir()
+    (manager.root / "taken" / "keep.txt").write_text("precious")
+    with pytest.raises(JobError, match="a job named 'taken' already exists"):
+        manager.submit("taken", tiny())
+    assert (manager.root / "taken" / "keep.txt").read_text() == "precious"
+
+
+def test_the_gate():
+    assert Gate.from_env({}).mode == "on"
+    assert Gate.from_env({"SPACE_ID": "me/space"}).mode == "off"  # a public Space is closed unless opened
+    assert Gate.from_env({"SPACE_ID": "me/space", "PDMD_TRAINING": "on"}).mode == "on"
+    Gate.from_env({}).check(None)
+    off = Gate.from_env({"PDMD_TRAINING": "off"})
+    with pytest.raises(JobError, match="training is turned off"):
+        off.check("anything")
+    gate = Gate.from_env({"PDMD_TRAINING": "token", "PDMD_TRAIN_TOKEN": "s3cret"})
+    assert "needs the token" in gate.describe()
+    gate.check("s3cret")
+    for wrong in (None, "", "s3cre", "s3cret "):
+        with pytest.raises(JobError, match="wrong or missing training token"):
+            gate.check(wrong)
+    assert Gate.from_env({"PDMD_TRAINING": "token"}).mode == "off"  # no token configured: closed
+    assert "is not on, off or token" in Gate.from_env({"PDMD_TRAINING": "yes"}).describe()
