@@ -77,31 +77,14 @@ def _safe_describe(folder: Path, kind: str) -> str:
         return f"{kind}: {folder.name} (unreadable manifest)"
 
 
-def default_choice(teacher: str | None = None) -> str:
-    """The app opens on the shipped phased student (the method's story); another teacher opens on its newest
-    student; else the baseline."""
+def default_choice() -> str:
+    """The app opens on the shipped phased student (the method's story), else on the baseline."""
     phased = SHIPPED_DIR / "phased"
-    if teacher in (None, "builtin"):
-        return str(phased) if (phased / MANIFEST).is_file() else BASELINE
-    own = picker_choices(teacher)[1:]
-    return own[0][1] if own else BASELINE
+    return str(phased) if (phased / MANIFEST).is_file() else BASELINE
 
 
-def teacher_of(folder: Path) -> str | None:
-    """The teacher a student folder's manifest names (None when unreadable: loading it names the problem)."""
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("teacher")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def picker_choices(teacher: str | None = None) -> list[tuple[str, str]]:
-    """The baseline and every student, or only the students of ``teacher`` (unreadable ones always show)."""
-    from ui.models import same_teacher
-
-    found = [c for c in discover_students()
-             if teacher is None or (t := teacher_of(c.folder)) is None or same_teacher(t, teacher)]
-    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in found]
+def picker_choices() -> list[tuple[str, str]]:
+    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in discover_students()]
 
 
 def resolve_student_folder(value: str) -> Path:
