@@ -3,34 +3,38 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pdmd.jobs import Gate, JobManager
 from pdmd.schedule import PRESETS
 from ui import students
 from ui.compare import build_compare_tab
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
 from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
+from ui.train import build_train_tab
 
 TITLE = "Phased DMD Studio"
 CSS = ".pdmd-error { color: #b00020; font-weight: 600; }"
 INTRO = ("# Phased DMD Studio\nA many-step teacher next to its few-step student — one LoRA expert per noise "
          "phase ([Phased DMD](https://arxiv.org/abs/2510.27684)) — on the built-in 32×32 teacher, on CPU.")
-TRAIN_NOTE = ("**Training from the browser arrives with the Train-tab issue.** Until then, distil a student "
-              "on the command line — it appears in Compare's student picker when it finishes:\n\n"
-              "```bash\npython -m pdmd train --config assets/students/phased/config.yaml\n```")
 
 
-def build_app(store: ModelStore | None = None) -> gr.Blocks:
+def build_app(store: ModelStore | None = None, manager: JobManager | None = None,
+              gate: Gate | None = None) -> gr.Blocks:
     store = store or ModelStore()
+    manager = manager or JobManager()  # recovers the jobs a previous app left running
+    manager.start_supervisor()
+    gate = gate or Gate.from_env()
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(INTRO)
         schedule_state = gr.State(PRESETS[DEFAULT_PRESET].as_dict())
+        students_changed = gr.State(0)  # the Train tab bumps it when a job finishes: Compare re-lists students
         with gr.Tabs():
-            with gr.Tab("Compare", id="compare"):
-                build_compare_tab(store, schedule_state)
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                build_compare_tab(store, schedule_state, refresh_on=[compare_tab.select, students_changed.change])
             with gr.Tab("Phases", id="phases"):
                 phases = build_phases_tab(schedule_state)
             with gr.Tab("Train", id="train"):
-                gr.Markdown(TRAIN_NOTE)
+                build_train_tab(manager, gate, schedule_state, students_changed)
             with gr.Tab("Lab", id="lab"):
                 build_lab_tab()
         # draw the default schedule once the page opens

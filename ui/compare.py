@@ -287,7 +287,8 @@ def random_seed() -> int:
 
 
 # --- layout ------------------------------------------------------------------------------------------------
-def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
+def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()) -> None:
+    """``refresh_on``: more triggers that re-list the students (the tab opening, a training job finishing)."""
     teacher = store.teacher()  # loaded at start-up: the sliders open on its own defaults, the first click is fast
     teacher_steps_default, teacher_cfg_default = teacher.default_steps, teacher.default_cfg
     with gr.Row():
@@ -351,7 +352,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State) -> None:
     describe_inputs = [picker, source, schedule_state]
     for trigger in (picker.change, source.change, schedule_state.change):
         trigger(describe_student, describe_inputs, schedule_info, show_progress="hidden")
-    refresh.click(on_refresh_students, picker, picker)
+    gr.on([refresh.click, *refresh_on], on_refresh_students, picker, picker)
     upload.upload(partial(on_upload, store), upload, [picker, upload_status])
     diversity_button.click(partial(on_diversity, store),
                            [prompt, seed, count, picker, source, schedule_state, steps, cfg],

@@ -1,0 +1,348 @@
+"""Train tab: distil a student in a background job (exactly ``python -m pdmd train``), watch it, control it.
+
+Jobs belong to pdmd.jobs.JobManager, which the app polls on a supervisor thread; this tab only submits
+requests and shows what the manager recorded, refreshed by a timer that reads files and the job table (never
+waits for training). Every request passes the gate (PDMD_TRAINING / PDMD_TRAIN_TOKEN) on the server.
+"""
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+import yaml
+
+from pdmd import jobs
+from pdmd.distill import METHODS
+from pdmd.jobs import Gate, JobError, JobManager
+from pdmd.schedule import PhaseSchedule, ScheduleError
+from pdmd.train_config import ConfigError
+from ui.phases import error_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 1.5
+PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
+LOG_LINES = 30
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "pdmd-app" / "students"
+METHOD_DEFAULT, FROM_PHASES, EDIT_HERE = "the method's own", "from the Phases tab", "edit here"
+USER_ERRORS = (JobError, ConfigError, ScheduleError)
+
+
+def _shipped_default() -> dict:
+    config = yaml.safe_load((ROOT / "assets" / "students" / "phased" / "config.yaml").read_text())
+    config.pop("output_dir", None)
+    return config
+
+
+# A preset is a whole config: the form shows its main fields; the rest (guidance, seed...) come along as is.
+DEFAULT_CONFIG = _shipped_default()
+PRESETS = {
+    # measured in docs/benchmarks.md: finishes well inside 5 minutes on 2 shared CPU cores with 1 thread
+    "quick demo": {**DEFAULT_CONFIG, "steps_per_phase": 150, "batch_size": 4, "fake_ratio": 2,
+                   "lora": {"rank": 8, "alpha": 8}, "sample_every": 50, "checkpoint_every": 25},
+    "default": DEFAULT_CONFIG,
+}
+QUICK = "quick demo"
+JOB_HEADERS = ["#", "name", "method", "status", "step", "created", "ended", "note"]
+
+
+# --- the form --------------------------------------------------------------------------------------------
+def preset_fields(name: str) -> list:
+    """A preset as the form's values (method, schedule source and text, LoRA, steps, rates, batch, prompts)."""
+    config = PRESETS[name]
+    schedule = config_schedule(config)
+    steps = config["steps_per_phase"]
+    return [config["teacher"], config["method"], METHOD_DEFAULT if name == QUICK else EDIT_HERE,
+            ", ".join(f"{b:g}" for b in schedule.boundaries), ", ".join(map(str, schedule.steps)),
+            f"{schedule.shift:g}", config["lora"]["rank"], config["lora"]["alpha"],
+            ", ".join(map(str, steps)) if isinstance(steps, list) else str(steps),
+            config["lr_generator"], config["lr_fake"], config["batch_size"], config["fake_ratio"],
+            "\n".join(config.get("sample_prompts", [])), config["sample_every"], config["checkpoint_every"]]
+
+
+def config_schedule(config: dict) -> PhaseSchedule:
+    return PhaseSchedule.from_dict(config["schedule"])
+
+
+def form_config(preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, phases_schedule,
+                rank, alpha, steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+                sample_every, checkpoint_every) -> dict:
+    """The form as a config dict; TrainConfig (in JobManager.submit) then checks every value."""
+    if preset not in PRESETS:
+        raise JobError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if method not in METHODS:
+        raise JobError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if schedule_source == METHOD_DEFAULT:
+        schedule = METHODS[method].schedule.as_dict()
+    elif schedule_source == FROM_PHASES:
+        schedule = PhaseSchedule.from_dict(phases_schedule or {}).as_dict()
+    else:
+        schedule = PhaseSchedule.parse(boundaries or "", schedule_steps or "", shift or "").as_dict()
+    steps = [s.strip() for s in str(steps_per_phase or "").split(",")]
+    if not any(steps):
+        raise JobError("steps per phase is empty: give one number (every phase) or one per phase")
+    prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
+    return {**PRESETS[preset], "teacher": (teacher or "").strip(), "method": method, "schedule": schedule,
+            "steps_per_phase": steps, "lora": {"rank": rank, "alpha": alpha}, "lr_generator": lr_generator,
+            "lr_fake": lr_fake, "batch_size": batch_size, "fake_ratio": fake_ratio, "sample_prompts": prompts,
+            "sample_every": sample_every, "checkpoint_every": checkpoint_every}
+
+
+def check_threads(value) -> int:
+    cores = os.cpu_count() or 1
+    try:
+        threads = float(value)
+    except (TypeError, ValueError):
+        raise JobError(f"CPU threads {value!r} is not a number") from None
+    if threads != int(threads) or not 1 <= threads <= cores:
+        raise JobError(f"CPU threads {value!r} must be a whole number from 1 to {cores}")
+    return int(threads)
+
+
+def new_run_name(method: str) -> str:
+    return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- requests (each one passes the gate first) --------------------------------------------------------
+def on_start(manager: JobManager, gate: Gate, token, name, threads, *fields):
+    """Outputs: message, the job picker (selects the new job)."""
+    try:
+        gate.check(token)
+        config = form_config(*fields)
+        name = (name or "").strip() or new_run_name(config["method"])
+        job = manager.submit(name, config, threads=check_threads(threads))
+    except USER_ERRORS as err:
+        return error_markdown(str(err)), gr.skip()
+    if job.status == jobs.QUEUED:
+        running = manager.running()
+        message = (f"⏳ Job #{job.id} **{job.name}** is queued: #{running.id} {running.name} is running on "
+                   f"{manager.device} (one job per device); it starts when that one ends.")
+    else:
+        message = f"✓ Job #{job.id} **{job.name}** started ({job.total} steps)."
+    return message, gr.update(choices=job_choices(manager), value=job.id)
+
+
+def on_stop(manager: JobManager, gate: Gate, token, job_id, force: bool = False) -> str:
+    try:
+        gate.check(token)
+        job = manager.stop(job_id, force=force)
+    except USER_ERRORS as err:
+        return error_markdown(str(err))
+    if job.status == jobs.STOPPED:
+        return f"**{job.name}** {job.error or 'stopped'}."
+    if force:
+        return f"Force-stopped **{job.name}**: its process group was killed; the latest checkpoint is kept."
+    return f"Stopping **{job.name}**: it saves a checkpoint after its current step, then exits."
+
+
+def on_resume(manager: JobManager, gate: Gate, token, job_id) -> str:
+    try:
+        gate.check(token)
+        job = manager.resume(job_id)
+    except USER_ERRORS as err:
+        return error_markdown(str(err))
+    checkpoint = jobs.latest_checkpoint(job)
+    where = f"from {checkpoint.name}" if checkpoint else "from its checkpoint"
+    return f"Resuming **{job.name}** {where} ({job.status})."
+
+
+def on_request(manager: JobManager, gate: Gate, action: str, token, job_id) -> str:
+    try:
+        gate.check(token)
+        job = manager.request(job_id, action)
+    except USER_ERRORS as err:
+        return error_markdown(str(err))
+    what = "draws its sample grid" if action == "sample" else "saves a checkpoint"
+    return f"**{job.name}** {what} after its current step."
+
+
+# --- what the timer shows ---------------------------------------------------------------------------------
+def job_choices(manager: JobManager) -> list[tuple[str, int]]:
+    return [(f"#{job.id} {job.name}", job.id) for job in manager.jobs()]
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else ""
+
+
+def job_table(manager: JobManager) -> list[list]:
+    return [[job.id, job.name, job.config.get("method", "?"), job.status, f"{job.step}/{job.total}",
+             _when(job.created), _when(job.ended), (job.error or "").splitlines()[-1][:120] if job.error else ""]
+            for job in manager.jobs()]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def progress_html(job: jobs.Job, rows: list[dict]) -> str:
+    """A progress bar with step/total, phase, percentage and ETA, and the job's status and note."""
+    percent = 100 * job.step / max(job.total, 1)
+    phase = f" · phase {rows[-1]['phase']}/{len(job.config['steps_per_phase'])}" if rows else ""
+    eta = jobs.eta_seconds(job, rows)
+    eta_text = f" · ETA {_duration(eta)}" if eta is not None else ""
+    note = (f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{html.escape(job.error)}</pre>"
+            if job.error else "")
+    return (f"<div id='train-progress-text'><b>#{job.id} {html.escape(job.name)}</b> — {job.status} · "
+            f"step {job.step}/{job.total} ({percent:.0f}%){phase}{eta_text}</div>"
+            f"<progress value='{job.step}' max='{job.total}' style='width:100%;height:1.2em'></progress>{note}")
+
+
+def loss_frames(rows: list[dict]) -> tuple[dict, dict]:
+    """Generator and fake-score loss per step, one curve per phase (gr.LinePlot's long format)."""
+    import pandas as pd
+
+    frames = []
+    for key in ("loss_generator", "loss_fake"):
+        frames.append(pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r[key] for r in rows],
+                                    "phase": [f"phase {r['phase']}" for r in rows]}))
+    return frames[0], frames[1]
+
+
+def student_download(job: jobs.Job) -> str | None:
+    """The finished student as a zip (made once per finish), for the download button."""
+    archive = DOWNLOAD_DIR / f"{job.name}-student.zip"
+    manifest = job.student / "manifest.json"
+    if not archive.is_file() or archive.stat().st_mtime < manifest.stat().st_mtime:
+        jobs.zip_student(job, DOWNLOAD_DIR)
+    return str(archive)
+
+
+def on_poll(manager: JobManager, job_value, seen: dict | None):
+    """Outputs: progress, generator-loss plot, fake-loss plot, latest samples, log tail, command, job table,
+    job picker, download button, the students-changed signal (Compare's picker listens), seen.
+    Only what changed since the last tick is sent."""
+    seen = dict(seen or {})
+    keep = gr.skip()
+    all_jobs = manager.jobs()
+    signature = [(j.id, j.status, j.step) for j in all_jobs]
+    table = keep if seen.get("table") == signature else job_table(manager)
+    ids = [j.id for j in all_jobs]
+    picker = keep
+    if seen.get("ids") != ids:
+        picker = gr.update(choices=job_choices(manager), value=job_value if job_value in ids else
+                           (ids[0] if ids else None))
+        job_value = job_value if job_value in ids else (ids[0] if ids else None)
+    finished = sorted(j.id for j in all_jobs if j.finished)
+    students_changed = keep if seen.get("finished", finished) == finished else time.time()
+    seen.update(table=signature, ids=ids, finished=finished)
+    job = next((j for j in all_jobs if j.id == job_value), None)
+    if job is None:
+        return ("<i>No job yet: pick a preset and press Start.</i>", keep, keep, keep, "", "", table, picker,
+                gr.update(visible=False), students_changed, seen)
+
+    rows = jobs.metrics(job.folder)
+    fresh = seen.get("job") != job.id
+    state = (job.id, job.status, job.step, job.error)
+    progress = keep if not fresh and seen.get("state") == state else progress_html(job, rows)
+    plots = (keep, keep)
+    if fresh or (seen.get("plotted") != (job.id, job.step)
+                 and (time.time() - seen.get("plotted_at", 0) > PLOT_EVERY_S or job.status != jobs.RUNNING)):
+        plots = loss_frames(rows)
+        seen.update(plotted=(job.id, job.step), plotted_at=time.time())
+    sample_path = job.folder / "samples" / "latest.png"
+    sample_mtime = sample_path.stat().st_mtime if sample_path.is_file() else None
+    sample = keep if not fresh and seen.get("sample") == sample_mtime else (str(sample_path) if sample_mtime else None)
+    log_path = job.folder / jobs.LOG_FILE
+    log_size = log_path.stat().st_size if log_path.is_file() else 0
+    log = keep if not fresh and seen.get("log") == log_size else jobs.log_tail(job, LOG_LINES)
+    command = keep if not fresh else f"```bash\n{jobs.display_command(job)}\n```"
+    download = keep
+    if fresh or seen.get("download") != (job.id, job.finished, job.ended):
+        download = (gr.update(value=student_download(job), visible=True) if job.finished
+                    else gr.update(value=None, visible=False))
+    seen.update(job=job.id, state=state, sample=sample_mtime, log=log_size, download=(job.id, job.finished, job.ended))
+    return (progress, *plots, sample, log, command, table, picker, download, students_changed, seen)
+
+
+# --- layout ------------------------------------------------------------------------------------------------
+def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, students_changed: gr.State) -> dict:
+    """The form, the controls and the live view of the selected job; returns the main components."""
+    gr.Markdown(gate.describe(), elem_id="train-gate")
+    defaults = preset_fields(QUICK)
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value=QUICK, label="Preset", elem_id="train-preset",
+                                     info="quick demo: a few minutes on 2 CPU cores; default: the shipped student's")
+                name = gr.Textbox(label="Run name", placeholder="empty: <method>-<date>-<time>",
+                                  elem_id="train-name", info="letters, digits, - and _ (runs/jobs/<name>/)")
+            with gr.Row():
+                teacher = gr.Dropdown(["builtin"], value=defaults[0], allow_custom_value=True, label="Teacher",
+                                      info="builtin, or a model folder / Hub id the app can load offline")
+                method = gr.Radio(list(METHODS), value=defaults[1], label="Method", elem_id="train-method")
+            schedule_source = gr.Radio([METHOD_DEFAULT, FROM_PHASES, EDIT_HERE], value=defaults[2],
+                                       label="Schedule")
+            with gr.Row():
+                boundaries = gr.Textbox(defaults[3], label="Boundaries (edit here)")
+                schedule_steps = gr.Textbox(defaults[4], label="Steps per phase of the sampler")
+                shift = gr.Textbox(defaults[5], label="Shift")
+            with gr.Row():
+                rank = gr.Number(defaults[6], label="LoRA rank", precision=0, minimum=1)
+                alpha = gr.Number(defaults[7], label="LoRA alpha", minimum=0)
+                steps_per_phase = gr.Textbox(defaults[8], label="Training steps per phase",
+                                             info="one number, or one per phase: 100, 200", elem_id="train-steps")
+            with gr.Row():
+                lr_generator = gr.Number(defaults[9], label="Generator learning rate", elem_id="train-lr")
+                lr_fake = gr.Number(defaults[10], label="Fake-score learning rate")
+                batch_size = gr.Number(defaults[11], label="Batch", precision=0)
+                fake_ratio = gr.Number(defaults[12], label="Fake updates per generator update", precision=0)
+            sample_prompts = gr.Textbox(defaults[13], label="Sample prompts (one per line)", lines=3)
+            with gr.Row():
+                sample_every = gr.Number(defaults[14], label="Sample every (steps)", precision=0)
+                checkpoint_every = gr.Number(defaults[15], label="Checkpoint every (steps)", precision=0)
+                threads = gr.Number(jobs.default_threads(), label="CPU threads", precision=0, minimum=1,
+                                    info="1 keeps the other core free for the app")
+            token = gr.Textbox(label="Training token", type="password", visible=gate.mode == "token",
+                               elem_id="train-token")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop", elem_id="train-stop")
+                kill = gr.Button("Force stop", variant="stop", elem_id="train-kill")
+                resume = gr.Button("Resume", elem_id="train-resume")
+                sample_now = gr.Button("Sample now")
+                save_now = gr.Button("Save now")
+            message = gr.Markdown(elem_id="train-message")
+        with gr.Column(scale=3):
+            job = gr.Dropdown(job_choices(manager), value=None, label="Job", elem_id="train-job")
+            progress = gr.HTML(elem_id="train-progress")
+            command = gr.Markdown(elem_id="train-command")
+            with gr.Row():
+                generator_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Generator loss (DMD)",
+                                             height=220)
+                fake_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Fake-score loss", height=220)
+            sample = gr.Image(label="Latest samples", type="filepath", interactive=False, elem_id="train-sample")
+            download = gr.DownloadButton("Download student (.zip)", visible=False, elem_id="train-download")
+    log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, interactive=False, autoscroll=True,
+                     elem_id="train-log")
+    table = gr.Dataframe(headers=JOB_HEADERS, value=job_table(manager) or None, interactive=False,
+                         label="Jobs", elem_id="train-jobs")
+
+    fields = [preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, schedule_state, rank,
+              alpha, steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+              sample_every, checkpoint_every]
+    preset_outputs = [teacher, method, schedule_source, boundaries, schedule_steps, shift, rank, alpha,
+                      steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+                      sample_every, checkpoint_every]
+    preset.change(preset_fields, preset, preset_outputs)
+    start.click(partial(on_start, manager, gate), [token, name, threads, *fields], [message, job],
+                concurrency_limit=None)
+    stop.click(partial(on_stop, manager, gate), [token, job], message, concurrency_limit=None)
+    kill.click(partial(on_stop, manager, gate, force=True), [token, job], message, concurrency_limit=None)
+    resume.click(partial(on_resume, manager, gate), [token, job], message, concurrency_limit=None)
+    sample_now.click(partial(on_request, manager, gate, "sample"), [token, job], message, concurrency_limit=None)
+    save_now.click(partial(on_request, manager, gate, "save"), [token, job], message, concurrency_limit=None)
+
+    seen = gr.State({})
+    timer = gr.Timer(POLL_SECONDS)
+    # every open page polls: no queue slot is held, so a page never waits behind another one's work
+    timer.tick(partial(on_poll, manager), [job, seen],
+               [progress, generator_plot, fake_plot, sample, log, command, table, job, download, students_changed,
+                seen], concurrency_limit=None, show_progress="hidden")
+    job.change(lambda: {}, None, seen)  # a new selection redraws everything on the next tick
+    return {"job": job, "message": message, "progress": progress, "timer": timer}
