@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -66,6 +68,18 @@ def app_url(tmp_path_factory):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        kill_trainers(runs / "jobs" / "jobs.sqlite")
+
+
+def kill_trainers(database: Path) -> None:
+    """Trainers run in sessions of their own and outlive the app: a failed test must not leave one behind."""
+    from pdmd.jobs import is_alive
+
+    if database.is_file():
+        with sqlite3.connect(database) as db:
+            for pid, started in db.execute("SELECT pid, pid_started FROM jobs WHERE pid IS NOT NULL"):
+                if is_alive(pid, started):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +135,20 @@ def test_phases_rejects_a_bad_boundary_with_a_visible_message(page):
     playwright.expect(message).to_contain_text("NFE 4", timeout=30_000)
 
 
-def test_train_tab_says_what_is_coming(page):
+def test_train_tab_starts_the_quick_preset_shows_progress_and_stops_it(page):
     open_tab(page, "Train")
-    playwright.expect(page.get_by_text("Training from the browser arrives with the Train-tab issue")).to_be_visible()
+    playwright.expect(page.locator("#train-gate")).to_contain_text("Training is on")
+    page.locator("#train-name textarea").fill("browser-quick")
+    page.locator("#train-start").click()
+    progress = page.locator("#train-progress-text")
+    playwright.expect(progress).to_contain_text("browser-quick — running", timeout=60_000)
+    playwright.expect(progress).to_contain_text(re.compile(r"step [1-9]\d*/300"), timeout=120_000)
+    playwright.expect(page.locator("#train-command")).to_contain_text("python -m pdmd train --config")
     screenshot(page, "train")
+    page.locator("#train-stop").click()
+    playwright.expect(page.locator("#train-message")).to_contain_text("Stopping browser-quick")
+    playwright.expect(progress).to_contain_text("browser-quick — stopped", timeout=60_000)
+    playwright.expect(page.locator("#train-jobs")).to_contain_text("stopped")
 
 
 def test_lab_draws_its_plot(page):
