@@ -1,7 +1,11 @@
 """Roles on one frozen base (doc §2): PEFT named adapters ``phase_1 .. phase_K`` and ``fake`` on the teacher's
 network; the teacher itself is the base with adapters disabled. Memory: one base plus small adapters.
 
-Also the student folder: one LoRA per phase in diffusers format plus ``manifest.json``.
+Also the student folder: one LoRA per phase in diffusers format plus ``manifest.json``. For a two-expert
+teacher (Wan 2.2 A14B) each phase's LoRA is saved for the transformer(s) its steps run on: one file,
+``transformer.``-prefixed as diffusers' ``load_lora_weights`` expects (``load_into_transformer_2=True`` for the
+low-noise expert), named in the manifest's ``experts``; a phase that straddles the experts' boundary gets one file
+per expert, ``phases[k]`` then mapping expert -> file.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import json
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pdmd.sampling import phase_sigmas
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
 
@@ -25,6 +30,7 @@ FAKE = "fake"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights records rank and alpha
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}  # refused by name, never opened
 
 
@@ -41,7 +47,7 @@ def phase_adapter(phase: int) -> str:
 class LoraSpec:
     rank: int = 16
     alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+    target_modules: tuple[str, ...] = ()  # empty: the teacher's own (Teacher.lora_target_modules)
 
     def peft_config(self) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
@@ -57,6 +63,8 @@ class Roles:
     """
 
     def __init__(self, teacher: Teacher, adapters: list[str], lora: LoraSpec):
+        if not lora.target_modules:
+            lora = replace(lora, target_modules=tuple(teacher.lora_target_modules))
         self.teacher, self.lora = teacher, lora
         teacher.model.requires_grad_(False)
         with warnings.catch_warnings():  # several adapters on one model is the point here, not a mistake
@@ -116,19 +124,51 @@ class Roles:
 
 
 # --- the student folder ---------------------------------------------------------------------------------
-def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: dict, prefix: str = "unet") -> None:
-    """phase_k/pytorch_lora_weights.safetensors (diffusers layout: ``<prefix>.<module>.lora_A.weight``) and
-    manifest.json with the schedule, method and training provenance."""
-    phases = []
+def phase_experts(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
+    """The networks of a two-expert teacher that ``phase``'s sampling steps run on, in the teacher's order."""
+    used = {teacher.expert_at(t) for t in phase_sigmas(schedule, phase)[:-1]}
+    return tuple(name for name in teacher.expert_names if name in used)
+
+
+def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: dict, prefix: str | None = None) -> None:
+    """phase_k/pytorch_lora_weights.safetensors (diffusers layout: ``<prefix>.<module>.lora_A.weight``, with rank
+    and alpha in diffusers' metadata) and manifest.json with the schedule, method and training provenance."""
+    teacher = roles.teacher
+    prefix = prefix or teacher.lora_prefix
+    config = {f"{prefix}.r": roles.lora.rank, f"{prefix}.lora_alpha": roles.lora.alpha,
+              f"{prefix}.target_modules": list(roles.lora.target_modules)}
+
+    def write(relative: str, state: dict[str, Tensor], name: str) -> str:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"{prefix}.{key}": value.contiguous().cpu() for key, value in state.items()}, str(folder / relative),
+                  metadata={"format": "pt", "pdmd_phase": name, LORA_METADATA_KEY: json.dumps(config)})
+        return relative
+
+    phases, experts = [], []
     for k in range(schedule.num_phases):
         name = phase_adapter(k)
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        state = {f"{prefix}.{key}": value.contiguous().cpu() for key, value in roles.state_dict(name).items()}
-        save_file(state, str(folder / name / LORA_WEIGHT_NAME), metadata={"format": "pt", "pdmd_phase": name})
-        phases.append(f"{name}/{LORA_WEIGHT_NAME}")
+        state = roles.state_dict(name)
+        if not teacher.expert_names:
+            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", state, name))
+            continue
+        # the adapter lives in every expert; only those the phase runs on were trained (the rest stay B = 0)
+        used = phase_experts(teacher, schedule, k)
+        parts = {e: {key[len(e) + 1:]: v for key, v in state.items() if key.startswith(f"{e}.")} for e in used}
+        if len(used) == 1:
+            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", parts[used[0]], name))
+            experts.append(used[0])
+        else:
+            phases.append({e: write(f"{name}/{e}/{LORA_WEIGHT_NAME}", parts[e], name) for e in used})
+            experts.append(list(used))
     full = {"version": MANIFEST_VERSION, **manifest, "schedule": schedule.as_dict(), "phases": phases,
             "lora": {"rank": roles.lora.rank, "alpha": roles.lora.alpha,
                      "target_modules": list(roles.lora.target_modules), "prefix": prefix}}
+    if teacher.family:
+        full["family"] = teacher.family
+    if teacher.options():
+        full["teacher_options"] = teacher.options()
+    if experts:
+        full["experts"] = experts
     (folder / MANIFEST).write_text(json.dumps(full, indent=2))
 
 
@@ -174,12 +214,12 @@ class Student:
 
 def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
     """Attach a student's per-phase LoRAs to ``teacher`` (whose network then carries the adapters); without
-    one, the teacher the manifest names is loaded."""
+    one, the teacher the manifest names is loaded (with the resolution it was distilled at)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if teacher is None:
         from pdmd.teachers import load_teacher
-        teacher = load_teacher(manifest["teacher"])
+        teacher = load_teacher(manifest["teacher"], **manifest.get("teacher_options", {}))
     schedule = PhaseSchedule.from_dict(manifest["schedule"])
     if len(manifest["phases"]) != schedule.num_phases:
         raise StudentError(f"{folder / MANIFEST} lists {len(manifest['phases'])} LoRA files for "
@@ -188,15 +228,48 @@ def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
     lora = LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["target_modules"]))
     roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], lora)
     prefix = re.escape(spec.get("prefix", "unet")) + r"\."
-    for k, relative in enumerate(manifest["phases"]):
-        path = (folder / relative).resolve()
-        if folder.resolve() not in path.parents or path.suffix != ".safetensors":
-            raise StudentError(f"{folder / MANIFEST}: phase file {relative!r} must be a .safetensors inside the folder")
-        if not path.is_file():
-            raise StudentError(f"{path} is missing (phase {k + 1} of {folder})")
-        try:
-            state = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise StudentError(f"{path} is not a readable safetensors file ({err})") from None
-        roles.load_state_dict(phase_adapter(k), {re.sub(f"^{prefix}", "", key): v for key, v in state.items()})
+    for k, files in enumerate(_phase_files(folder, manifest, teacher)):
+        state = {}
+        for expert, relative in files.items():
+            module = "" if expert is None else f"{expert}."
+            state.update({module + re.sub(f"^{prefix}", "", key): v
+                          for key, v in _read_lora(folder, relative, k).items()})
+        roles.load_state_dict(phase_adapter(k), state)
     return Student(folder, manifest, schedule, roles)
+
+
+def _phase_files(folder: Path, manifest: dict, teacher: Teacher) -> list[dict[str | None, str]]:
+    """Per phase, expert -> file (expert None for a single-network teacher), checked against the teacher."""
+    where = folder / MANIFEST
+    experts = manifest.get("experts")
+    if bool(experts) != bool(teacher.expert_names):
+        raise StudentError(f"{where}: the student was made for a teacher with "
+                           f"{'two experts' if experts else 'one network'} but {teacher.name} has "
+                           f"{'experts ' + ', '.join(teacher.expert_names) if teacher.expert_names else 'one'}")
+    if experts is not None and len(experts) != len(manifest["phases"]):
+        raise StudentError(f"{where}: 'experts' must name the transformer(s) of each of the "
+                           f"{len(manifest['phases'])} phases")
+    result = []
+    for k, entry in enumerate(manifest["phases"]):
+        if not experts:
+            result.append({None: entry})
+            continue
+        files = entry if isinstance(entry, dict) else {experts[k]: entry}
+        unknown = [e for e in files if e not in teacher.expert_names]
+        if unknown:
+            raise StudentError(f"{where}: phase {k + 1} names expert(s) {unknown}; {teacher.name} has "
+                               f"{', '.join(teacher.expert_names)}")
+        result.append(files)
+    return result
+
+
+def _read_lora(folder: Path, relative: str, k: int) -> dict[str, Tensor]:
+    path = (folder / relative).resolve()
+    if folder.resolve() not in path.parents or path.suffix != ".safetensors":
+        raise StudentError(f"{folder / MANIFEST}: phase file {relative!r} must be a .safetensors inside the folder")
+    if not path.is_file():
+        raise StudentError(f"{path} is missing (phase {k + 1} of {folder})")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise StudentError(f"{path} is not a readable safetensors file ({err})") from None

@@ -1,4 +1,7 @@
-"""``python -m pdmd sample``: render one prompt with a teacher, or with a student folder on top of its teacher."""
+"""``python -m pdmd sample``: render one prompt with a teacher, or with a student folder on top of its teacher.
+
+The teacher is ``builtin``, a diffusers pipeline folder or a Hub id; video teachers (Wan) write .mp4 or .gif.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,20 +12,26 @@ from pathlib import Path
 import torch
 
 from pdmd.cli import non_negative_float, positive_int
-from pdmd.experts import StudentError, load_student
-from pdmd.images import save_png
+from pdmd.experts import StudentError, load_student, read_manifest
+from pdmd.images import VIDEO_SUFFIXES, save_media
 from pdmd.schedule import PhaseSchedule
 from pdmd.teachers import load_teacher
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", default=None, help="teacher id (default: the student's, else 'builtin')")
+    parser.add_argument("--teacher", default=None, metavar="ID_OR_PATH",
+                        help="'builtin', a diffusers pipeline folder or a Hub id (default: the student's, else builtin)")
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
     parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
-    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--out", required=True, help="output .png (a video teacher: .mp4 or .gif too)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="teacher weights (default: bf16 on CUDA)")
+    parser.add_argument("--offload", action="store_true", help="keep text encoders and VAE on the CPU")
+    parser.add_argument("--height", type=positive_int, help="pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=positive_int, help="pixels (default: the pipeline's)")
+    parser.add_argument("--frames", type=positive_int, help="video frames (Wan; default: the pipeline's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,19 +39,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"python -m pdmd sample: error: {message}", file=sys.stderr)
         return 2
 
+    loading = {"dtype": args.dtype, "offload": args.offload, "height": args.height, "width": args.width,
+               "num_frames": args.frames}
+    loading = {k: v for k, v in loading.items() if v not in (None, False)}
     try:
         if args.student:
-            student = load_student(args.student, load_teacher(args.teacher) if args.teacher else None)
+            manifest = read_manifest(args.student)  # the resolution it was distilled at, unless told otherwise
+            options = {**({} if args.teacher else manifest.get("teacher_options", {})), **loading}
+            student = load_student(args.student, load_teacher(args.teacher or manifest["teacher"], **options))
             teacher, schedule, cfg, experts = student.roles.teacher, student.schedule, student.cfg, student.experts
         else:
-            teacher = load_teacher(args.teacher or "builtin")
+            teacher = load_teacher(args.teacher or "builtin", **loading)
             schedule = PhaseSchedule.uniform(args.steps or teacher.default_steps, teacher.default_shift)
             cfg, experts = teacher.default_cfg, None
     except (StudentError, ValueError, OSError) as err:
         return fail(str(err))
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in ((".png",) + VIDEO_SUFFIXES if teacher.is_video else (".png",)):
+        kind = "videos: write .mp4, .gif or .png (frames side by side)" if teacher.is_video else "images: write a .png"
+        return fail(f"--out {args.out}: {teacher.name} makes {kind}")
     cfg = cfg if args.cfg is None else args.cfg
-    with torch.no_grad():
-        result = teacher.sample([args.prompt], args.seed, schedule, cfg, experts)
-    save_png(teacher.decode(result.sample), Path(args.out))
+    try:
+        with torch.no_grad():
+            result = teacher.sample([args.prompt], args.seed, schedule, cfg, experts)
+            save_media(teacher.decode(result.sample), Path(args.out))
+    except torch.OutOfMemoryError as err:
+        from pdmd.teachers.diffusers_base import MEMORY_ADVICE
+        return fail(f"out of memory while sampling ({err}): {MEMORY_ADVICE}")
+    except ValueError as err:  # .mp4 without imageio-ffmpeg
+        return fail(str(err))
     print(json.dumps({"out": args.out, "nfe": result.nfe, "seed": args.seed, "schedule": schedule.as_dict()}))
     return 0

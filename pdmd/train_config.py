@@ -60,6 +60,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mixed_precision: str = "no"                  # "no", "bf16" or "fp16" (accelerate)
     gradient_checkpointing: bool = False
+    # the teacher's loading (diffusers teachers; see pdmd.teachers.load_teacher): weight dtype ("fp32", "bf16",
+    # "fp16"; empty: bf16 on CUDA, fp32 on the CPU -- mixed_precision above is autocast, this is storage),
+    # text encoders and VAE kept on the CPU, and the resolution distilled at (empty: the pipeline's own)
+    dtype: str | None = None
+    offload: bool = False
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
     report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
     seed: int = 0
 
@@ -103,6 +111,17 @@ class TrainConfig:
             raise ConfigError(f"gradient = {self.gradient!r} must be 'x0' or 'velocity'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision = {self.mixed_precision!r} must be 'no', 'bf16' or 'fp16'")
+        if self.dtype is not None and self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype = {self.dtype!r} must be 'fp32', 'bf16' or 'fp16'")
+        for name in ("offload", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} = {getattr(self, name)!r} must be true or false")
+        for name in ("height", "width", "num_frames"):
+            if getattr(self, name) is not None:
+                set_(name, _positive(name, getattr(self, name), integer=True))
+        loading = [n for n in ("dtype", "offload", "height", "width", "num_frames") if getattr(self, n) not in (None, False)]
+        if self.teacher == "builtin" and loading:
+            raise ConfigError(f"{', '.join(loading)} apply to diffusers teachers; the built-in teacher has fixed ones")
         if self.report_to not in ("none", "tensorboard"):
             raise ConfigError(f"report_to = {self.report_to!r} must be 'none' or 'tensorboard'")
         for name in ("prompts", "sample_prompts"):
@@ -117,10 +136,18 @@ class TrainConfig:
             raise ConfigError(f"lora = {data!r} must be a mapping with rank, alpha, target_modules")
         rank = _positive("lora.rank", data.get("rank", LoraSpec.rank), integer=True)
         alpha = _positive("lora.alpha", data.get("alpha", LoraSpec.alpha))
-        modules = data.get("target_modules", LoraSpec.target_modules)
-        if isinstance(modules, str) or not modules:
+        modules = data.get("target_modules", LoraSpec.target_modules)  # absent: the teacher's own
+        if isinstance(modules, str) or ("target_modules" in data and not modules):
             raise ConfigError("lora.target_modules must be a non-empty list of module names")
         return LoraSpec(rank, alpha, tuple(modules))
+
+    def teacher_options(self) -> dict:
+        """Keyword arguments of load_teacher for this config's teacher (none for the built-in one)."""
+        if self.teacher == "builtin":
+            return {}
+        options = {"dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
+                   "num_frames": self.num_frames}
+        return {k: v for k, v in options.items() if v not in (None, False)}
 
     @property
     def total_steps(self) -> int:
@@ -152,7 +179,8 @@ class TrainConfig:
         data = asdict(self)
         data["schedule"] = self.schedule.as_dict()
         data["steps_per_phase"] = list(self.steps_per_phase)
-        data["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                        "target_modules": list(self.lora.target_modules)}
+        data["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha}
+        if self.lora.target_modules:
+            data["lora"]["target_modules"] = list(self.lora.target_modules)
         data["prompts"], data["sample_prompts"] = list(self.prompts), list(self.sample_prompts)
         return data

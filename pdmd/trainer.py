@@ -23,7 +23,7 @@ from torch import Tensor
 from pdmd import checkpoints, distill
 from pdmd.cli import positive_int
 from pdmd.experts import FAKE, Roles, phase_adapter, save_student
-from pdmd.images import save_png
+from pdmd.images import as_stills, save_png
 from pdmd.train_config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -72,16 +72,19 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.method = distill.get_method(config.method, config.schedule)
         self.schedule = config.schedule
-        self.teacher = teacher or load_teacher(config.teacher, device=self.accelerator.device)
+        self.teacher = teacher or load_teacher(config.teacher, device=self.accelerator.device,
+                                               **config.teacher_options())
         names = [phase_adapter(k) for k in range(self.schedule.num_phases)]
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
         if config.gradient_checkpointing:
-            self.teacher.model.enable_gradient_checkpointing()
-        self.experts = [self.roles.velocity(name) for name in names]
-        self.fake = self.roles.velocity(FAKE)
-        self.real = self.roles.velocity(None)
+            self.teacher.enable_gradient_checkpointing()
         self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
+        # guidance as a network input (FLUX.1-dev): the real score at teacher_cfg, students and fake at student_cfg
+        guided = self.teacher.with_guidance
+        self.experts = [guided(self.roles.velocity(name), config.student_cfg) for name in names]
+        self.fake = guided(self.roles.velocity(FAKE), config.student_cfg)
+        self.real = guided(self.roles.velocity(None), self.teacher_cfg)
         prompts = list(config.prompts or self.teacher.default_prompts)
         if not prompts:
             raise ConfigError("prompts is empty and the teacher ships no default prompt list")
@@ -244,7 +247,7 @@ class Trainer:
         prompts = list(self.config.sample_prompts or self.prompts[:4])
         result = self.teacher.sample(prompts, self.config.seed, self.schedule, self.config.student_cfg,
                                      self.experts)
-        images = self.teacher.decode(result.sample)
+        images = as_stills(self.teacher.decode(result.sample))
         save_png(images, self.run_dir / "samples" / "latest.png")
         return save_png(images, self.run_dir / "samples" / f"step-{self.step:06d}.png")
 

@@ -42,7 +42,8 @@ def read_model_index(name: str) -> tuple[dict, bool]:
         except ValueError as err:
             raise TeacherError(f"{path} is not valid JSON ({err})") from None
     if folder.exists() or _looks_like_path(name):
-        raise TeacherError(f"teacher {name!r}: no such folder (and not a Hub id of the form owner/name)")
+        raise TeacherError(f"unknown teacher {name!r}: not 'builtin', no such folder, and not a Hub id "
+                           "of the form owner/name")
     try:
         from huggingface_hub import hf_hub_download
         path = hf_hub_download(name, MODEL_INDEX)

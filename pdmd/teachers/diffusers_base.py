@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,14 @@ from pdmd.teachers.base import Teacher, TeacherError
 MEMORY_ADVICE = ("load it in bf16 (--dtype bf16 / dtype: bf16), keep the text encoders and the VAE on the CPU "
                  "(--offload / offload: true), and train with gradient_checkpointing: true")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts" / "default.txt"
+
+
+@lru_cache(maxsize=1)
+def default_prompts() -> tuple[str, ...]:
+    """The shipped prompt list real teachers are distilled on when a config gives none (one a line, # comments)."""
+    lines = (line.strip() for line in DEFAULT_PROMPTS.read_text().splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -55,6 +65,7 @@ class DiffusersTeacher(Teacher):
                  height: int | None = None, width: int | None = None):
         self.pipe, self.source, self.offload = pipe, source, offload
         self.name = source
+        self.default_prompts = default_prompts()
         self.height, self.width = (int(height or self.default_size[0]), int(width or self.default_size[1]))
         multiple = self.size_multiple()
         if self.height % multiple or self.width % multiple:
