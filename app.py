@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ui.app import CSS, allowed_paths, build_app
-from ui.students import MAX_UPLOAD_BYTES
+from ui.students import MAX_PUBLISHED_BYTES, MAX_UPLOAD_BYTES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     build_app().queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS,
-                               allowed_paths=allowed_paths(), max_file_size=MAX_UPLOAD_BYTES)
+                               allowed_paths=allowed_paths(),
+                               max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
 
 
 if __name__ == "__main__":

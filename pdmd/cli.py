@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": ("pdmd.evaluate", "generate with a teacher and measure adherence, diversity and FD"),
     "train": ("pdmd.trainer", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
     "sample": ("pdmd.sample", "render a prompt with a teacher, or with a student folder"),
+    "lora": ("pdmd.lora_formats", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
     "bench-train": ("pdmd.bench_train", "time a generator step and compare training memory with teacher inference"),
     "bench-teacher": ("pdmd.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }

@@ -31,8 +31,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, MANIFEST_VERSION, PICKLE_SUFFIXES, StudentError, \
-    phase_adapter, read_manifest
+    phase_adapter, phase_experts, read_manifest
+from pdmd.sampling import phase_sigmas
 from pdmd.schedule import PhaseSchedule
+from pdmd.teachers.base import Teacher
 
 # family -> the diffusers LoRA loader mixin its pipeline inherits (and whose lora_state_dict converts)
 LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin",
@@ -43,6 +45,7 @@ EXPORT_LAYOUTS = ("diffusers", "comfyui")
 TRANSFORMER_PREFIX = "transformer"
 PUBLISHED = "published"  # the manifest's method for students made from published LoRA files
 SHOWN_KEYS = 8
+MAX_STRENGTH = 4.0
 
 # Wan: diffusers module name -> original checkpoint name (what ComfyUI's Wan model and the published
 # Wan LoRAs use); the inverse of diffusers' _convert_non_diffusers_wan_lora_to_diffusers
@@ -220,26 +223,47 @@ def _pad_rank(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
     return out
 
 
-def make_published_student(folder: str | Path, files: list[str | Path], teacher: str, family: str,
-                           schedule: PhaseSchedule, strengths: list[float] | None = None, cfg: float = 1.0,
-                           experts: list[str] | None = None, model: nn.Module | None = None) -> Path:
+def phase_networks(teacher: Teacher, schedule: PhaseSchedule) -> list[tuple[str | None, nn.Module]]:
+    """Per phase, the network its LoRA goes into: the teacher's one network, or for a two-expert teacher
+    (Wan2.2 A14B) the expert every step of the phase runs on (a phase straddling the experts' boundary has
+    no single published LoRA that fits it)."""
+    if not teacher.expert_names:
+        return [(None, teacher.model)] * schedule.num_phases
+    networks = []
+    for k in range(schedule.num_phases):
+        used = phase_experts(teacher, schedule, k)
+        if len(used) != 1:
+            steps = ", ".join(f"t={t:.4g} on {teacher.expert_at(t)}" for t in phase_sigmas(schedule, k)[:-1])
+            raise LoraFormatError(
+                f"phase {k + 1} runs on more than one expert ({steps}): a published per-expert LoRA needs every "
+                f"step of its phase on one expert: put the phase boundary just below the noise level where the "
+                f"teacher switches experts (Wan2.2 A14B: steps at t >= 0.875 run the high-noise one), e.g. 0.87")
+        networks.append((used[0], teacher.model[used[0]]))
+    return networks
+
+
+def make_published_student(folder: str | Path, files: list[str | Path], teacher: Teacher, schedule: PhaseSchedule,
+                           strengths: list[float] | None = None, cfg: float = 1.0,
+                           teacher_id: str | None = None) -> Path:
     """A student folder from published per-phase LoRA files: phase k <- files[k] x strengths[k].
 
-    ``experts`` names, per phase, the transformer the LoRA belongs to (Wan2.2 A14B: ``transformer`` for the
-    high-noise file, ``transformer_2`` for the low-noise one); it is recorded in the manifest. Ranks are
-    zero-padded to the largest, so one LoRA spec (alpha = rank, scale 1) serves every phase exactly.
+    For a two-expert teacher each file goes into the expert its phase runs on (Wan2.2-Lightning: the
+    high-noise file as phase 1 into ``transformer``, the low-noise file as phase 2 into ``transformer_2``),
+    recorded in the manifest's ``experts``. Ranks are zero-padded to the largest, so one LoRA spec
+    (alpha = rank, scale 1) serves every phase exactly.
     """
     folder, files = Path(folder), [Path(f) for f in files]
-    _check_family(family)
+    if teacher.family is None:
+        raise LoraFormatError(f"{teacher.name} is not a diffusers pipeline: published LoRAs are for the "
+                              f"{', '.join(FAMILIES)} families")
     if len(files) != schedule.num_phases:
         raise LoraFormatError(f"{len(files)} LoRA file(s) for a {schedule.num_phases}-phase schedule: give one "
                               "file per phase (e.g. Wan2.2-Lightning: high-noise file, then low-noise file)")
     strengths = [1.0] * len(files) if strengths is None else [float(s) for s in strengths]
-    if len(strengths) != len(files) or not all(0.0 <= s <= 4.0 for s in strengths):
-        raise LoraFormatError(f"strengths {strengths} must be one number in [0, 4] per phase")
-    if experts is not None and len(experts) != len(files):
-        raise LoraFormatError(f"experts {experts} must name one transformer per phase")
-    states = [load_published(f, family, model, s) for f, s in zip(files, strengths)]
+    if len(strengths) != len(files) or not all(0.0 <= s <= MAX_STRENGTH for s in strengths):
+        raise LoraFormatError(f"strengths {strengths} must be one number in [0, {MAX_STRENGTH:g}] per phase")
+    networks = phase_networks(teacher, schedule)
+    states = [load_published(f, teacher.family, network, s) for f, s, (_, network) in zip(files, strengths, networks)]
     rank = max(v.shape[0] for state in states for k, v in state.items() if ".lora_A." in k)
     modules = sorted({PAIR.match(k)["module"] for state in states for k in state})
     phases = []
@@ -249,22 +273,27 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
         save_file(padded, str(folder / phase_adapter(k) / LORA_WEIGHT_NAME),
                   metadata={"format": "pt", "pdmd_phase": phase_adapter(k)})
         phases.append(f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}")
-    manifest = {"version": MANIFEST_VERSION, "teacher": teacher, "family": family, "method": PUBLISHED,
-                "cfg": float(cfg), "steps_trained": 0, "schedule": schedule.as_dict(), "phases": phases,
+    manifest = {"version": MANIFEST_VERSION, "teacher": teacher_id or teacher.name, "family": teacher.family,
+                "method": PUBLISHED, "cfg": float(cfg), "steps_trained": 0, "schedule": schedule.as_dict(),
+                "phases": phases,
                 "lora": {"rank": rank, "alpha": float(rank), "target_modules": modules, "prefix": TRANSFORMER_PREFIX},
-                "published": {"files": [f.name for f in files], "layouts": [detect_layout(read_lora(f)) for f in files],
+                "published": {"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files], "layouts": [detect_layout(read_lora(f)) for f in files],
                               "strengths": strengths}}
-    if experts is not None:
-        manifest["experts"] = list(experts)
+    if teacher.options():
+        manifest["teacher_options"] = teacher.options()
+    if teacher.expert_names:
+        manifest["experts"] = [name for name, _ in networks]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
 
 
-def published_folder_name(files: list[str | Path], strengths: list[float]) -> str:
-    """A name made from the files' contents and the strengths (never from a client's file name)."""
-    digest = hashlib.sha256(json.dumps([float(s) for s in strengths]).encode())
+def published_folder_name(files: list[str | Path], strengths: list[float], salt: str = "") -> str:
+    """A name made from the files' contents, the strengths and ``salt`` (never from a client's file name)."""
+    digest = hashlib.sha256(json.dumps([[float(s) for s in strengths], salt]).encode())
     for path in files:
-        digest.update(Path(path).read_bytes())
+        with open(path, "rb") as handle:  # in chunks: a published LoRA can be a gigabyte
+            for chunk in iter(lambda: handle.read(2**24), b""):
+                digest.update(chunk)
     return f"{PUBLISHED}-{digest.hexdigest()[:10]}"
 
 
@@ -298,50 +327,111 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     return out
 
 
-def student_phase_states(folder: str | Path) -> tuple[dict, list[dict[str, Tensor]]]:
-    """A student folder's manifest and its per-phase weights as module-relative PEFT keys with the PEFT
-    scale (alpha / rank) folded into lora_B."""
-    from safetensors.torch import load_file
-
+def student_phase_files(folder: str | Path) -> tuple[dict, list[list[tuple[str | None, Path]]]]:
+    """A student folder's manifest and, per phase, its (expert, file) pairs: expert None for a one-network
+    teacher; for a two-expert one the transformer each file belongs to (a phase across the switch has two)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    spec = manifest["lora"]
-    scale = float(spec["alpha"]) / int(spec["rank"])
-    prefix = f"{spec.get('prefix', 'unet')}."
-    states = []
-    for relative in manifest["phases"]:
-        state = load_file(str(folder / relative))
-        states.append({k.removeprefix(prefix): (v * scale if ".lora_B." in k else v).contiguous()
-                       for k, v in state.items()})
-    return manifest, states
+    experts = manifest.get("experts")
+    phases = []
+    for k, entry in enumerate(manifest["phases"]):
+        files = entry if isinstance(entry, dict) else {(experts[k] if experts else None): entry}
+        pairs = []
+        for expert, relative in files.items():
+            path = (folder / relative).resolve()
+            if folder.resolve() not in path.parents or path.suffix != ".safetensors" or not path.is_file():
+                raise LoraFormatError(f"{folder / MANIFEST}: phase {k + 1} file {relative!r} is not a .safetensors "
+                                      "file inside the folder")
+            pairs.append((expert, path))
+        phases.append(pairs)
+    return manifest, phases
 
 
-def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
-                   family: str | None = None) -> list[Path]:
-    """Write each phase of a student as one LoRA file, ``out/<student>-phase_k-<layout>.safetensors``, plus
-    ``export.json`` saying which file is which phase (and, for two-expert Wan, which transformer)."""
+def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui") -> list[Path]:
+    """Write each phase of a student as one LoRA file per network, ``out/<student>-phase_k[-expert]-<layout>
+    .safetensors``, with the PEFT scale (alpha / rank) folded into lora_B, plus ``export.json`` saying which file
+    is which phase and, for two-expert Wan, which transformer it loads into."""
+    from safetensors.torch import load_file
+
     if layout not in EXPORT_LAYOUTS:
         raise LoraFormatError(f"unknown export layout {layout!r}; choose {' or '.join(EXPORT_LAYOUTS)}")
     folder, out = Path(folder), Path(out)
-    manifest, states = student_phase_states(folder)
-    family = family or manifest.get("family")
+    manifest, phases = student_phase_files(folder)
+    family = manifest.get("family")
     if family is None:
-        raise LoraFormatError(f"{folder / MANIFEST} names no model family (the built-in teacher has no "
-                              f"diffusers or ComfyUI counterpart); pass one of {', '.join(FAMILIES)}")
+        raise LoraFormatError(f"{folder / MANIFEST} names no model family: only students of diffusers teachers "
+                              f"({', '.join(FAMILIES)}) have a diffusers or ComfyUI counterpart")
     _check_family(family)
-    out.mkdir(parents=True, exist_ok=True)
+    spec = manifest["lora"]
+    scale, prefix = float(spec["alpha"]) / int(spec["rank"]), f"{spec.get('prefix', 'unet')}."
     name = folder.parent.name if folder.name == "student" else folder.name
-    written = []
-    for k, state in enumerate(states):
-        keys = comfyui_state(state, family) if layout == "comfyui" else \
-            {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
-        path = out / f"{name}-{phase_adapter(k)}-{layout}.safetensors"
-        save_file(keys, str(path), metadata={"format": "pt", "pdmd_phase": phase_adapter(k), "pdmd_family": family})
-        written.append(path)
-    experts = manifest.get("experts")
+    out.mkdir(parents=True, exist_ok=True)
+    written, described = [], []
+    for k, pairs in enumerate(phases):
+        for expert, source in pairs:
+            state = {key.removeprefix(prefix): (v * scale if ".lora_B." in key else v).contiguous()
+                     for key, v in load_file(str(source)).items()}
+            keys = comfyui_state(state, family) if layout == "comfyui" else \
+                {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
+            path = out / f"{name}-{phase_adapter(k)}{'-' + expert if len(pairs) > 1 else ''}-{layout}.safetensors"
+            save_file(keys, str(path), metadata={"format": "pt", "pdmd_phase": phase_adapter(k), "pdmd_family": family})
+            written.append(path)
+            described.append({"file": path.name, "phase": k + 1, **({"expert": expert} if expert else {})})
     (out / "export.json").write_text(json.dumps({
         "student": name, "teacher": manifest["teacher"], "family": family, "layout": layout,
-        "schedule": manifest["schedule"], "cfg": manifest.get("cfg", 1.0),
-        "phases": [{"file": p.name, "phase": k + 1, **({"expert": experts[k]} if experts else {})}
-                   for k, p in enumerate(written)]}, indent=2))
+        "schedule": manifest["schedule"], "cfg": manifest.get("cfg", 1.0), "phases": described,
+        "note": "load an 'expert': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
+        if any("expert" in d for d in described) else ""}, indent=2))
     return written
+
+
+# --- command line: python -m pdmd lora import|export ---------------------------------------------------------
+def add_arguments(parser) -> None:
+    from pdmd.cli import non_negative_float, positive_float, positive_int
+
+    sub = parser.add_subparsers(dest="action", required=True)
+    made = sub.add_parser("import", help="published per-phase LoRA files -> a student folder of a teacher",
+                          description="Phase k gets the k-th --files entry (diffusers, ComfyUI or kohya layout).")
+    made.add_argument("--teacher", required=True, metavar="ID_OR_PATH", help="diffusers pipeline folder or Hub id")
+    made.add_argument("--files", nargs="+", required=True, help="one .safetensors per phase, in phase order")
+    made.add_argument("--strengths", nargs="+", type=non_negative_float, help="one per phase (default 1)")
+    made.add_argument("--boundaries", default="", help="phase boundaries, e.g. '0.87' (Wan2.2-Lightning)")
+    made.add_argument("--steps", default=None, help="steps per phase, e.g. '2, 2' or '2' for all (default 2)")
+    made.add_argument("--shift", type=positive_float, help="timestep shift (default: the teacher's)")
+    made.add_argument("--cfg", type=non_negative_float, default=1.0, help="student CFG (Lightning: 1)")
+    made.add_argument("--out", required=True, help="the student folder to write")
+    made.add_argument("--height", type=positive_int)
+    made.add_argument("--width", type=positive_int)
+    made.add_argument("--frames", type=positive_int, help="video frames (Wan)")
+    out = sub.add_parser("export", help="a student's per-phase LoRAs as diffusers or ComfyUI files")
+    out.add_argument("--student", required=True, help="student folder (manifest.json + one LoRA per phase)")
+    out.add_argument("--layout", choices=EXPORT_LAYOUTS, default="comfyui")
+    out.add_argument("--out", required=True, help="folder for the files and export.json")
+
+
+def run(args) -> int:
+    import sys
+
+    from pdmd.schedule import ScheduleError
+
+    try:
+        if args.action == "export":
+            written = export_student(args.student, args.out, args.layout)
+            print(json.dumps({"out": args.out, "files": [str(p) for p in written], "layout": args.layout}))
+            return 0
+        from pdmd.teachers import load_teacher
+
+        options = {k: v for k, v in {"height": args.height, "width": args.width, "num_frames": args.frames}.items()
+                   if v is not None}
+        teacher = load_teacher(args.teacher, **options)
+        schedule = PhaseSchedule.parse(args.boundaries, steps=args.steps or "2",
+                                       shift=str(args.shift or teacher.default_shift))
+        folder = make_published_student(args.out, args.files, teacher, schedule, args.strengths, args.cfg,
+                                        teacher_id=args.teacher)
+    except (StudentError, ScheduleError, ValueError, OSError) as err:
+        print(f"python -m pdmd lora {args.action}: error: {err}", file=sys.stderr)
+        return 2
+    manifest = read_manifest(folder)
+    print(json.dumps({"out": str(folder), "schedule": manifest["schedule"], "experts": manifest.get("experts"),
+                      "strengths": manifest["published"]["strengths"]}))
+    return 0

@@ -2,6 +2,7 @@
 diffusers' own loaders and against hand-computed weight deltas, on tiny real diffusers transformers."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,11 +13,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pdmd import lora_formats as lf
-from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, read_manifest
+from pdmd.cli import main
+from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, load_student, read_manifest
 from pdmd.schedule import PRESETS, PhaseSchedule
-from tiny_pipelines import build
+from pdmd.teachers import load_teacher
 
 RANK = 4
+# Wan2.2-Lightning's two phases, with the boundary just below the A14B experts' switch at t = 0.875 so that every
+# step of phase 2 runs on the low-noise expert
+LIGHTNING = PhaseSchedule((0.87,), (2, 2), 5.0)
 
 
 # --- tiny transformers and LoRA files ------------------------------------------------------------------------
@@ -96,13 +101,34 @@ def wan_output(transformer: nn.Module) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def wan22_folder(tmp_path_factory) -> Path:
-    return build("wan2.2", tmp_path_factory.mktemp("wan22") / "pipe")
+def wan22_folder(tiny_pipeline) -> Path:
+    return tiny_pipeline("wan2.2")
 
 
 def wan22_pipeline(folder: Path):
     from diffusers import WanPipeline
     return WanPipeline.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def wan22_teacher(wan22_folder):
+    return load_teacher(str(wan22_folder), height=16, width=16, num_frames=5)
+
+
+def write_student(folder: Path, family: str, phases: list[dict[str, torch.Tensor]], alpha_over_rank: float = 1.0):
+    """A student folder as the trainer writes one (transformer-prefixed PEFT keys, rank/alpha in the manifest)."""
+    rank = max(v.shape[0] for state in phases for k, v in state.items() if ".lora_A." in k)
+    files = []
+    for k, state in enumerate(phases):
+        (folder / f"phase_{k + 1}").mkdir(parents=True)
+        save_file({f"transformer.{key}": v for key, v in lf._pad_rank(state, rank).items()},
+                  str(folder / f"phase_{k + 1}" / LORA_WEIGHT_NAME))
+        files.append(f"phase_{k + 1}/{LORA_WEIGHT_NAME}")
+    (folder / MANIFEST).write_text(json.dumps({
+        "teacher": "some/teacher", "family": family, "schedule": PhaseSchedule.uniform(2 * len(phases)).as_dict()
+        if len(phases) == 1 else PhaseSchedule((0.5,), (2, 2), 3.0).as_dict(), "phases": files, "cfg": 1.0,
+        "lora": {"rank": rank, "alpha": alpha_over_rank * rank, "target_modules": ["to_q"], "prefix": "transformer"}}))
+    return folder
 
 
 # --- detection -----------------------------------------------------------------------------------------------
@@ -138,23 +164,48 @@ def test_lightning_pair_loads_into_both_wan22_experts_as_diffusers_does(wan22_fo
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_published_wan22_student_folder_records_phases_strengths_and_experts(wan22_folder, tmp_path):
-    pipe = wan22_pipeline(wan22_folder)
-    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
+def test_lightning_pair_as_a_published_student_of_the_tiny_wan22(wan22_teacher, tmp_path):
+    """High-noise file -> phase 1 on ``transformer``, low-noise file -> phase 2 on ``transformer_2``; sampling
+    the student differs from the teacher, and at strength 0 it is the teacher on the same schedule."""
+    pipe = wan22_teacher.pipe
+    high, low = tmp_path / "high_noise_model.safetensors", tmp_path / "low_noise_model.safetensors"
     wan_lightning_file(high, pipe.transformer, alpha=8.0, seed=1)
     wan_lightning_file(low, pipe.transformer_2, alpha=8.0, seed=2)
-    folder = lf.make_published_student(tmp_path / "lightning", [high, low], str(wan22_folder), "wan",
-                                       PRESETS["wan2.2-lightning"], strengths=[1.0, 0.5],
-                                       experts=["transformer", "transformer_2"], model=pipe.transformer)
+    folder = lf.make_published_student(tmp_path / "lightning", [high, low], wan22_teacher, LIGHTNING,
+                                       strengths=[1.0, 0.5], teacher_id="tiny-wan")
     manifest = read_manifest(folder)
     assert manifest["experts"] == ["transformer", "transformer_2"] and manifest["method"] == lf.PUBLISHED
     assert manifest["published"]["strengths"] == [1.0, 0.5] and manifest["published"]["layouts"] == ["comfyui"] * 2
-    assert manifest["lora"]["prefix"] == "transformer" and manifest["lora"]["alpha"] == manifest["lora"]["rank"]
+    assert manifest["teacher"] == "tiny-wan" and manifest["teacher_options"]["num_frames"] == 5
     low_phase = load_file(str(folder / "phase_2" / LORA_WEIGHT_NAME))
-    full = lf.load_published(low, "wan")
     module = "blocks.0.attn1.to_q"
     torch.testing.assert_close(low_phase[f"transformer.{module}.lora_B.weight"] @
-                               low_phase[f"transformer.{module}.lora_A.weight"], 0.5 * delta(full, module))
+                               low_phase[f"transformer.{module}.lora_A.weight"],
+                               0.5 * delta(lf.load_published(low, "wan"), module))
+
+    student = load_student(folder, copy.deepcopy(wan22_teacher))
+    teacher_video = wan22_teacher.sample(["a cat"], 0, LIGHTNING, 1.0).sample
+    assert not torch.allclose(student.sample(["a cat"], 0).sample, teacher_video, atol=1e-4)
+    for phase in (0, 1):  # each phase's LoRA changes its own expert's output and leaves the other one alone
+        x, t = wan22_teacher.noise(1, 3), torch.tensor([0.95 if phase == 0 else 0.5])
+        cond, _ = wan22_teacher.encode_prompts(["a cat"])
+        assert not torch.allclose(student.experts[phase](x, t, cond), wan22_teacher.velocity(x, t, cond), atol=1e-5)
+        other = torch.tensor([0.5 if phase == 0 else 0.95])
+        torch.testing.assert_close(student.experts[phase](x, other, cond), wan22_teacher.velocity(x, other, cond))
+
+    zero = lf.make_published_student(tmp_path / "zero", [high, low], wan22_teacher, LIGHTNING, strengths=[0, 0])
+    torch.testing.assert_close(load_student(zero, copy.deepcopy(wan22_teacher)).sample(["a cat"], 0).sample,
+                               teacher_video)
+
+
+def test_a_phase_across_the_expert_switch_is_refused(wan22_teacher, tmp_path):
+    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
+    wan_lightning_file(high, wan22_teacher.pipe.transformer, alpha=8.0, seed=1)
+    wan_lightning_file(low, wan22_teacher.pipe.transformer_2, alpha=8.0, seed=2)
+    # the preset's boundary sits on the switch: phase 2's first step (t = 0.875) runs on the high-noise expert
+    with pytest.raises(lf.LoraFormatError, match="phase 2 runs on more than one expert"):
+        lf.make_published_student(tmp_path / "s", [high, low], wan22_teacher, PRESETS["wan2.2-lightning"])
+    assert not (tmp_path / "s").exists()
 
 
 # --- strength --------------------------------------------------------------------------------------------------
@@ -269,14 +320,15 @@ def test_pickles_and_unreadable_files_are_refused(tmp_path):
         lf.to_peft({"transformer.a.lora_A.weight": torch.zeros(1, 1)}, "sdxl")
 
 
-def test_one_file_per_phase(tmp_path):
-    model = tiny_transformer("wan")
+def test_one_file_per_phase_and_sane_strengths(wan22_teacher, tmp_path):
     path = tmp_path / "one.safetensors"
-    wan_lightning_file(path, model, alpha=4.0, seed=0)
+    wan_lightning_file(path, wan22_teacher.pipe.transformer, alpha=4.0, seed=0)
     with pytest.raises(lf.LoraFormatError, match="1 LoRA file.*2-phase"):
-        lf.make_published_student(tmp_path / "s", [path], "teacher", "wan", PRESETS["wan2.2-lightning"])
+        lf.make_published_student(tmp_path / "s", [path], wan22_teacher, LIGHTNING)
     with pytest.raises(lf.LoraFormatError, match="strengths"):
-        lf.make_published_student(tmp_path / "s", [path], "teacher", "wan", PhaseSchedule.uniform(4), [9.0])
+        lf.make_published_student(tmp_path / "s", [path, path], wan22_teacher, LIGHTNING, [1.0, 9.0])
+    with pytest.raises(lf.LoraFormatError, match="not a diffusers pipeline"):
+        lf.make_published_student(tmp_path / "s", [path], load_teacher("builtin"), PhaseSchedule.uniform(4))
 
 
 # --- export ----------------------------------------------------------------------------------------------------
@@ -291,12 +343,7 @@ def test_export_round_trips_through_diffusers_converters(tmp_path, family, layou
               random_peft(model, names[len(names) // 3:], rank=RANK, seed=6)]
     if family == "wan":  # the Wan converter maps the modules published Wan LoRAs train
         phases = [random_peft(model, [n for n in names if n.startswith("blocks.")], rank=r, seed=r) for r in (2, 4)]
-    files = []
-    for k, state in enumerate(phases):
-        files.append(tmp_path / f"in{k}.safetensors")
-        save_file({f"transformer.{key}": v for key, v in state.items()}, str(files[-1]))
-    student = lf.make_published_student(tmp_path / "student", files, "teacher", family,
-                                        PhaseSchedule((0.5,), (2, 2), 3.0), model=model)
+    student = write_student(tmp_path / "student", family, phases)
     written = lf.export_student(student, tmp_path / "export", layout)
     described = json.loads((tmp_path / "export" / "export.json").read_text())
     assert [p["file"] for p in described["phases"]] == [p.name for p in written] and described["layout"] == layout
@@ -317,13 +364,8 @@ def test_export_folds_our_peft_scale(tmp_path):
     """A trained student's alpha / rank is in the exported weights (readers apply them at scale 1)."""
     model = tiny_transformer("wan")
     state = random_peft(model, ["blocks.0.attn1.to_q"], rank=RANK)
-    (tmp_path / "s" / "phase_1").mkdir(parents=True)
-    save_file({f"transformer.{k}": v for k, v in state.items()}, str(tmp_path / "s" / "phase_1" / LORA_WEIGHT_NAME))
-    (tmp_path / "s" / MANIFEST).write_text(json.dumps({
-        "teacher": "x", "family": "wan", "schedule": PhaseSchedule.uniform(2).as_dict(),
-        "phases": [f"phase_1/{LORA_WEIGHT_NAME}"],
-        "lora": {"rank": RANK, "alpha": 2.0 * RANK, "target_modules": ["to_q"], "prefix": "transformer"}}))
-    (path,) = lf.export_student(tmp_path / "s", tmp_path / "out", "diffusers")
+    (path,) = lf.export_student(write_student(tmp_path / "s", "wan", [state], alpha_over_rank=2.0), tmp_path / "out",
+                                "diffusers")
     back = lf.load_published(path, "wan", model)
     torch.testing.assert_close(delta(back, "blocks.0.attn1.to_q"), 2.0 * delta(state, "blocks.0.attn1.to_q"))
 
@@ -334,3 +376,50 @@ def test_builtin_students_have_no_published_layout(tmp_path, layout):
     with pytest.raises(lf.LoraFormatError, match="names no model family"):
         lf.export_student(shipped, tmp_path / "out", layout)
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_lightning_student_loads_into_both_experts_of_a_diffusers_pipeline(wan22_teacher, wan22_folder,
+                                                                                    tmp_path):
+    """Our export, in either layout, read by diffusers' own WanPipeline.load_lora_weights (the phase-2 file with
+    load_into_transformer_2=True) gives the same expert outputs as our student."""
+    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
+    wan_lightning_file(high, wan22_teacher.pipe.transformer, alpha=8.0, seed=1)
+    wan_lightning_file(low, wan22_teacher.pipe.transformer_2, alpha=2.0, seed=2)
+    student = load_student(lf.make_published_student(tmp_path / "s", [high, low], wan22_teacher, LIGHTNING,
+                                                     strengths=[0.7, 1.0]), copy.deepcopy(wan22_teacher))
+    experts = student.roles.teacher.model
+    for layout in lf.EXPORT_LAYOUTS:
+        written = lf.export_student(tmp_path / "s", tmp_path / layout, layout)
+        described = json.loads((tmp_path / layout / "export.json").read_text())
+        assert [p.get("expert") for p in described["phases"]] == ["transformer", "transformer_2"]
+        pipe = wan22_pipeline(wan22_folder)
+        pipe.load_lora_weights(str(written[0]), adapter_name="high")
+        pipe.load_lora_weights(str(written[1]), adapter_name="low", load_into_transformer_2=True)
+        for phase, expert in enumerate(("transformer", "transformer_2")):
+            with student.roles.active(f"phase_{phase + 1}"):
+                ours = wan_output(experts[expert])
+            torch.testing.assert_close(wan_output(getattr(pipe, expert)), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_imports_a_lightning_pair_and_exports_it(wan22_folder, tmp_path, capsys):
+    pipe = wan22_pipeline(wan22_folder)
+    high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
+    wan_lightning_file(high, pipe.transformer, alpha=8.0, seed=1)
+    wan_lightning_file(low, pipe.transformer_2, alpha=8.0, seed=2)
+    assert main(["lora", "import", "--teacher", str(wan22_folder), "--files", str(high), str(low), "--strengths",
+                 "1", "0.8", "--boundaries", "0.87", "--steps", "2, 2", "--shift", "5", "--height", "16",
+                 "--width", "16", "--frames", "5", "--out", str(tmp_path / "student")]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["experts"] == ["transformer", "transformer_2"] and made["strengths"] == [1.0, 0.8]
+    assert read_manifest(tmp_path / "student")["teacher_options"] == {"height": 16, "width": 16, "num_frames": 5}
+    assert main(["lora", "export", "--student", str(tmp_path / "student"), "--out", str(tmp_path / "comfy")]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert len(exported["files"]) == 2 and exported["layout"] == "comfyui"
+    assert all(k.startswith("diffusion_model.blocks.") for k in load_file(exported["files"][1]))
+
+    assert main(["lora", "import", "--teacher", str(wan22_folder), "--files", str(high), "--height", "16",
+                 "--width", "16", "--frames", "5", "--boundaries", "0.87", "--out", str(tmp_path / "bad")]) == 2
+    assert "1 LoRA file(s) for a 2-phase schedule" in capsys.readouterr().err
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "students" / "phased"
+    assert main(["lora", "export", "--student", str(shipped), "--out", str(tmp_path / "x")]) == 2
+    assert "names no model family" in capsys.readouterr().err

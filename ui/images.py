@@ -13,9 +13,13 @@ INK = (20, 20, 20)
 
 
 def to_pil(image: Tensor, size: int = DISPLAY_SIZE) -> Image.Image:
-    """One image (3, H, W) in [0, 1] -> an RGB PIL image, upscaled with nearest-neighbour."""
+    """One image (3, H, W) in [0, 1] -> an RGB PIL image whose longer side is ``size``, aspect kept: enlarged
+    with nearest-neighbour (crisp pixels), reduced with Lanczos."""
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels).resize((size, size), Image.NEAREST)
+    picture = Image.fromarray(pixels)
+    scale = size / max(picture.size)
+    resized = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    return picture.resize(resized, Image.NEAREST if scale >= 1 else Image.LANCZOS)
 
 
 def font(size: int = 15) -> ImageFont.FreeTypeFont:

@@ -1,8 +1,11 @@
-"""Models the app keeps in memory: one teacher, one copy of it per student, the metrics probe.
+"""Models the app keeps in memory: teachers by id (each loaded once), the students on them, the metrics probe.
 
-load_student injects a student's LoRA adapters into the teacher's network, so every student gets its own
-deep copy of the teacher (the plain teacher stays adapter-free). A student's experts switch adapters on a
-shared network while sampling, so two requests must not sample the same student at once: each has a lock.
+load_student injects a student's LoRA adapters into its teacher's network. A small teacher (the built-in one)
+gets a deep copy per student, so the plain teacher stays adapter-free and every student has its own lock. A big
+one (a diffusers pipeline) is never copied: its one loaded student shares the network and the lock -- with the
+adapters disabled the network *is* the teacher, exactly -- and picking another student of it loads the teacher
+afresh (two sets of phase adapters cannot share one network). A student's experts switch adapters on the network
+while sampling, so two requests must not sample it at once: each network has a lock.
 """
 from __future__ import annotations
 
@@ -12,9 +15,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdmd import metrics
-from pdmd.experts import MANIFEST, Student, load_student
+from pdmd.experts import MANIFEST, Student, load_student, read_manifest
 from pdmd.teachers import load_teacher
 from pdmd.teachers.base import Teacher
+
+BUILTIN = "builtin"
+COPY_BELOW_BYTES = 256 * 2**20  # teachers smaller than this get a copy per student; bigger ones share
+
+
+def teacher_key(name: str, options: dict | None = None) -> tuple:
+    """One key per teacher and load options: a local folder by its resolved path, a Hub id as typed."""
+    name = (name or BUILTIN).strip()
+    folder = Path(name).expanduser()
+    if name != BUILTIN and folder.is_dir():
+        name = str(folder.resolve())
+    return name, tuple(sorted((k, v) for k, v in (options or {}).items() if v is not None))
+
+
+def same_teacher(a: str, b: str) -> bool:
+    return teacher_key(a)[0] == teacher_key(b)[0]
+
+
+def network_bytes(teacher: Teacher) -> int:
+    return sum(p.numel() * p.element_size() for p in teacher.model.parameters())
+
+
+@dataclass
+class LoadedTeacher:
+    teacher: Teacher
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    carries: Path | None = None  # the student whose adapters this network holds (shared teachers only)
 
 
 @dataclass
@@ -24,29 +54,61 @@ class LoadedStudent:
 
 
 class ModelStore:
-    def __init__(self, teacher_name: str = "builtin"):
-        self.teacher_name = teacher_name
-        self._teacher: Teacher | None = None
+    def __init__(self, teacher_name: str = BUILTIN):
+        self.default_teacher = teacher_name
+        self._teachers: dict[tuple, LoadedTeacher] = {}
+        self._students: dict[tuple, LoadedStudent] = {}
         self._probe = None
-        self._students: dict[tuple[Path, float], LoadedStudent] = {}
-        self._loading = threading.Lock()
+        self._loading = threading.RLock()
 
-    def teacher(self) -> Teacher:
+    def loaded_teacher(self, name: str | None = None, options: dict | None = None) -> LoadedTeacher:
+        """The teacher ``name`` (a TeacherError names what went wrong), loaded on first use."""
+        key = teacher_key(name or self.default_teacher, options)
         with self._loading:
-            if self._teacher is None:
-                self._teacher = load_teacher(self.teacher_name)
-            return self._teacher
+            if key not in self._teachers:
+                entry = LoadedTeacher(load_teacher(key[0], **dict(key[1])))
+                # also known by its full options, as a student's manifest records them (no second copy)
+                for alias in (key, teacher_key(key[0], entry.teacher.options())):
+                    self._teachers.setdefault(alias, entry)
+            return self._teachers[key]
+
+    def teacher(self, name: str | None = None, options: dict | None = None) -> Teacher:
+        return self.loaded_teacher(name, options).teacher
+
+    def teacher_lock(self, name: str | None = None, options: dict | None = None) -> threading.Lock:
+        return self.loaded_teacher(name, options).lock
+
+    def loaded_teachers(self) -> list[str]:
+        with self._loading:
+            return list(dict.fromkeys(key[0] for key in self._teachers))
 
     def student(self, folder: Path) -> LoadedStudent:
-        """Load (once per folder and manifest version) a student on its own copy of the teacher."""
+        """Load (once per folder and manifest version) a student on the teacher its manifest names."""
         folder = Path(folder).resolve()
-        manifest = folder / MANIFEST
-        key = (folder, manifest.stat().st_mtime if manifest.is_file() else 0.0)
-        teacher = self.teacher()
+        manifest_path = folder / MANIFEST
+        key = (folder, manifest_path.stat().st_mtime if manifest_path.is_file() else 0.0)
+        manifest = read_manifest(folder)
+        name, options = manifest["teacher"], manifest.get("teacher_options")
         with self._loading:
-            if key not in self._students:
-                self._students[key] = LoadedStudent(load_student(folder, copy.deepcopy(teacher)))
-            return self._students[key]
+            if key in self._students:
+                return self._students[key]
+            entry = self.loaded_teacher(name, options)
+            if network_bytes(entry.teacher) < COPY_BELOW_BYTES:
+                loaded = LoadedStudent(load_student(folder, copy.deepcopy(entry.teacher)))
+            else:
+                if entry.carries is not None:  # the network holds another student's adapters: start afresh
+                    self._students = {k: s for k, s in self._students.items() if k[0] != entry.carries}
+                    entry = self._reload(name, options)
+                entry.carries = folder  # set before loading: a failed load may still have left adapters
+                loaded = LoadedStudent(load_student(folder, entry.teacher), entry.lock)
+            self._students[key] = loaded
+            return loaded
+
+    def _reload(self, name: str, options: dict | None) -> LoadedTeacher:
+        stale = self._teachers[teacher_key(name, options)]
+        # dropped (under every alias) before loading the new one, so both never sit in memory at once
+        self._teachers = {k: e for k, e in self._teachers.items() if e is not stale}
+        return self.loaded_teacher(name, options)
 
     def probe(self):
         with self._loading:

@@ -23,6 +23,7 @@ SHIPPED_DIR = ROOT / "assets" / "students"
 BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
 BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
+MAX_PUBLISHED_BYTES = 2 * 1024**3     # a Wan2.2-Lightning rank-64 LoRA of the 14B experts is ~0.6 GB each
 
 
 def uploads_dir() -> Path:
@@ -77,14 +78,31 @@ def _safe_describe(folder: Path, kind: str) -> str:
         return f"{kind}: {folder.name} (unreadable manifest)"
 
 
-def default_choice() -> str:
-    """The app opens on the shipped phased student (the method's story), else on the baseline."""
+def default_choice(teacher: str | None = None) -> str:
+    """The app opens on the shipped phased student (the method's story); another teacher opens on its newest
+    student; else the baseline."""
     phased = SHIPPED_DIR / "phased"
-    return str(phased) if (phased / MANIFEST).is_file() else BASELINE
+    if teacher in (None, "builtin"):
+        return str(phased) if (phased / MANIFEST).is_file() else BASELINE
+    own = picker_choices(teacher)[1:]
+    return own[0][1] if own else BASELINE
 
 
-def picker_choices() -> list[tuple[str, str]]:
-    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in discover_students()]
+def teacher_of(folder: Path) -> str | None:
+    """The teacher a student folder's manifest names (None when unreadable: loading it names the problem)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("teacher")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def picker_choices(teacher: str | None = None) -> list[tuple[str, str]]:
+    """The baseline and every student, or only the students of ``teacher`` (unreadable ones always show)."""
+    from ui.models import same_teacher
+
+    found = [c for c in discover_students()
+             if teacher is None or (t := teacher_of(c.folder)) is None or same_teacher(t, teacher)]
+    return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in found]
 
 
 def resolve_student_folder(value: str) -> Path:
@@ -171,6 +189,36 @@ def import_upload(paths: list[str | Path]) -> Path:
     try:
         read_manifest(folder)  # the library's own checks, before anyone picks it
     except StudentError:
+        discard_upload(folder)
+        raise
+    return folder
+
+
+def import_published(paths: list[str | Path], teacher, teacher_name: str, schedule, strengths: list[float],
+                     cfg: float) -> Path:
+    """Published LoRA files (e.g. Wan2.2-Lightning's high- and low-noise pair) -> a student folder of
+    ``teacher`` in runs/uploads/published-<hash>/; phase k gets the k-th file in file-name order."""
+    from pdmd.lora_formats import make_published_student, published_folder_name
+
+    paths = sorted((Path(p) for p in paths), key=lambda p: p.name)
+    if not paths:
+        raise StudentError("no files uploaded: choose the LoRA file(s), one per phase")
+    total = 0
+    for path in paths:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise StudentError(f"{path.name} refused: pickle files are never loaded; upload .safetensors only")
+        if path.suffix.lower() != ".safetensors":
+            raise StudentError(f"{path.name} refused: only .safetensors LoRA files are accepted")
+        total += path.stat().st_size
+    if total > MAX_PUBLISHED_BYTES:
+        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is {MAX_PUBLISHED_BYTES / 2**20:.0f} MiB")
+    salt = json.dumps([teacher_name, schedule.as_dict(), cfg])
+    folder = uploads_dir() / published_folder_name(paths, strengths, salt)
+    if (folder / MANIFEST).is_file():
+        return folder  # the same files, strengths, teacher and schedule were imported before
+    try:
+        make_published_student(folder, paths, teacher, schedule, strengths, cfg, teacher_id=teacher_name)
+    except Exception:
         discard_upload(folder)
         raise
     return folder
