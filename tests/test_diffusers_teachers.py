@@ -132,6 +132,37 @@ def test_two_phased_distillation_steps_then_export_and_reload(tmp_path, tiny_pip
                                                                config.student_cfg).sample)
 
 
+def test_gradient_checkpointing_trains_the_same_adapters_on_both_wan22_experts(tmp_path, tiny_pipeline):
+    states = []
+    for checkpointing in (False, True):
+        config = TrainConfig.from_dict(tiny_config(tmp_path / str(checkpointing), "wan2.2", sample_every=100,
+                                                   folder=tiny_pipeline("wan2.2"),
+                                                   gradient_checkpointing=checkpointing))
+        trainer = Trainer(config)
+        trainer.fit(progress=False)
+        assert all(m.gradient_checkpointing == checkpointing for m in trainer.teacher.model.values())
+        states.append({name: trainer.roles.state_dict(name) for name in ("phase_1", "phase_2")})
+    for name, state in states[0].items():
+        for key, value in state.items():
+            torch.testing.assert_close(states[1][name][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_and_offload_distil_and_decode(tmp_path, tiny_pipeline):
+    config = TrainConfig.from_dict(tiny_config(tmp_path, "wan2.2", folder=tiny_pipeline("wan2.2"), dtype="bf16",
+                                               offload=True, gradient_checkpointing=True))
+    trainer = Trainer(config)
+    assert trainer.teacher.dtype == torch.bfloat16 and trainer.teacher.offload
+    result = trainer.fit(progress=False)
+    rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert result["finished"] and all(torch.isfinite(torch.tensor(r["loss_generator"])) for r in rows)
+    sample = trainer.teacher.sample(PROMPTS[:1], 0, config.schedule, 1.0, trainer.experts).sample
+    frames = trainer.teacher.decode(sample)  # the offloaded VAE borrowed for the call
+    assert frames.shape == (1, 5, 3, 16, 16) and torch.isfinite(frames).all()
+    assert next(trainer.teacher.pipe.vae.parameters()).device.type == "cpu"
+    # the manifest keeps what the student is (its resolution), not how this machine held the teacher
+    assert load_student(result["student"]).roles.teacher.dtype == torch.float32
+
+
 def random_student(teacher, schedule: PhaseSchedule, folder: Path):
     """Phase LoRAs with random weights (as if trained), saved as a student folder."""
     roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], LoraSpec(rank=2, alpha=4))

@@ -129,7 +129,8 @@ class DiffusersTeacher(Teacher):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The transformer's compute dtype (diffusers keeps a few small modules in fp32: not its first parameter)."""
+        return self.pipe.transformer.dtype
 
     def on_model(self, tensor: Tensor | None) -> Tensor | None:
         """A conditioning tensor on the transformer's device; floating ones in its dtype."""

@@ -1,0 +1,113 @@
+"""GPU check for the real-teacher families: on a CUDA machine, each family's tiny pipeline (random weights, real
+diffusers classes, tests/tiny_pipelines.py) is loaded in bf16, sampled and distilled for a few phased steps;
+prints sampling and training it/s and peak GPU memory. The whole run takes well under 10 minutes.
+
+    python benchmarks/gpu_check.py                 # every family, on CUDA
+    python benchmarks/gpu_check.py --cpu --steps 2 # a smoke run on the CPU (fp32 unless --dtype bf16)
+
+The numbers time the code path (placement, dtype, LoRA roles, the trainer loop), not the real models' speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from pdmd.schedule import PhaseSchedule  # noqa: E402
+from pdmd.teachers import load_teacher  # noqa: E402
+from pdmd.train_config import TrainConfig  # noqa: E402
+from pdmd.trainer import Trainer  # noqa: E402
+from tiny_pipelines import BUILDERS, build  # noqa: E402
+
+SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
+         "qwen-image": dict(height=64, width=64)}
+DEFAULT_SIZE = dict(height=32, width=32)
+
+
+def peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def check(family: str, folder: Path, device: torch.device, dtype: str, steps: int, sample_steps: int,
+          run_dir: Path) -> dict:
+    sizes = SIZES.get(family, DEFAULT_SIZE)
+    started = time.perf_counter()
+    teacher = load_teacher(str(folder), device=device, dtype=dtype, **sizes)
+    load_s = time.perf_counter() - started
+    schedule = PhaseSchedule.uniform(sample_steps, teacher.default_shift)
+    prompts = ["a red fox in the snow", "a city at night"]
+    teacher.sample(prompts, seed=0, schedule=PhaseSchedule.uniform(1))  # warm-up (kernels, allocator)
+    reset_peak(device)
+    started = time.perf_counter()
+    result = teacher.sample(prompts, seed=0, schedule=schedule)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_s = time.perf_counter() - started
+    sample_peak = peak_mb(device)
+    assert torch.isfinite(result.sample).all(), f"{family}: non-finite teacher sample"
+
+    config = TrainConfig.from_dict(dict(
+        teacher=str(folder), method="phased", schedule={"boundaries": [0.8], "steps": [2, 2]},
+        steps_per_phase=max(1, steps // 2), batch_size=2, fake_ratio=2, lora={"rank": 8, "alpha": 8},
+        prompts=prompts, sample_every=10**6, checkpoint_every=10**6, gradient_checkpointing=True,
+        output_dir=str(run_dir / family), dtype=dtype, **sizes))
+    trainer = Trainer(config, teacher=teacher)
+    reset_peak(device)
+    started = time.perf_counter()
+    trainer.fit(progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_s = time.perf_counter() - started
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"family": family, "device": device.type, "dtype": dtype, "load_s": round(load_s, 2),
+            "sample_it_per_s": round(result.nfe / sample_s, 1), "sample_peak_mb": round(sample_peak, 1),
+            "train_steps": trainer.step, "train_it_per_s": round(trainer.step / train_s, 2),
+            "train_peak_mb": round(peak_mb(device), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke run; no CUDA needed)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--steps", type=int, default=20, help="generator steps of the distillation (2 phases)")
+    parser.add_argument("--sample-steps", type=int, default=8)
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run it on a GPU machine, or pass --cpu for a smoke run",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu else "cuda")
+    dtype = args.dtype or ("fp32" if args.cpu else "bf16")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# gpu_check on {name}, {dtype}, torch {torch.__version__}")
+    print(f"{'family':14} {'load s':>7} {'sample it/s':>12} {'sample MiB':>11} {'train it/s':>11} {'train MiB':>10}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families:
+            folder = build(family, Path(tmp) / family)
+            row = check(family, folder, device, dtype, args.steps, args.sample_steps, Path(tmp) / "runs")
+            rows.append(row)
+            print(f"{family:14} {row['load_s']:7.2f} {row['sample_it_per_s']:12.1f} {row['sample_peak_mb']:11.1f} "
+                  f"{row['train_it_per_s']:11.2f} {row['train_peak_mb']:10.1f}", flush=True)
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
