@@ -41,6 +41,7 @@ DATABASE = "jobs.sqlite"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 ERROR_LOG_LINES = 15
+LAUNCH_GRACE_S = 30  # a running job without a pid yet is being started by some app, not dead
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 QUEUED, RUNNING, STOPPING = "queued", "running", "stopping"
@@ -326,18 +327,37 @@ class JobManager:
             for job in self.jobs():
                 if job.status in ACTIVE:
                     self._check(job)
-            if self.running() is None:
-                with self._connect() as db:
-                    row = db.execute("SELECT * FROM jobs WHERE status = ? AND device = ? ORDER BY id LIMIT 1",
-                                     (QUEUED, self.device)).fetchone()
+            job = self._claim_next()
+            if job is not None:
+                self._launch(job)
+
+    def _claim_next(self) -> Job | None:
+        """The oldest queued job, marked running in one transaction if the device is free -- so two apps on
+        one runs folder never start two jobs on one device."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                busy = db.execute("SELECT 1 FROM jobs WHERE device = ? AND status IN (?, ?)",
+                                  (self.device, *ACTIVE)).fetchone()
+                row = None if busy else db.execute(
+                    "SELECT * FROM jobs WHERE status = ? AND device = ? ORDER BY id LIMIT 1",
+                    (QUEUED, self.device)).fetchone()
                 if row is not None:
-                    self._launch(self._job(row))
+                    db.execute("UPDATE jobs SET status = ?, pid = NULL, started = ? WHERE id = ?",
+                               (RUNNING, time.time(), row["id"]))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self._job(row) if row is not None else None
 
     def _check(self, job: Job) -> None:
         process = self._processes.get(job.id)
         if process is not None:
             code = process.poll()
             alive = code is None
+        elif job.pid is None and time.time() - (job.started or 0) < LAUNCH_GRACE_S:
+            return  # another app claimed it a moment ago and is starting its process
         else:  # started by an earlier app: only /proc can tell
             code, alive = None, is_alive(job.pid, job.pid_started)
         step = last_step(job.folder) or job.step
@@ -379,12 +399,16 @@ class JobManager:
         env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1"}
-        with open(job.folder / LOG_FILE, "a") as log:
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {display_command(job)}\n")
-            log.flush()
-            # a session of its own: the app's Ctrl+C does not reach it, and force stop kills its whole group
-            process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with open(job.folder / LOG_FILE, "a") as log:
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {display_command(job)}\n")
+                log.flush()
+                # a session of its own: the app's Ctrl+C does not reach it; force stop kills its whole group
+                process = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as err:  # a missing folder, a full disk: the job fails, the queue goes on
+            self._update(job.id, status=FAILED, ended=time.time(), error=f"could not start the trainer: {err}")
+            return
         self._processes[job.id] = process
         self._update(job.id, status=RUNNING, pid=process.pid, pid_started=process_start_time(process.pid),
                      started=time.time(), ended=None, requested=None, error=None,

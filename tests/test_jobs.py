@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_sigkill_is_interrupted_recovered_after_a_restart_and_resumes_to_the_end
 def test_a_crashing_trainer_fails_with_its_last_log_lines_and_cannot_resume(manager):
     job = manager.submit("crash", tiny(teacher="no-such-teacher"))  # valid config, fails when it loads
     job = wait_for(manager, job.id, lambda j: j.status == FAILED, "failed")
-    assert "python -m pdmd train: error: teacher 'no-such-teacher'" in job.error  # the log's last lines
+    assert re.search(r"python -m pdmd train: error: .*'no-such-teacher'", job.error)  # the log's last lines
     with pytest.raises(JobError, match="has no checkpoint to resume from"):
         manager.resume(job.id)
 
