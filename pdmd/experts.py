@@ -126,8 +126,22 @@ class Roles:
 # --- the student folder ---------------------------------------------------------------------------------
 def phase_experts(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
     """The networks of a two-expert teacher that ``phase``'s sampling steps run on, in the teacher's order."""
+    if not teacher.expert_names:
+        return ()
     used = {teacher.expert_at(t) for t in phase_sigmas(schedule, phase)[:-1]}
     return tuple(name for name in teacher.expert_names if name in used)
+
+
+def warn_about_shared_phases(teacher: Teacher, schedule: PhaseSchedule) -> None:
+    """A two-expert teacher's phase whose steps run on both experts is saved as one LoRA per expert; say so
+    before training, since published students (Wan2.2-Lightning) have one expert per phase."""
+    for k in range(schedule.num_phases):
+        used = phase_experts(teacher, schedule, k)
+        if len(used) > 1:
+            times = ", ".join(f"{t:.3g}" for t in phase_sigmas(schedule, k)[:-1])
+            warnings.warn(f"phase {k + 1} has steps at t = {times}, on both experts {' and '.join(used)} (a step "
+                          "runs on the expert of the t it starts from): its LoRA is saved for each; for one expert "
+                          "per phase, keep each phase's steps on one side of the switch", stacklevel=2)
 
 
 def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: dict, prefix: str | None = None) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from pdmd import checkpoints, distill
 from pdmd.cli import positive_int
-from pdmd.experts import FAKE, Roles, phase_adapter, save_student
+from pdmd.experts import FAKE, Roles, phase_adapter, save_student, warn_about_shared_phases
 from pdmd.images import as_stills, save_png
 from pdmd.train_config import ConfigError, TrainConfig
 
@@ -77,6 +77,7 @@ class Trainer:
         names = [phase_adapter(k) for k in range(self.schedule.num_phases)]
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
+        warn_about_shared_phases(self.teacher, self.schedule)
         if config.gradient_checkpointing:
             self.teacher.enable_gradient_checkpointing()
         self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
@@ -91,6 +92,7 @@ class Trainer:
         self.prompts = prompts
         with torch.no_grad():  # prompt embeddings computed once for the whole run
             self.cond, self.uncond = self.teacher.encode_prompts(prompts)
+        self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
         self.ema: dict[str, Tensor] = {}
         self.optimizers = None

@@ -108,6 +108,8 @@ def tiny_config(tmp_path, family, **overrides) -> dict:
 def test_two_phased_distillation_steps_then_export_and_reload(tmp_path, tiny_pipeline, family):
     config = TrainConfig.from_dict(tiny_config(tmp_path, family, folder=tiny_pipeline(family)))
     trainer = Trainer(config)
+    # prompts are encoded once: the text encoders leave the device, borrowed back for the sample grid
+    assert all(id(e) in trainer.teacher._offloaded for e in trainer.teacher.text_encoders)
     result = trainer.fit(progress=False)
     assert result["finished"] and result["step"] == 2
     rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -204,8 +206,13 @@ def test_wan22_phase_loras_load_into_the_right_diffusers_transformer(tmp_path, t
 
 
 def test_wan22_a_phase_across_the_expert_boundary_saves_one_lora_per_expert(tmp_path, tiny_pipeline):
+    from pdmd.experts import warn_about_shared_phases
+
     teacher = teacher_of(tiny_pipeline, "wan2.2")
     schedule = PhaseSchedule.from_dict({"boundaries": [0.5], "steps": [2, 1], "shift": 1.0})  # steps at 1, 0.75
+    with pytest.warns(UserWarning, match="phase 1 has steps at t = 1, 0.75, on both experts transformer and "
+                                         "transformer_2"):
+        warn_about_shared_phases(teacher, schedule)
     random_student(teacher, schedule, tmp_path / "student")
     manifest = json.loads((tmp_path / "student" / MANIFEST).read_text())
     assert manifest["experts"] == [["transformer", "transformer_2"], "transformer_2"]

@@ -71,6 +71,9 @@ class Teacher(ABC):
         then the sampler's ``(cond, uncond)`` pair)."""
         return velocity
 
+    def release_text_encoders(self) -> None:
+        """Free the device memory of the prompt encoders once prompts are encoded (nothing to free here)."""
+
     def enable_gradient_checkpointing(self) -> None:
         for network in (self.model.values() if isinstance(self.model, nn.ModuleDict) else [self.model]):
             network.enable_gradient_checkpointing()
@@ -94,8 +97,8 @@ class Teacher(ABC):
         cfg = self.default_cfg if cfg is None else cfg
         cond, uncond = self.encode_prompts(list(prompts))
         experts = experts or self.velocity
-        if self.guidance_embedded:
-            experts = [self.with_guidance(e, cfg) for e in (experts if isinstance(experts, list) else [experts])]
-            experts = experts if len(experts) > 1 else experts[0]
+        if self.guidance_embedded:  # the scale is a network input, not a (cond, uncond) pair
+            experts = ([self.with_guidance(e, cfg) for e in experts] if isinstance(experts, (list, tuple))
+                       else self.with_guidance(experts, cfg))
         return sample_phased(experts, self.noise(len(prompts), seed), schedule, cond,
                              uncond=uncond, cfg=cfg, callback=callback)

@@ -78,9 +78,10 @@ class DiffusersTeacher(Teacher):
         for encoder in self.text_encoders:
             encoder.eval().requires_grad_(False)
         pipe.vae.eval().requires_grad_(False)
-        self.target = torch.device(device or "cpu")
-        on_device = [self.model] + ([] if offload else [*self.text_encoders, pipe.vae])
-        self._to_device(on_device, self.target)
+        # modules kept on the CPU and borrowed by the device only while they run
+        self._offloaded = {id(m) for m in (*self.text_encoders, pipe.vae)} if offload else set()
+        self._to_device([m for m in (self.model, *self.text_encoders, pipe.vae) if id(m) not in self._offloaded],
+                        torch.device(device or "cpu"))
         self.default_shift = self.scheduler_shift()
 
     # --- what a family defines ----------------------------------------------------------------------------
@@ -109,10 +110,19 @@ class DiffusersTeacher(Teacher):
         except torch.OutOfMemoryError as err:
             raise TeacherError(f"{self.source} does not fit on {device} ({err}): {MEMORY_ADVICE}") from None
 
+    def release_text_encoders(self) -> None:
+        """Text encoders to the CPU once the prompts are encoded (the trainer's embeddings are computed once);
+        a later encode borrows them back."""
+        for encoder in self.text_encoders:
+            encoder.to("cpu")
+            self._offloaded.add(id(encoder))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @contextmanager
     def _borrowed(self, module: nn.Module):
-        """``module`` on the teacher's device while in use; with offload it goes back to the CPU afterwards."""
-        if not self.offload:
+        """``module`` on the teacher's device while in use; an offloaded one goes back to the CPU afterwards."""
+        if id(module) not in self._offloaded:
             yield module
             return
         self._to_device([module], self.device)
