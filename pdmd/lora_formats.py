@@ -61,6 +61,7 @@ WAN_TOP_NAMES = {"condition_embedder.time_proj": "time_projection.1", "proj_out"
                  "condition_embedder.time_embedder.linear_2": "time_embedding.2",
                  "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
                  "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3"}
+KOHYA_PARTS = {"lora_A": "lora_down", "lora_B": "lora_up"}
 PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 
@@ -206,7 +207,13 @@ def load_published(path: str | Path, family: str, model: nn.Module | None = None
                    strength: float = 1.0) -> dict[str, Tensor]:
     """One published LoRA file as PEFT weights for ``family``, times ``strength`` (0 = no change, 1 = as
     published), checked against ``model`` when given."""
-    state = to_peft(read_lora(path), family)
+    return convert_published(read_lora(path), family, model, strength)
+
+
+def convert_published(raw: dict[str, Tensor], family: str, model: nn.Module | None = None,
+                      strength: float = 1.0) -> dict[str, Tensor]:
+    """load_published for tensors already read."""
+    state = to_peft(raw, family)
     if model is not None:
         check_fits(state, model)
     return {k: (v * strength if ".lora_B." in k else v).float().contiguous() for k, v in state.items()}
@@ -263,7 +270,11 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
     if len(strengths) != len(files) or not all(0.0 <= s <= MAX_STRENGTH for s in strengths):
         raise LoraFormatError(f"strengths {strengths} must be one number in [0, {MAX_STRENGTH:g}] per phase")
     networks = phase_networks(teacher, schedule)
-    states = [load_published(f, teacher.family, network, s) for f, s, (_, network) in zip(files, strengths, networks)]
+    states, layouts = [], []
+    for path, strength, (_, network) in zip(files, strengths, networks):  # one file in memory at a time
+        raw = read_lora(path)
+        layouts.append(detect_layout(raw))
+        states.append(convert_published(raw, teacher.family, network, strength))
     rank = max(v.shape[0] for state in states for k, v in state.items() if ".lora_A." in k)
     modules = sorted({PAIR.match(k)["module"] for state in states for k in state})
     phases = []
@@ -277,8 +288,8 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
                 "method": PUBLISHED, "cfg": float(cfg), "steps_trained": 0, "schedule": schedule.as_dict(),
                 "phases": phases,
                 "lora": {"rank": rank, "alpha": float(rank), "target_modules": modules, "prefix": TRANSFORMER_PREFIX},
-                "published": {"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files], "layouts": [detect_layout(read_lora(f)) for f in files],
-                              "strengths": strengths}}
+                "published": {"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files],
+                              "layouts": layouts, "strengths": strengths}}
     if teacher.options():
         manifest["teacher_options"] = teacher.options()
     if teacher.expert_names:
@@ -315,11 +326,11 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
         match = PAIR.match(key)
         if match is None:
             raise LoraFormatError(f"{key} is not a lora_A/lora_B weight")
-        module, part = match["module"], match["part"]
+        module, kohya_part = match["module"], KOHYA_PARTS[match["part"]]
         if family == "wan":
-            out[f"diffusion_model.{wan_original_name(module)}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value
+            out[f"diffusion_model.{wan_original_name(module)}.{kohya_part}.weight"] = value
         elif family == "qwen-image":
-            out[f"diffusion_model.{module}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value
+            out[f"diffusion_model.{module}.{kohya_part}.weight"] = value
         elif family in ("flux", "sd3"):
             out[f"{TRANSFORMER_PREFIX}.{key}"] = value
         else:

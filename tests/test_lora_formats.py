@@ -423,3 +423,35 @@ def test_cli_imports_a_lightning_pair_and_exports_it(wan22_folder, tmp_path, cap
     shipped = Path(__file__).resolve().parents[1] / "assets" / "students" / "phased"
     assert main(["lora", "export", "--student", str(shipped), "--out", str(tmp_path / "x")]) == 2
     assert "names no model family" in capsys.readouterr().err
+
+
+def test_lightning_key_names_fit_the_full_size_wan22_and_qwen_image_architectures(tmp_path):
+    """Every block of the real Wan2.2 A14B expert (40 blocks) and Qwen-Image (60) -- built on the meta device,
+    no weights -- takes a Lightning-style file: all 40 x 10 Wan modules, all 60 x 14 Qwen-Image block Linears."""
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
+
+    with torch.device("meta"):
+        wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                                    in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                                    num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                    rope_max_seq_len=1024)
+        qwen = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                                           attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                                           axes_dims_rope=(16, 56, 56))
+    for family, model, style in (("wan", wan, "lightning"), ("qwen-image", qwen, "kohya-suffix")):
+        state = {}
+        for name, layer in linears(model).items():
+            if not name.startswith(("blocks.", "transformer_blocks.")):
+                continue
+            down, up = torch.zeros(1, layer.in_features), torch.zeros(layer.out_features, 1)
+            if style == "lightning":
+                original = f"diffusion_model.{lf.wan_original_name(name)}"
+                state.update({f"{original}.lora_A.weight": down, f"{original}.lora_B.weight": up,
+                              f"{original}.alpha": torch.tensor(1.0)})
+            else:
+                state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                              f"{name}.alpha": torch.tensor(1.0)})
+        save_file(state, str(tmp_path / f"{family}.safetensors"))
+        loaded = lf.load_published(tmp_path / f"{family}.safetensors", family, model)
+        blocks = [n for n in linears(model) if n.startswith(("blocks.", "transformer_blocks."))]
+        assert len(loaded) == 2 * len(blocks) and len(blocks) == (40 * 10 if family == "wan" else 60 * 14)

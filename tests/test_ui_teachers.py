@@ -54,7 +54,8 @@ def lightning_files(folder: Path, teacher, seed: int = 0) -> list[str]:
     alpha, one file for each expert (the names sort high before low, as the published ones do)."""
     generator = torch.Generator().manual_seed(seed)
     paths = []
-    for name, network in (("high_noise_model", teacher.pipe.transformer), ("low_noise_model", teacher.pipe.transformer_2)):
+    pipe = teacher.pipe
+    for name, network in (("high_noise_model", pipe.transformer), ("low_noise_model", pipe.transformer_2)):
         state = {}
         for module, layer in network.named_modules():
             if isinstance(layer, torch.nn.Linear) and module.startswith("blocks.") and ".lora_" not in module:
@@ -80,9 +81,10 @@ def gif_frames(path: str) -> int:
 
 # --- picking and loading a teacher ---------------------------------------------------------------------------
 def test_loading_a_pipeline_folder_sets_the_teacher_its_defaults_and_its_students(store, wan, tiny_pipeline):
-    state, status, picker, steps, cfg = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")),
-                                                                *WAN_SIZE)
+    state, status, picker, steps, cfg, teachers = compare.on_load_teacher(
+        store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
     assert state == wan and state["options"] == {"height": 16, "width": 16, "num_frames": 5}
+    assert teachers["value"] == state["name"] == str(tiny_pipeline("wan2.2").resolve())
     assert "wan" in status and "video" in status and "transformer_2" in status
     assert steps["value"] == 40 and cfg["value"] == 5.0  # Wan 2.2 A14B's own defaults
     assert [value for _, value in picker["choices"]] == [students.BASELINE]  # builtin's students are not its
@@ -110,6 +112,7 @@ def test_a_folder_with_no_supported_pipeline_names_what_it_found(store, tmp_path
 def test_wan_baseline_and_teacher_show_gifs_and_first_frames(store, wan):
     video, caption, seed, status, run = run_student(store, students.BASELINE, wan)
     assert isinstance(video, str) and video.endswith(".gif") and gif_frames(video) == WAN_SIZE[2]
+    assert Image.open(video).size == (256, 256)  # 16x16 frames enlarged for the page
     assert "Baseline" in caption and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
     teacher_video, teacher_caption, summary, strip, download, done = compare.on_compare_teacher(
         store, run, 8, 5.0, progress=no_progress)
@@ -212,10 +215,10 @@ def test_a_single_qwen_image_lightning_file_on_a_one_phase_schedule(store, tiny_
             lora[f"{module}.lora_down.weight"] = torch.randn(2, layer.in_features, generator=generator)
             lora[f"{module}.lora_up.weight"] = torch.randn(layer.out_features, 2, generator=generator)
             lora[f"{module}.alpha"] = torch.tensor(1.0)
-    save_file(lora, str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))
+    save_file(lora, str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))  # the published name
     eight = PhaseSchedule((), (8,), 3.0)
-    picker, status = compare.on_import_published(store, [str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors")],
-                                                 state, "", eight.as_dict(), 1.0)
+    lightning = str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors")
+    picker, status = compare.on_import_published(store, [lightning], state, "", eight.as_dict(), 1.0)
     assert "✓" in status and "experts" not in read_manifest(Path(picker["value"]))
     image, caption, *_ = run_student(store, picker["value"], state, schedule=eight)
     assert isinstance(image, Image.Image) and image.size == (256, 256) and "NFE 8" in caption

@@ -144,6 +144,8 @@ def shown(picture: Tensor, label: str) -> Image.Image | str:
     """What the Compare image box shows: the image, or for a video an animated GIF (its file path)."""
     if picture.dim() == 3:
         return still(picture)
+    factor = max(1, images.DISPLAY_SIZE // max(picture.shape[-2:]))  # tiny videos enlarged, pixels kept crisp
+    picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
     path = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}.gif"
     return str(save_video(picture[None], path))
@@ -351,13 +353,15 @@ def on_refresh_students(current: str, teacher=BUILTIN):
 
 def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, frames=None):
     """Outputs: the teacher state, status, the student picker (that teacher's students), teacher steps and CFG
-    sliders (its own defaults). A typed folder or Hub id wins over the picker."""
+    sliders (its own defaults), the teacher picker (now listing it). A typed folder or Hub id wins over the
+    picker."""
     name = (typed or "").strip() or picked or BUILTIN
     try:
         options = load_options(height, width, frames)
         teacher = store.teacher(name, options)
     except (InputError, *LOAD_ERRORS) as err:
-        return gr.skip(), error_markdown(f"Teacher not loaded: {err}"), gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) + (error_markdown(f"Teacher not loaded: {err}"),) + (gr.skip(),) * 4
+    name = teacher_key(name)[0]  # a folder by its full path, as the picker lists it
     kind = ("built-in 32×32 scenes" if teacher.family is None else
             f"{teacher.family}, {'video' if teacher.is_video else 'image'} {teacher.options()}".strip())
     experts = f"; experts {', '.join(teacher.expert_names)}" if teacher.expert_names else ""
@@ -366,7 +370,8 @@ def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, f
     choices = students.picker_choices(name)
     return ({"name": name, "options": options}, status,
             gr.update(choices=choices, value=students.default_choice(name)),
-            gr.update(value=min(teacher.default_steps, MAX_TEACHER_STEPS)), gr.update(value=teacher.default_cfg))
+            gr.update(value=min(teacher.default_steps, MAX_TEACHER_STEPS)), gr.update(value=teacher.default_cfg),
+            gr.update(choices=teacher_choices(store), value=name))
 
 
 def on_upload(store: ModelStore, files):
@@ -410,9 +415,9 @@ def on_import_published(store: ModelStore, files, teacher, strengths, phases_sch
     except (InputError, ScheduleError, *LOAD_ERRORS) as err:
         return gr.skip(), error_markdown(f"Published LoRA refused: {err}")
     manifest = read_manifest(folder)
-    placed = "; ".join(
-        f"phase {k + 1} ← {file} × {strength:g}" + (f" → {manifest['experts'][k]}" if "experts" in manifest else "")
-        for k, (file, strength) in enumerate(zip(manifest["published"]["files"], manifest["published"]["strengths"])))
+    published, experts = manifest["published"], manifest.get("experts")
+    placed = "; ".join(f"phase {k + 1} ← {file} × {strength:g}" + (f" → {experts[k]}" if experts else "")
+                       for k, (file, strength) in enumerate(zip(published["files"], published["strengths"])))
     return (gr.update(choices=students.picker_choices(name), value=str(folder)),
             f"✓ Published student {folder.name}: {placed}.")
 
@@ -521,7 +526,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     load_button.click(lambda: "Loading the teacher (a large model takes minutes)…", None, teacher_status,
                       queue=False).then(partial(on_load_teacher, store),
                                         [teacher_picker, teacher_path, height, width, frames],
-                                        [teacher_state, teacher_status, picker, steps, cfg])
+                                        [teacher_state, teacher_status, picker, steps, cfg, teacher_picker])
     import_button.click(partial(on_import_published, store),
                         [published, teacher_state, strengths, schedule_state, published_cfg],
                         [picker, published_status])
