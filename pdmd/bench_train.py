@@ -26,7 +26,8 @@ def _measure_inference(config_path: str) -> dict:
     from pdmd.teachers import load_teacher
 
     config = TrainConfig.from_yaml(config_path)
-    teacher = load_teacher(config.teacher, device="cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(config.teacher, device="cuda" if torch.cuda.is_available() else "cpu",
+                           **config.teacher_options())
     prompts = list(teacher.default_prompts[: config.batch_size])
     started = time.perf_counter()
     teacher.sample(prompts, seed=0)
