@@ -31,6 +31,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name fo
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights records rank and alpha
+FOLD_BUDGET_BYTES = 2**30  # merged per-phase weight copies kept for inference (the built-in needs ~20 MB)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}  # refused by name, never opened
 
 
@@ -78,9 +79,16 @@ class Roles:
         self.adapters = list(adapters)
         for param in self.parameters_of(*adapters):
             param.requires_grad_(False)
+        self._base_weights: dict[nn.Module, Tensor] = {}
+        self._fold_cache: dict[str, dict[nn.Module, Tensor]] = {}  # adapter -> merged weight per layer
+        self._folded: str | None = None
         self._activate(None)
 
     def _activate(self, name: str | None) -> None:
+        self._fold(None)
+        self._switch(name)
+
+    def _switch(self, name: str | None) -> None:
         for layer in self.layers:
             layer._disable_adapters = name is None
             if name is not None:
@@ -100,12 +108,46 @@ class Roles:
                 return self.teacher.velocity(x, t, cond)
         return velocity
 
+    def _fold(self, name: str | None) -> None:
+        """Swap in adapter ``name``'s merged weights (None: the base's own), so that inference runs the plain
+        network: at a small batch, PEFT's extra matmuls and dispatch cost as much as the base layers. Swapping
+        tensors (rather than merging and unmerging) is free per call and leaves the base weights bit-exact."""
+        if self._folded == name:
+            return
+        if self._folded is None:  # the base weights as they are now (the model may have moved since __init__)
+            self._base_weights = {layer: layer.get_base_layer().weight.data for layer in self.layers}
+        merged = self._fold_cache[name] if name is not None else {}
+        for layer in self.layers:
+            layer.get_base_layer().weight.data = merged.get(layer, self._base_weights[layer])
+        self._folded = name
+
+    def folded_velocity(self, name: str):
+        """Inference-only v(x, t, cond) of adapter ``name`` with its LoRA merged into a cached copy of the
+        weights it touches; it falls back to the adapter path when K copies would not fit FOLD_BUDGET_BYTES."""
+        cached = sum(layer.get_base_layer().weight.nbytes for layer in self.layers)
+        if name not in self._fold_cache and cached * (len(self._fold_cache) + 1) > FOLD_BUDGET_BYTES:
+            return self.velocity(name)
+
+        @torch.no_grad()
+        def velocity(x: Tensor, t: Tensor, cond) -> Tensor:
+            if name not in self._fold_cache:
+                self._activate(None)
+                self._fold_cache[name] = {
+                    layer: layer.get_base_layer().weight + layer.get_delta_weight(name)
+                    for layer in self.layers if name in layer.lora_A}
+            self._switch(None)  # adapters off: each layer runs its (swapped) base weight alone
+            self._fold(name)
+            return self.teacher.velocity(x, t, cond)
+        return velocity
+
     def parameters_of(self, *names: str) -> list[nn.Parameter]:
         return [p for n, p in self.teacher.model.named_parameters()
                 if any(f".{name}." in n for name in names) and "lora_" in n]
 
     def reset(self, name: str) -> None:
         """Re-initialise an adapter (the fake score at the start of each phase, doc §4)."""
+        self._activate(None)
+        self._fold_cache.pop(name, None)  # merged from the old weights
         for layer in self.layers:
             if name in getattr(layer, "lora_A", {}):
                 layer.reset_lora_parameters(name, True)
@@ -116,6 +158,8 @@ class Roles:
                 get_peft_model_state_dict(self.teacher.model, adapter_name=name).items()}
 
     def load_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
+        self._activate(None)
+        self._fold_cache.pop(name, None)  # merged from the old weights
         result = set_peft_model_state_dict(self.teacher.model, state, adapter_name=name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
@@ -215,7 +259,7 @@ class Student:
 
     @property
     def experts(self):
-        return [self.roles.velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
+        return [self.roles.folded_velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
 
     @property
     def cfg(self) -> float:

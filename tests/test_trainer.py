@@ -69,6 +69,38 @@ def test_roles_share_one_base_and_start_equal_to_the_teacher():
         torch.testing.assert_close(roles.velocity("phase_1")(x, t, cond), v_teacher)
 
 
+def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
+    """Inference swaps in each phase's merged weights; the LoRA path, the teacher and training see no trace."""
+    from pdmd.experts import LoraSpec, Roles
+
+    teacher = load_teacher("builtin")
+    roles = Roles(teacher, ["phase_1", "phase_2"], LoraSpec(rank=4, alpha=4))
+    with torch.no_grad():
+        for k, name in enumerate(roles.adapters):
+            for p in roles.parameters_of(name):
+                p.normal_(std=0.05 * (k + 1))
+    base = {n: p.clone() for n, p in teacher.model.named_parameters() if "lora_" not in n}
+    x, t = teacher.noise(2, seed=0), torch.full((2,), 0.6)
+    cond, _ = teacher.encode_prompts(["a red circle", "a blue star"])
+    with torch.no_grad():
+        expected = {name: roles.velocity(name)(x, t, cond) for name in roles.adapters}
+        v_teacher = roles.velocity(None)(x, t, cond)
+        for _ in range(3):  # phase switches in both directions, as consecutive samples make them
+            for name in roles.adapters:
+                torch.testing.assert_close(roles.folded_velocity(name)(x, t, cond), expected[name],
+                                           rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(expected["phase_1"], expected["phase_2"])
+        torch.testing.assert_close(roles.velocity(None)(x, t, cond), v_teacher, rtol=0, atol=0)
+        roles.folded_velocity("phase_1")(x, t, cond)
+        for p in roles.parameters_of("phase_1"):  # new weights: the merged copy is rebuilt, not reused
+            p.mul_(-1)
+        roles.load_state_dict("phase_1", roles.state_dict("phase_1"))
+        torch.testing.assert_close(roles.folded_velocity("phase_1")(x, t, cond), roles.velocity("phase_1")(x, t, cond),
+                                   rtol=1e-4, atol=1e-5)
+    roles._activate(None)
+    assert all(torch.equal(p, base[n]) for n, p in teacher.model.named_parameters() if "lora_" not in n)
+
+
 def test_training_writes_metrics_samples_checkpoints_and_a_loadable_student(tmp_path):
     config = TrainConfig.from_dict(tiny(tmp_path, sample_every=2))
     result = Trainer(config).fit(progress=False)
