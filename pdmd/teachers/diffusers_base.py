@@ -57,7 +57,6 @@ class DiffusersTeacher(Teacher):
     the transformer gets its input cast to its own dtype.
     """
 
-    pipeline_class: str             # the diffusers class named in model_index.json
     prompt_length: int              # max_sequence_length the pipeline's own __call__ uses
     default_size: tuple[int, int]   # (height, width) in pixels, the pipeline's default
 

@@ -22,7 +22,6 @@ SCHNELL_STEPS = 4                       # FLUX.1-schnell's model card
 
 class FluxTeacher(DiffusersTeacher):
     family = "flux"
-    pipeline_class = "FluxPipeline"
     prompt_length = 512
     default_size = (1024, 1024)
 

@@ -19,7 +19,6 @@ NEGATIVE_PROMPT = " "  # what the Qwen-Image model card passes as negative_promp
 
 class QwenImageTeacher(DiffusersTeacher):
     family = "qwen-image"
-    pipeline_class = "QwenImagePipeline"
     prompt_length = 512
     default_size = (1024, 1024)
     default_steps = 50

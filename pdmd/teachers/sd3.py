@@ -10,7 +10,6 @@ from pdmd.teachers.diffusers_base import DiffusersTeacher
 
 class SD3Teacher(DiffusersTeacher):
     family = "sd3"
-    pipeline_class = "StableDiffusion3Pipeline"
     prompt_length = 256
     default_steps = 28
     default_cfg = 7.0  # the pipeline's default; SD3.5 model cards use 3.5-4.5

@@ -21,7 +21,6 @@ HIGH_NOISE, LOW_NOISE = "transformer", "transformer_2"
 
 class WanTeacher(DiffusersTeacher):
     family = "wan"
-    pipeline_class = "WanPipeline"
     prompt_length = 512
     default_size = (480, 832)
     default_frames = 81
