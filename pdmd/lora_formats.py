@@ -169,7 +169,7 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
                               f"{str(err)[:400]}") from None
     if family == "flux":
         converted, alphas = converted
-        converted = {**converted, **{k: v for k, v in (alphas or {}).items()}}
+        converted = {**converted, **(alphas or {})}
     converted = _fold_leftover_alphas(converted)
     prefix = f"{TRANSFORMER_PREFIX}."
     outside = [k for k in converted if not k.startswith(prefix) and k.startswith(("text_encoder", "unet."))]
@@ -216,7 +216,7 @@ def convert_published(raw: dict[str, Tensor], family: str, model: nn.Module | No
     state = to_peft(raw, family)
     if model is not None:
         check_fits(state, model)
-    return {k: (v * strength if ".lora_B." in k else v).float().contiguous() for k, v in state.items()}
+    return {k: (v * strength if ".lora_B." in k else v).contiguous() for k, v in state.items()}  # dtype kept
 
 
 def _pad_rank(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
