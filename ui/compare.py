@@ -234,7 +234,9 @@ def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: st
     folder = student_of(value, name)
     loaded = store.student(folder)
     schedule = student_schedule(loaded.student.schedule, source, phases_schedule)
-    with loaded.lock:
+    # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
+    # teacher shares that network with its student, so it must be the plain teacher again afterwards
+    with loaded.lock, loaded.student.roles.active(None):
         side = sample_side(loaded.student.roles.teacher, prompts, seed, schedule, loaded.student.cfg,
                            loaded.student.experts)
     manifest = loaded.student.manifest
@@ -362,8 +364,10 @@ def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, f
     except (InputError, *LOAD_ERRORS) as err:
         return (gr.skip(),) + (error_markdown(f"Teacher not loaded: {err}"),) + (gr.skip(),) * 4
     name = teacher_key(name)[0]  # a folder by its full path, as the picker lists it
+    size = teacher.options()
     kind = ("built-in 32×32 scenes" if teacher.family is None else
-            f"{teacher.family}, {'video' if teacher.is_video else 'image'} {teacher.options()}".strip())
+            f"{teacher.family}, {'video' if teacher.is_video else 'images'} {size['height']}×{size['width']}"
+            + (f", {size['num_frames']} frames" if "num_frames" in size else ""))
     experts = f"; experts {', '.join(teacher.expert_names)}" if teacher.expert_names else ""
     status = (f"✓ Teacher **{name}** ({kind}{experts}): {teacher.default_steps} steps, CFG "
               f"{teacher.default_cfg:g} by default.")

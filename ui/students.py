@@ -44,7 +44,11 @@ def _describe(folder: Path, kind: str) -> str:
     manifest = json.loads((folder / MANIFEST).read_text())
     schedule = manifest.get("schedule", {})
     name = folder.name if kind == "shipped" else str(folder.relative_to(runs_dir()))
-    return (f"{kind}: {name} ({manifest.get('method', '?')}, {len(schedule.get('steps', []))} phase(s), "
+    phases = len(schedule.get("steps", []))
+    if manifest.get("method") == "published":  # pdmd.lora_formats.PUBLISHED: LoRA files, not a training run
+        files = ", ".join(manifest.get("published", {}).get("files", []))
+        return f"{kind}: {name} (published LoRA, {phases} phase(s): {files})"
+    return (f"{kind}: {name} ({manifest.get('method', '?')}, {phases} phase(s), "
             f"{manifest.get('steps_trained', '?')} steps trained)")
 
 
