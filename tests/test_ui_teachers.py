@@ -3,6 +3,7 @@ only, Wan video as GIFs, published LoRAs imported as students with a strength pe
 cannot load says. Handlers are called as plain functions."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import huggingface_hub
@@ -249,3 +250,23 @@ def test_a_student_saved_with_full_options_reuses_the_loaded_teacher(store, wan)
     teacher = store.teacher(wan["name"], wan["options"])
     assert store.teacher(wan["name"], teacher.options()) is teacher
     assert store.teacher(wan["name"] + "/", dict(wan["options"])) is teacher  # the same folder, however typed
+
+
+def test_a_public_server_loads_only_its_own_teacher(tiny_pipeline, tmp_path, runs_dir):
+    """With training off (a public Space), the teacher box and uploaded manifests cannot make the server load a
+    model of the visitor's choosing; the built-in teacher and its students work as before."""
+    store = ModelStore(other_teachers=False)
+    state, status, *_ = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
+    assert skipped(state) and "turned off on this public server" in status
+    assert "✓" in compare.on_load_teacher(store, "builtin", "")[1]
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "manifest.json").write_text(json.dumps({
+        "teacher": "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "schedule": LIGHTNING.as_dict(),
+        "phases": ["phase_1.safetensors", "phase_2.safetensors"], "lora": {"rank": 1, "alpha": 1,
+                                                                          "target_modules": ["to_q"]}}))
+    for k in (1, 2):
+        save_file({"transformer.a.lora_A.weight": torch.zeros(1, 1)}, str(student / f"phase_{k}.safetensors"))
+    picker, message = compare.on_upload(store, [str(p) for p in student.iterdir()])
+    assert skipped(picker) and "turned off on this public server" in message
+    assert not list((runs_dir / "uploads").glob("*"))  # the refused upload is removed

@@ -20,10 +20,10 @@ INTRO = ("# Phased DMD Studio\nA many-step teacher next to its few-step student 
 
 def build_app(store: ModelStore | None = None, manager: JobManager | None = None,
               gate: Gate | None = None) -> gr.Blocks:
-    store = store or ModelStore()
+    gate = gate or Gate.from_env()
+    store = store or ModelStore(other_teachers=gate.mode == "on")  # a public server loads only its own teacher
     manager = manager or JobManager()  # recovers the jobs a previous app left running
     manager.start_supervisor()
-    gate = gate or Gate.from_env()
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(INTRO)
         schedule_state = gr.State(PRESETS[DEFAULT_PRESET].as_dict())

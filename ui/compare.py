@@ -385,10 +385,10 @@ def on_upload(store: ModelStore, files):
         folder = students.import_upload(paths)
         try:
             store.student(folder)
-        except StudentError:
+        except LOAD_ERRORS:
             students.discard_upload(folder)
             raise
-    except StudentError as err:
+    except LOAD_ERRORS as err:
         return gr.skip(), error_markdown(f"Upload refused: {err}")
     return (gr.update(choices=students.picker_choices(), value=str(folder)),
             f"✓ Uploaded student loaded as {folder.name}.")

@@ -17,7 +17,7 @@ from pathlib import Path
 from pdmd import metrics
 from pdmd.experts import MANIFEST, Student, load_student, read_manifest
 from pdmd.teachers import load_teacher
-from pdmd.teachers.base import Teacher
+from pdmd.teachers.base import Teacher, TeacherError
 
 BUILTIN = "builtin"
 COPY_BELOW_BYTES = 256 * 2**20  # teachers smaller than this get a copy per student; bigger ones share
@@ -54,8 +54,11 @@ class LoadedStudent:
 
 
 class ModelStore:
-    def __init__(self, teacher_name: str = BUILTIN):
-        self.default_teacher = teacher_name
+    """``other_teachers`` False: only the default teacher loads. A public server sets it so that a visitor cannot
+    make it download or load a model of their choosing (by the teacher box or a student's manifest)."""
+
+    def __init__(self, teacher_name: str = BUILTIN, other_teachers: bool = True):
+        self.default_teacher, self.other_teachers = teacher_name, other_teachers
         self._teachers: dict[tuple, LoadedTeacher] = {}
         self._students: dict[tuple, LoadedStudent] = {}
         self._probe = None
@@ -66,6 +69,9 @@ class ModelStore:
         key = teacher_key(name or self.default_teacher, options)
         with self._loading:
             if key not in self._teachers:
+                if not self.other_teachers and key[0] != teacher_key(self.default_teacher)[0]:
+                    raise TeacherError(f"loading teachers other than {self.default_teacher!r} is turned off on "
+                                       f"this public server; run the app yourself to use {key[0]}")
                 entry = LoadedTeacher(load_teacher(key[0], **dict(key[1])))
                 # also known by its full options, as a student's manifest records them (no second copy)
                 for alias in (key, teacher_key(key[0], entry.teacher.options())):
