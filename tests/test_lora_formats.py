@@ -423,6 +423,10 @@ def test_cli_imports_a_lightning_pair_and_exports_it(wan22_folder, tmp_path, cap
     shipped = Path(__file__).resolve().parents[1] / "assets" / "students" / "phased"
     assert main(["lora", "export", "--student", str(shipped), "--out", str(tmp_path / "x")]) == 2
     assert "names no model family" in capsys.readouterr().err
+    # the imported student samples from the command line on the teacher and size its manifest names
+    assert main(["sample", "--student", str(tmp_path / "student"), "--prompt", "a cat",
+                 "--out", str(tmp_path / "cat.gif")]) == 0
+    assert (tmp_path / "cat.gif").is_file() and json.loads(capsys.readouterr().out)["nfe"] == 4
 
 
 def test_lightning_key_names_fit_the_full_size_wan22_and_qwen_image_architectures(tmp_path):
@@ -455,3 +459,26 @@ def test_lightning_key_names_fit_the_full_size_wan22_and_qwen_image_architecture
         loaded = lf.load_published(tmp_path / f"{family}.safetensors", family, model)
         blocks = [n for n in linears(model) if n.startswith(("blocks.", "transformer_blocks."))]
         assert len(loaded) == 2 * len(blocks) and len(blocks) == (40 * 10 if family == "wan" else 60 * 14)
+
+
+@pytest.mark.parametrize("family, pipeline, size, layout", [("sd3", "sd3", 16, "diffusers"),
+                                                             ("flux", "flux-dev", 16, "diffusers"),
+                                                             ("qwen-image", "qwen-image", 32, "comfyui")])
+def test_a_published_file_is_a_one_phase_student_of_each_image_family(tiny_pipeline, tmp_path, family, pipeline,
+                                                                       size, layout):
+    teacher = load_teacher(str(tiny_pipeline(pipeline)), height=size, width=size)
+    attention = [n for n in linears(teacher.model) if ".attn." in n]
+    peft = random_peft(teacher.model, attention, rank=2, seed=7)
+    path = tmp_path / "published.safetensors"
+    if layout == "diffusers":
+        save_file({f"transformer.{k}": v for k, v in peft.items()}, str(path))
+    else:
+        save_file({k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in peft.items()},
+                  str(path))
+    schedule = PhaseSchedule((), (4,), teacher.default_shift)
+    reference = teacher.sample(["a red cat"], 0, schedule, 1.0).sample
+    for strength, changes in ((1.0, True), (0.0, False)):
+        folder = lf.make_published_student(tmp_path / f"s{strength}", [path], teacher, schedule, [strength])
+        assert read_manifest(folder)["published"]["layouts"] == [layout] and "experts" not in read_manifest(folder)
+        sample = load_student(folder, copy.deepcopy(teacher)).sample(["a red cat"], 0).sample
+        assert changes != torch.allclose(sample, reference, atol=1e-5)
