@@ -300,13 +300,14 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                                     info="1 keeps the other core free for the app")
             token = gr.Textbox(label="Training token", type="password", visible=gate.mode == "token",
                                elem_id="train-token")
-            with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop = gr.Button("Stop", elem_id="train-stop")
-                kill = gr.Button("Force stop", variant="stop", elem_id="train-kill")
-                resume = gr.Button("Resume", elem_id="train-resume")
-                sample_now = gr.Button("Sample now")
-                save_now = gr.Button("Save now")
+            with gr.Row():  # greyed out when training is off; the handlers check the gate regardless
+                usable = gate.mode != "off"
+                start = gr.Button("Start", variant="primary", elem_id="train-start", interactive=usable)
+                stop = gr.Button("Stop", elem_id="train-stop", interactive=usable)
+                kill = gr.Button("Force stop", variant="stop", elem_id="train-kill", interactive=usable)
+                resume = gr.Button("Resume", elem_id="train-resume", interactive=usable)
+                sample_now = gr.Button("Sample now", interactive=usable)
+                save_now = gr.Button("Save now", interactive=usable)
             message = gr.Markdown(elem_id="train-message")
         with gr.Column(scale=3):
             job = gr.Dropdown(job_choices(manager), value=None, label="Job", elem_id="train-job")
