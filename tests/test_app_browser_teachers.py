@@ -1,0 +1,31 @@
+"""A real teacher in the live app, as a visitor uses it: a pipeline folder typed into Compare's teacher box loads,
+and a Wan teacher's samples show as animated GIFs (Playwright + Debian chromium, like test_app_browser.py)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from test_app_browser import app_url, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tiny_pipeline):
+    return tiny_pipeline("wan2.2")
+
+
+def test_a_typed_wan_folder_loads_and_compare_shows_gif_videos(page, wan_folder):  # noqa: F811
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-teacher-path").get_by_role("textbox").fill(str(wan_folder))
+    page.get_by_text("Teacher resolution").click()
+    for label, value in (("Height (px)", "16"), ("Width (px)", "16"), ("Frames (video)", "5")):
+        page.get_by_label(label).fill(value)
+    page.locator("#compare-load-teacher").click()
+    playwright.expect(page.locator("#compare-teacher-status")).to_contain_text("✓ Teacher", timeout=60_000)
+    playwright.expect(page.locator("#compare-teacher-status")).to_contain_text("16×16, 5 frames")
+    page.locator("#compare-run").click()
+    playwright.expect(page.locator("#student-caption")).to_contain_text("Baseline", timeout=60_000)
+    playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
+    for image in ("#student-image img", "#teacher-image img"):
+        playwright.expect(page.locator(image)).to_have_attribute("src", re.compile(r"\.gif"))
+    screenshot(page, "compare-wan")
