@@ -246,6 +246,17 @@ def test_a_big_teacher_carries_its_student_and_reloads_for_another(tiny_pipeline
     assert run_student(store, students.BASELINE, state)[4]["image"].tobytes() == before.tobytes()
 
 
+def test_one_big_teacher_at_a_time(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(models, "COPY_BELOW_BYTES", 0)  # every teacher counts as big
+    store = ModelStore()
+    store.teacher()  # the built-in default stays whatever else is loaded
+    wan = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
+    qwen = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("qwen-image")), 32, 32)[0]
+    assert store.loaded_teachers() == [compare.BUILTIN, qwen["name"]] and wan["name"] != qwen["name"]
+    assert "✓" in compare.on_load_teacher(store, "builtin", wan["name"], *WAN_SIZE)[1]  # loads again when asked
+    assert store.loaded_teachers() == [compare.BUILTIN, wan["name"]]
+
+
 def test_a_student_saved_with_full_options_reuses_the_loaded_teacher(store, wan):
     teacher = store.teacher(wan["name"], wan["options"])
     assert store.teacher(wan["name"], teacher.options()) is teacher

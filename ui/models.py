@@ -4,15 +4,19 @@ load_student injects a student's LoRA adapters into its teacher's network. A sma
 gets a deep copy per student, so the plain teacher stays adapter-free and every student has its own lock. A big
 one (a diffusers pipeline) is never copied: its one loaded student shares the network and the lock -- with the
 adapters disabled the network *is* the teacher, exactly -- and picking another student of it loads the teacher
-afresh (two sets of phase adapters cannot share one network). A student's experts switch adapters on the network
-while sampling, so two requests must not sample it at once: each network has a lock.
+afresh (two sets of phase adapters cannot share one network). One GPU holds one real model: loading another
+teacher first drops the big ones loaded before (and their students). A student's experts switch adapters on the
+network while sampling, so two requests must not sample it at once: each network has a lock.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from pdmd import metrics
 from pdmd.experts import MANIFEST, Student, load_student, read_manifest
@@ -72,6 +76,8 @@ class ModelStore:
                 if not self.other_teachers and key[0] != teacher_key(self.default_teacher)[0]:
                     raise TeacherError(f"loading teachers other than {self.default_teacher!r} is turned off on "
                                        f"this public server; run the app yourself to use {key[0]}")
+                if key[0] != teacher_key(self.default_teacher)[0]:
+                    self._drop_big_teachers()
                 entry = LoadedTeacher(load_teacher(key[0], **dict(key[1])))
                 # also known by its full options, as a student's manifest records them (no second copy)
                 for alias in (key, teacher_key(key[0], entry.teacher.options())):
@@ -109,6 +115,21 @@ class ModelStore:
                 loaded = LoadedStudent(load_student(folder, entry.teacher), entry.lock)
             self._students[key] = loaded
             return loaded
+
+    def _drop_big_teachers(self) -> None:
+        """Forget every big teacher but the default one, and the students on them, before loading another."""
+        default = teacher_key(self.default_teacher)[0]
+        big = [e.teacher for k, e in self._teachers.items()
+               if k[0] != default and network_bytes(e.teacher) >= COPY_BELOW_BYTES]
+        if not big:
+            return
+        self._teachers = {k: e for k, e in self._teachers.items() if not any(e.teacher is t for t in big)}
+        self._students = {k: s for k, s in self._students.items()
+                          if not any(s.student.roles.teacher is t for t in big)}
+        del big
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _reload(self, name: str, options: dict | None) -> LoadedTeacher:
         stale = self._teachers[teacher_key(name, options)]
