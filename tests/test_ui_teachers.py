@@ -160,6 +160,24 @@ def test_lightning_pair_imports_as_a_two_expert_student_and_runs(store, wan, tmp
     assert "is a student of" in status and "load its teacher first" in status
 
 
+def test_a_student_exports_as_a_zip_in_either_layout(store, wan, tmp_path):
+    import zipfile
+
+    files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
+    folder = compare.on_import_published(store, files, wan, "", LIGHTNING.as_dict(), 1.0)[0]["value"]
+    for layout in lf.EXPORT_LAYOUTS:
+        archive, status = compare.on_export_student(folder, layout, wan)
+        assert "✓ 2 file(s)" in status
+        with zipfile.ZipFile(archive) as zipped:
+            names = zipped.namelist()
+            assert "export.json" in names and len(names) == 3
+            described = json.loads(zipped.read("export.json"))
+        assert [p["expert"] for p in described["phases"]] == ["transformer", "transformer_2"]
+    assert "baseline is the teacher" in compare.on_export_student(students.BASELINE, "comfyui", wan)[1]
+    shipped = str(students.SHIPPED_DIR / "phased")
+    assert "names no model family" in compare.on_export_student(shipped, "diffusers", compare.BUILTIN)[1]
+
+
 def test_strength_zero_is_the_teacher(store, wan, tmp_path):
     files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
     picker, status = compare.on_import_published(store, files, wan, "0, 0", LIGHTNING.as_dict(), 1.0)

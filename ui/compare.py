@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import tempfile
 import time
 import uuid
@@ -426,6 +427,22 @@ def on_import_published(store: ModelStore, files, teacher, strengths, phases_sch
             f"✓ Published student {folder.name}: {placed}.")
 
 
+def on_export_student(student_value, layout, teacher=BUILTIN):
+    """The picked student's per-phase LoRAs as one zip (files + export.json) in the diffusers or ComfyUI layout.
+    Outputs: the zip's path for the download button, status."""
+    try:
+        if student_value == students.BASELINE:
+            raise InputError("pick a student to export (the baseline is the teacher itself)")
+        folder = student_of(student_value, teacher_pick(teacher)[0])
+        target = DOWNLOAD_DIR / f"{students.sanitise(students.student_name(folder))}-{layout}-{uuid.uuid4().hex[:8]}"
+        written = lora_formats.export_student(folder, target, layout)
+    except USER_ERRORS as err:
+        return gr.skip(), error_markdown(f"Export refused: {err}")
+    archive = shutil.make_archive(str(target), "zip", target)
+    shutil.rmtree(target)
+    return archive, f"✓ {len(written)} file(s) in the {layout} layout, with export.json naming each file's phase."
+
+
 def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
@@ -504,6 +521,12 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                 published_cfg = gr.Number(1.0, label="Student CFG (Lightning: 1)", minimum=0, maximum=MAX_CFG)
                 import_button = gr.Button("Import as student")
         published_status = gr.Markdown()
+    with gr.Accordion("Export the student's LoRAs (diffusers or ComfyUI)", open=False):
+        with gr.Row():
+            export_layout = gr.Radio(list(lora_formats.EXPORT_LAYOUTS), value="comfyui", label="Layout")
+            export_button = gr.Button("Export")
+            export_file = gr.DownloadButton("Download the LoRAs (.zip)")
+        export_status = gr.Markdown()
 
     student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state]
     student_outputs = [student_image, student_caption, seed, status, gr.State()]
@@ -531,6 +554,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                       queue=False).then(partial(on_load_teacher, store),
                                         [teacher_picker, teacher_path, height, width, frames],
                                         [teacher_state, teacher_status, picker, steps, cfg, teacher_picker])
+    export_button.click(on_export_student, [picker, export_layout, teacher_state], [export_file, export_status])
     import_button.click(partial(on_import_published, store),
                         [published, teacher_state, strengths, schedule_state, published_cfg],
                         [picker, published_status])
