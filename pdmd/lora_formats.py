@@ -40,7 +40,6 @@ from pdmd.teachers.base import Teacher
 LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin",
            "qwen-image": "QwenImageLoraLoaderMixin"}
 FAMILIES = tuple(LOADERS)
-LAYOUTS = ("diffusers", "comfyui", "kohya")
 EXPORT_LAYOUTS = ("diffusers", "comfyui")
 TRANSFORMER_PREFIX = "transformer"
 PUBLISHED = "published"  # the manifest's method for students made from published LoRA files
