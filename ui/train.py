@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import yaml
 
 from pdmd import jobs
@@ -123,7 +124,7 @@ def on_start(manager: JobManager, gate: Gate, token, name, threads, *fields):
                    f"{manager.device} (one job per device); it starts when that one ends.")
     else:
         message = f"✓ Job #{job.id} **{job.name}** started ({job.total} steps)."
-    return message, gr.update(choices=job_choices(manager), value=job.id)
+    return message, gr.update(choices=job_choices(manager.jobs()), value=job.id)
 
 
 def on_stop(manager: JobManager, gate: Gate, token, job_id, force: bool = False) -> str:
@@ -161,18 +162,18 @@ def on_request(manager: JobManager, gate: Gate, action: str, token, job_id) -> s
 
 
 # --- what the timer shows ---------------------------------------------------------------------------------
-def job_choices(manager: JobManager) -> list[tuple[str, int]]:
-    return [(f"#{job.id} {job.name}", job.id) for job in manager.jobs()]
+def job_choices(all_jobs: list[jobs.Job]) -> list[tuple[str, int]]:
+    return [(f"#{job.id} {job.name}", job.id) for job in all_jobs]
 
 
 def _when(stamp: float | None) -> str:
     return time.strftime("%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else ""
 
 
-def job_table(manager: JobManager) -> list[list]:
+def job_table(all_jobs: list[jobs.Job]) -> list[list]:
     return [[job.id, job.name, job.config.get("method", "?"), job.status, f"{job.step}/{job.total}",
-             _when(job.created), _when(job.ended), (job.error or "").splitlines()[-1][:120] if job.error else ""]
-            for job in manager.jobs()]
+             _when(job.created), _when(job.ended), job.error.splitlines()[-1][:120] if job.error else ""]
+            for job in all_jobs]
 
 
 def _duration(seconds: float) -> str:
@@ -193,18 +194,14 @@ def progress_html(job: jobs.Job, rows: list[dict]) -> str:
             f"<progress value='{job.step}' max='{job.total}' style='width:100%;height:1.2em'></progress>{note}")
 
 
-def loss_frames(rows: list[dict]) -> tuple[dict, dict]:
+def loss_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Generator and fake-score loss per step, one curve per phase (gr.LinePlot's long format)."""
-    import pandas as pd
-
-    frames = []
-    for key in ("loss_generator", "loss_fake"):
-        frames.append(pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r[key] for r in rows],
-                                    "phase": [f"phase {r['phase']}" for r in rows]}))
-    return frames[0], frames[1]
+    return tuple(pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r[key] for r in rows],
+                               "phase": [f"phase {r['phase']}" for r in rows]})
+                 for key in ("loss_generator", "loss_fake"))
 
 
-def student_download(job: jobs.Job) -> str | None:
+def student_download(job: jobs.Job) -> str:
     """The finished student as a zip (made once per finish), for the download button."""
     archive = DOWNLOAD_DIR / f"{job.name}-student.zip"
     manifest = job.student / "manifest.json"
@@ -221,13 +218,12 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
     keep = gr.skip()
     all_jobs = manager.jobs()
     signature = [(j.id, j.status, j.step) for j in all_jobs]
-    table = keep if seen.get("table") == signature else job_table(manager)
+    table = keep if seen.get("table") == signature else job_table(all_jobs)
     ids = [j.id for j in all_jobs]
     picker = keep
-    if seen.get("ids") != ids:
-        picker = gr.update(choices=job_choices(manager), value=job_value if job_value in ids else
-                           (ids[0] if ids else None))
+    if seen.get("ids") != ids:  # a new job: list it, and show the newest unless one is picked
         job_value = job_value if job_value in ids else (ids[0] if ids else None)
+        picker = gr.update(choices=job_choices(all_jobs), value=job_value)
     finished = sorted(j.id for j in all_jobs if j.finished)
     students_changed = keep if seen.get("finished", finished) == finished else time.time()
     seen.update(table=signature, ids=ids, finished=finished)
@@ -310,7 +306,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 save_now = gr.Button("Save now", interactive=usable)
             message = gr.Markdown(elem_id="train-message")
         with gr.Column(scale=3):
-            job = gr.Dropdown(job_choices(manager), value=None, label="Job", elem_id="train-job")
+            job = gr.Dropdown(job_choices(manager.jobs()), value=None, label="Job", elem_id="train-job")
             progress = gr.HTML(elem_id="train-progress")
             command = gr.Markdown(elem_id="train-command")
             with gr.Row():
@@ -321,7 +317,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
             download = gr.DownloadButton("Download student (.zip)", visible=False, elem_id="train-download")
     log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, interactive=False, autoscroll=True,
                      elem_id="train-log")
-    table = gr.Dataframe(headers=JOB_HEADERS, value=job_table(manager) or None, interactive=False,
+    table = gr.Dataframe(headers=JOB_HEADERS, value=job_table(manager.jobs()) or None, interactive=False,
                          label="Jobs", elem_id="train-jobs")
 
     fields = [preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, schedule_state, rank,
