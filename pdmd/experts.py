@@ -267,7 +267,8 @@ class Student:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, callback=None):
-        return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
+        with self.roles.active(None):  # on exit the network holds the base weights again, not a merged phase
+            return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
 
 
 def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
