@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import yaml
+from PIL import Image
 
 from pdmd import jobs
 from pdmd.jobs import Gate, JobManager
@@ -125,7 +126,9 @@ def test_a_job_from_start_to_its_student_in_compare(manager):
         manager, 1, lambda j: j.status == jobs.FINISHED)
     assert "finished · step 4/4 (100%)" in progress and "<progress value='4' max='4'" in progress
     assert list(generator["phase"].unique()) == ["phase 1", "phase 2"] and len(fake) == 4
-    assert sample.endswith("samples/latest.png") and '"finished": true' in log
+    grid = Image.open(manager.get(1).folder / "samples" / "latest.png")
+    assert sample.size == (grid.width * (192 // grid.height), 192 // grid.height * grid.height)
+    assert '"finished": true' in log
     assert command == f"```bash\n{jobs.display_command(manager.get(1))}\n```"
     assert [row[3] for row in table] == ["stopped", "finished"]
     assert zipfile.ZipFile(download["value"]).namelist()

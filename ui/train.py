@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 import yaml
+from PIL import Image
 
 from pdmd import jobs
 from pdmd.distill import METHODS
@@ -201,6 +202,13 @@ def loss_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
                  for key in ("loss_generator", "loss_fake"))
 
 
+def enlarged(path: Path, height: int = 192) -> Image.Image:
+    """The sample grid, tiny 32-pixel tiles scaled up (nearest: pixels stay sharp) so they can be seen."""
+    with Image.open(path) as image:
+        factor = max(1, height // image.height)
+        return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def student_download(job: jobs.Job) -> str:
     """The finished student as a zip (made once per finish), for the download button."""
     archive = DOWNLOAD_DIR / f"{job.name}-student.zip"
@@ -243,7 +251,8 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
         seen.update(plotted=(job.id, job.step), plotted_at=time.time())
     sample_path = job.folder / "samples" / "latest.png"
     sample_mtime = sample_path.stat().st_mtime if sample_path.is_file() else None
-    sample = keep if not fresh and seen.get("sample") == sample_mtime else (str(sample_path) if sample_mtime else None)
+    sample = keep if not fresh and seen.get("sample") == sample_mtime else (
+        enlarged(sample_path) if sample_mtime else None)
     log_path = job.folder / jobs.LOG_FILE
     log_size = log_path.stat().st_size if log_path.is_file() else 0
     log = keep if not fresh and seen.get("log") == log_size else jobs.log_tail(job, LOG_LINES)
@@ -313,7 +322,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 generator_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Generator loss (DMD)",
                                              height=220)
                 fake_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Fake-score loss", height=220)
-            sample = gr.Image(label="Latest samples", type="filepath", interactive=False, elem_id="train-sample")
+            sample = gr.Image(label="Latest samples", type="pil", interactive=False, elem_id="train-sample")
             download = gr.DownloadButton("Download student (.zip)", visible=False, elem_id="train-download")
     log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, interactive=False, autoscroll=True,
                      elem_id="train-log")
