@@ -188,6 +188,18 @@ class DiffusersTeacher(Teacher):
         return tuple(self.on_model(r) if isinstance(r, Tensor) or r is None else r for r in result)
 
 
+class PackedLatentTeacher(DiffusersTeacher):
+    """FLUX.1 and Qwen-Image: the transformer sees 2x2 latent patches as tokens; ``latent_shape`` is unpacked."""
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        factor = self.pipe.vae_scale_factor
+        return self.model.config.in_channels // 4, self.height // factor, self.width // factor
+
+    def image_tokens(self) -> int:
+        _, height, width = self.latent_shape
+        return (height // 2) * (width // 2)
+
 
 def pack_2x2(latents: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): 2x2 patches as tokens, the layout of FluxPipeline._pack_latents

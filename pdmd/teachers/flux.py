@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from pdmd.sampling import Velocity
-from pdmd.teachers.diffusers_base import DiffusersTeacher, pack_2x2, unpack_2x2
+from pdmd.teachers.diffusers_base import PackedLatentTeacher, pack_2x2, unpack_2x2
 
 DEV_STEPS, DEV_GUIDANCE = 28, 3.5       # FluxPipeline's defaults (FLUX.1-dev)
 SCHNELL_STEPS = 4                       # FLUX.1-schnell's model card
 
 
-class FluxTeacher(DiffusersTeacher):
+class FluxTeacher(PackedLatentTeacher):
     family = "flux"
     prompt_length = 512
     default_size = (1024, 1024)
@@ -30,15 +30,6 @@ class FluxTeacher(DiffusersTeacher):
         self.default_steps = DEV_STEPS if self.guidance_embedded else SCHNELL_STEPS
         self.default_cfg = DEV_GUIDANCE if self.guidance_embedded else 1.0
         super().__init__(pipe, *args, **kwargs)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        factor = self.pipe.vae_scale_factor
-        return self.model.config.in_channels // 4, self.height // factor, self.width // factor
-
-    def image_tokens(self) -> int:
-        _, height, width = self.latent_shape
-        return (height // 2) * (width // 2)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict | None]:
         def encode(texts):

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from pdmd.teachers.base import TeacherError
-from pdmd.teachers.diffusers_base import DiffusersTeacher, pack_2x2, unpack_2x2
+from pdmd.teachers.diffusers_base import PackedLatentTeacher, pack_2x2, unpack_2x2
 
 NEGATIVE_PROMPT = " "  # what the Qwen-Image model card passes as negative_prompt
 
 
-class QwenImageTeacher(DiffusersTeacher):
+class QwenImageTeacher(PackedLatentTeacher):
     family = "qwen-image"
     prompt_length = 512
     default_size = (1024, 1024)
@@ -28,15 +28,6 @@ class QwenImageTeacher(DiffusersTeacher):
         if pipe.transformer.config.guidance_embeds:
             raise TeacherError("Qwen-Image transformers with guidance_embeds are not supported")
         super().__init__(pipe, *args, **kwargs)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        factor = self.pipe.vae_scale_factor
-        return self.model.config.in_channels // 4, self.height // factor, self.width // factor
-
-    def image_tokens(self) -> int:
-        _, height, width = self.latent_shape
-        return (height // 2) * (width // 2)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
         def encode(texts):
