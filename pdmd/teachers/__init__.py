@@ -44,13 +44,31 @@ def read_model_index(name: str) -> tuple[dict, bool]:
     if folder.exists() or _looks_like_path(name):
         raise TeacherError(f"unknown teacher {name!r}: not 'builtin', no such folder, and not a Hub id "
                            "of the form owner/name")
+    from huggingface_hub import hf_hub_download
     try:
-        from huggingface_hub import hf_hub_download
-        path = hf_hub_download(name, MODEL_INDEX)
+        try:
+            path = hf_hub_download(name, MODEL_INDEX, local_files_only=True)  # already in the Hub cache
+        except Exception:
+            if not _hub_resolves():
+                raise ConnectionError("the Hub's host name does not resolve") from None
+            path = hf_hub_download(name, MODEL_INDEX)
     except Exception as err:  # offline, no such repository, gated, ...: all mean the same to the user
         raise TeacherError(f"could not download {name} ({type(err).__name__}); pass a local folder holding the "
                            f"pipeline (model_index.json and its component folders)") from None
     return json.loads(Path(path).read_text()), False
+
+
+def _hub_resolves() -> bool:
+    """Without a network the Hub's host name fails to resolve at once, where a download retries for ~30 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
 
 
 def load_teacher(name: str, device=None, dtype=None, offload: bool = False, height: int | None = None,
