@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pdmd import rectified_flow as rf
-from pdmd.sampling import Velocity, guided_velocity, phase_sigmas, sample_euler
+from pdmd.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
 from pdmd.schedule import PhaseSchedule, preset
 
 
@@ -77,16 +77,16 @@ def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generato
 
 
 def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, cond=None, uncond=None,
-                   cfg: float = 1.0, *, shift: float = 1.0, gradient: str = "x0",
+                   cfg: float = 1.0, *, combine: Combine = cfg_combine, shift: float = 1.0, gradient: str = "x0",
                    generator: torch.Generator | None = None) -> Tensor:
     """§3.3: the DMD loss of phase k whose gradient w.r.t. x_s is the distribution-matching direction.
 
-    The teacher uses CFG, the fake score none (§3.4). ``gradient`` picks the velocity form (w_{t|s}) or the
+    The teacher uses CFG (by its own ``combine`` rule), the fake score none (§3.4). ``gradient`` picks the velocity form (w_{t|s}) or the
     DMD2 x0-normalised form.
     """
     t, _, x_t = renoise(x_s.detach(), s, shift, generator)
     with torch.no_grad():
-        v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg)
+        v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg, combine)
         v_fake = fake(x_t, t, cond)
         if gradient == "velocity":
             grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)

@@ -16,15 +16,21 @@ from pdmd.schedule import PhaseSchedule
 
 Velocity = Callable[[Tensor, Tensor, Any], Tensor]
 Callback = Callable[[dict], None]
+Combine = Callable[[Tensor, Tensor, float], Tensor]  # (v_cond, v_uncond, cfg) -> guided velocity
 
 
-def guided_velocity(model: Velocity, x: Tensor, t: Tensor, cond, uncond=None, cfg: float = 1.0) -> Tensor:
-    """Classifier-free guidance: v = v(x, t, uncond) + cfg * (v(x, t, cond) - v(x, t, uncond))."""
+def cfg_combine(v_cond: Tensor, v_uncond: Tensor, cfg: float) -> Tensor:
+    """Classifier-free guidance: v = v_uncond + cfg * (v_cond - v_uncond)."""
+    return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def guided_velocity(model: Velocity, x: Tensor, t: Tensor, cond, uncond=None, cfg: float = 1.0,
+                    combine: Combine = cfg_combine) -> Tensor:
+    """The model's velocity under guidance ``cfg``; ``combine`` is the teacher's rule (plain CFG by default)."""
     v_cond = model(x, t, cond)
     if uncond is None or cfg == 1.0:
         return v_cond
-    v_uncond = model(x, t, uncond)
-    return v_uncond + cfg * (v_cond - v_uncond)
+    return combine(v_cond, model(x, t, uncond), cfg)
 
 
 def evaluations_per_step(uncond, cfg: float) -> int:
@@ -33,13 +39,13 @@ def evaluations_per_step(uncond, cfg: float) -> int:
 
 
 def sample_euler(model: Velocity, x: Tensor, sigmas: Sequence[float], cond=None, *, uncond=None,
-                 cfg: float = 1.0, callback: Callback | None = None, step_offset: int = 0,
-                 phase: int = 0) -> Tensor:
+                 cfg: float = 1.0, combine: Combine = cfg_combine, callback: Callback | None = None,
+                 step_offset: int = 0, phase: int = 0) -> Tensor:
     """Euler from sigmas[0] to sigmas[-1]. ``callback`` gets one dict per step (k-diffusion keys:
     i, sigma, sigma_next, x, denoised) plus ``phase`` and ``velocity``."""
     for i, (t, t_next) in enumerate(zip(sigmas, sigmas[1:])):
         t_batch = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-        v = guided_velocity(model, x, t_batch, cond, uncond, cfg)
+        v = guided_velocity(model, x, t_batch, cond, uncond, cfg, combine)
         if callback is not None:
             callback({"i": step_offset + i, "phase": phase, "sigma": float(t), "sigma_next": float(t_next),
                       "x": x, "velocity": v, "denoised": x0_from_velocity(x, t, v)})
@@ -61,7 +67,8 @@ def phase_sigmas(schedule: PhaseSchedule, phase: int) -> tuple[float, ...]:
 
 
 def sample_phased(experts: Velocity | Sequence[Velocity], x: Tensor, schedule: PhaseSchedule, cond=None, *,
-                  uncond=None, cfg: float = 1.0, callback: Callback | None = None) -> PhasedSample:
+                  uncond=None, cfg: float = 1.0, combine: Combine = cfg_combine,
+                  callback: Callback | None = None) -> PhasedSample:
     """Doc §2: the student as a mixture of experts -- phase k's steps use expert k.
 
     ``experts`` is one callable per phase, or a single callable for all of them (a teacher: with a one-phase
@@ -75,7 +82,7 @@ def sample_phased(experts: Velocity | Sequence[Velocity], x: Tensor, schedule: P
     boundary_states = []
     for k, expert in enumerate(experts):
         sigmas = phase_sigmas(schedule, k)
-        x = sample_euler(expert, x, sigmas, cond, uncond=uncond, cfg=cfg, callback=callback,
+        x = sample_euler(expert, x, sigmas, cond, uncond=uncond, cfg=cfg, combine=combine, callback=callback,
                          step_offset=(0, *schedule.boundary_step_indices)[k], phase=k)
         if k < schedule.num_phases - 1:
             boundary_states.append((sigmas[-1], x))

@@ -206,6 +206,7 @@ class Trainer:
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
             loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg,
+                                          combine=self.teacher.combine_guidance,
                                           shift=c.timestep_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         if c.ema_decay:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pdmd.sampling import Callback, PhasedSample, Velocity, sample_phased
+from pdmd.sampling import Callback, PhasedSample, Velocity, cfg_combine, sample_phased
 from pdmd.schedule import PhaseSchedule
 
 # LoRA targets of a diffusers transformer: every attention projection (what published students adapt too)
@@ -71,6 +71,10 @@ class Teacher(ABC):
         then the sampler's ``(cond, uncond)`` pair)."""
         return velocity
 
+    def combine_guidance(self, v_cond: Tensor, v_uncond: Tensor, cfg: float) -> Tensor:
+        """How this teacher's pipeline mixes the guided pair: plain CFG unless a family says otherwise."""
+        return cfg_combine(v_cond, v_uncond, cfg)
+
     def release_text_encoders(self) -> None:
         """Free the device memory of the prompt encoders once prompts are encoded (nothing to free here)."""
 
@@ -101,4 +105,4 @@ class Teacher(ABC):
             experts = ([self.with_guidance(e, cfg) for e in experts] if isinstance(experts, (list, tuple))
                        else self.with_guidance(experts, cfg))
         return sample_phased(experts, self.noise(len(prompts), seed), schedule, cond,
-                             uncond=uncond, cfg=cfg, callback=callback)
+                             uncond=uncond, cfg=cfg, combine=self.combine_guidance, callback=callback)

@@ -2,9 +2,8 @@
 shapes for the rotary embedding, the timestep is t itself, the text mask of the Qwen2.5-VL encoder, and latents
 unscaled as ``latents * latents_std + latents_mean`` before the (video-shaped) VAE.
 
-Guidance is true CFG against a blank negative prompt, as the pipeline's ``true_cfg_scale``. The pipeline also
-rescales the guided prediction to the norm of the conditional one; the shared sampler here does plain CFG, so
-with cfg > 1 a teacher sample differs from the pipeline's by that rescaling.
+Guidance is true CFG against a blank negative prompt, as the pipeline's ``true_cfg_scale``, with the
+pipeline's rescaling of each token's guided prediction to the norm of its conditional one.
 """
 from __future__ import annotations
 
@@ -37,6 +36,13 @@ class QwenImageTeacher(PackedLatentTeacher):
             return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
         return encode(prompts), encode([NEGATIVE_PROMPT] * len(prompts))
+
+    def combine_guidance(self, v_cond: Tensor, v_uncond: Tensor, cfg: float) -> Tensor:
+        height, width = v_cond.shape[-2:]
+        cond, guided = pack_2x2(v_cond), pack_2x2(v_uncond + cfg * (v_cond - v_uncond))
+        # per token (a 2x2 patch), as the pipeline: guided * |cond| / |guided|
+        rescaled = guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+        return unpack_2x2(rescaled, height, width)
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         batch, _, height, width = x.shape
