@@ -27,10 +27,12 @@ BATCH_PROMPTS = ["a red circle on a dark background", "a blue star on a light ba
                  "a green triangle on a sky background", "a yellow square on a grey background"]
 
 
-def batch_seconds(sample, repeats: int = 3) -> float:
+def batch_seconds(sample, min_repeats: int = 5, min_seconds: float = 3.0) -> float:
+    """Median wall time of ``sample()``: at least ``min_repeats`` runs and ``min_seconds`` in all, so a fast
+    student gets as many samples of the machine's noise as a slow teacher."""
     sample()  # warm-up: first calls allocate and pick kernels
     times = []
-    for _ in range(repeats):
+    while len(times) < min_repeats or sum(times) < min_seconds:
         started = time.perf_counter()
         sample()
         times.append(time.perf_counter() - started)
