@@ -259,6 +259,9 @@ class Student:
 
     @property
     def experts(self):
+        """One inference velocity per phase, each run on its merged weights. Used outside ``sample``, they leave
+        the last phase's weights in the network: wrap the use in ``roles.active(None)`` if the same network
+        serves the plain teacher afterwards."""
         return [self.roles.folded_velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
 
     @property
