@@ -200,8 +200,10 @@ class PhaseSchedule:
 PRESETS: dict[str, PhaseSchedule] = {
     # the paper's few-step student: 4 steps in 2 phases
     "paper-2x2": PhaseSchedule((0.5,), (2, 2), 1.0),
-    # Wan2.2-Lightning T2V: expert switch at sigma 0.875, shift 5, 2 + 2 steps
-    "wan2.2-lightning": PhaseSchedule((0.875,), (2, 2), 5.0),
+    # Wan2.2-Lightning T2V: 2 + 2 steps, shift 5, one phase per Wan 2.2 A14B expert. The experts switch at
+    # sigma 0.875 and a step starting exactly there runs on the high-noise one (as in diffusers), so the
+    # boundary sits just below it: phase 2 then runs wholly on the low-noise expert
+    "wan2.2-lightning": PhaseSchedule((0.87,), (2, 2), 5.0),
     # one Euler step per phase: each expert is a one-step generator for its subinterval
     "one-step-per-phase": PhaseSchedule((0.75, 0.5, 0.25), (1, 1, 1, 1), 1.0),
 }

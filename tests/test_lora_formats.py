@@ -21,7 +21,7 @@ from pdmd.teachers import load_teacher
 RANK = 4
 # Wan2.2-Lightning's two phases, with the boundary just below the A14B experts' switch at t = 0.875 so that every
 # step of phase 2 runs on the low-noise expert
-LIGHTNING = PhaseSchedule((0.87,), (2, 2), 5.0)
+LIGHTNING = PRESETS["wan2.2-lightning"]
 
 
 # --- tiny transformers and LoRA files ------------------------------------------------------------------------
@@ -202,9 +202,10 @@ def test_a_phase_across_the_expert_switch_is_refused(wan22_teacher, tmp_path):
     high, low = tmp_path / "high.safetensors", tmp_path / "low.safetensors"
     wan_lightning_file(high, wan22_teacher.pipe.transformer, alpha=8.0, seed=1)
     wan_lightning_file(low, wan22_teacher.pipe.transformer_2, alpha=8.0, seed=2)
-    # the preset's boundary sits on the switch: phase 2's first step (t = 0.875) runs on the high-noise expert
+    # a boundary on the switch: phase 2's first step (t = 0.875) runs on the high-noise expert
+    on_the_switch = PhaseSchedule((0.875,), (2, 2), 5.0)
     with pytest.raises(lf.LoraFormatError, match="phase 2 runs on more than one expert"):
-        lf.make_published_student(tmp_path / "s", [high, low], wan22_teacher, PRESETS["wan2.2-lightning"])
+        lf.make_published_student(tmp_path / "s", [high, low], wan22_teacher, on_the_switch)
     assert not (tmp_path / "s").exists()
 
 

@@ -48,7 +48,7 @@ def test_yaml_file_and_preset_overrides(tmp_path):
     path = tmp_path / "schedule.yaml"
     path.write_text("preset: wan2.2-lightning\nsteps: [3, 1]\n")
     schedule = PhaseSchedule.from_yaml(path)
-    assert schedule.boundaries == (0.875,) and schedule.steps == (3, 1) and schedule.shift == 5.0
+    assert schedule.boundaries == (0.87,) and schedule.steps == (3, 1) and schedule.shift == 5.0
     assert PhaseSchedule.from_yaml(str(path)) == schedule
 
 
@@ -89,7 +89,7 @@ def test_log_snr_at_boundaries():
 def test_presets():
     assert preset("paper-2x2").steps == (2, 2) and preset("paper-2x2").nfe == 4
     lightning = preset("wan2.2-lightning")
-    assert lightning.boundaries == (0.875,) and lightning.shift == 5.0 and lightning.nfe == 4
+    assert lightning.boundaries == (0.87,) and lightning.shift == 5.0 and lightning.nfe == 4
     one_step = preset("one-step-per-phase")
     assert set(one_step.steps) == {1} and one_step.num_phases == len(one_step.boundaries) + 1
     assert set(PRESETS) == {"paper-2x2", "wan2.2-lightning", "one-step-per-phase"}

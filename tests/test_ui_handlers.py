@@ -77,7 +77,7 @@ def test_student_then_teacher_fill_images_captions_strip_and_download(store, stu
 
 def test_baseline_uses_the_phases_schedule_and_teacher_cfg(store):
     _, caption, _, _, run = run_student(store, schedule=PRESETS["wan2.2-lightning"].as_dict())
-    assert "Baseline" in caption and "NFE 8" in caption and run["boundaries"] == [0.875]
+    assert "Baseline" in caption and "NFE 8" in caption and run["boundaries"] == [0.87]
 
 
 def test_same_seed_gives_the_same_student_image(store, student):
@@ -150,7 +150,7 @@ def test_phases_schedule_must_match_the_students_experts(store, student):
     assert "4 phase(s)" in status and "2 expert(s)" in status
     shifted = PRESETS["wan2.2-lightning"].as_dict()
     run = run_student(store, value=student, source=compare.FROM_PHASES, schedule=shifted)[4]
-    assert run["boundaries"] == [0.875]
+    assert run["boundaries"] == [0.87]
 
 
 def test_describe_student_shows_the_schedule(student):
@@ -264,7 +264,7 @@ def test_invalid_schedule_names_the_problem_and_keeps_the_last_valid(boundaries,
 
 
 def test_presets_fill_the_editor():
-    assert phases.on_preset("wan2.2-lightning") == ("0.875", "2, 2", "5", "")
+    assert phases.on_preset("wan2.2-lightning") == ("0.87", "2, 2", "5", "")
     assert "unknown preset" in phases.on_preset("nope")[3]
 
 

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from pdmd import lora_formats as lf
 from pdmd.experts import read_manifest
-from pdmd.schedule import PhaseSchedule
+from pdmd.schedule import PRESETS, PhaseSchedule
 from ui import compare, models, students
 from ui.models import ModelStore
 
 PROMPT = "a small boat at dawn"
-LIGHTNING = PhaseSchedule((0.87,), (2, 2), 5.0)  # every phase-2 step below the A14B experts' switch at 0.875
+LIGHTNING = PRESETS["wan2.2-lightning"]  # every phase-2 step below the A14B experts' switch at 0.875
 WAN_SIZE = (16, 16, 5)  # height, width, frames: a few frames of the tiny Wan 2.2
 
 

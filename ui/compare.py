@@ -513,7 +513,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
         gr.Markdown("One `.safetensors` file per phase of the **Phases tab's schedule**, in file-name order "
                     "(Lightning's `high_noise_model` then `low_noise_model`), for the **loaded teacher**; diffusers, "
                     "ComfyUI or kohya key layouts. On Wan2.2 A14B each phase's file goes into the expert its "
-                    "steps run on (boundary just below 0.875, e.g. 0.87).")
+                    "steps run on: use the wan2.2-lightning preset (boundary 0.87, just below the switch at 0.875).")
         with gr.Row():
             published = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files", scale=3)
             with gr.Column(scale=2):
