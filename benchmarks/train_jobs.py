@@ -36,16 +36,10 @@ STUDENT = str(ROOT / "assets" / "students" / "phased")
 
 
 def wait(manager: JobManager, job_id: int, condition, timeout: float = 900) -> jobs.Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        manager.poll()
-        job = manager.get(job_id)
-        if condition(job):
-            return job
-        if job.status in (jobs.FAILED, jobs.INTERRUPTED):
-            raise RuntimeError(f"job {job.name} {job.status}: {job.error}")
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} is {manager.get(job_id).status}")
+    job = manager.wait(job_id, condition, timeout, interval=0.05)
+    if not condition(job):
+        raise RuntimeError(f"job {job.name} is {job.status} at step {job.step}: {job.error}")
+    return job
 
 
 def clicks(client: Client, n: int) -> dict:

@@ -296,6 +296,17 @@ class JobManager:
                 os.kill(job.pid, signal.SIGTERM)
         return self.get(job.id)
 
+    def wait(self, job_id, condition, timeout: float, interval: float = 0.2) -> Job:
+        """Poll until ``condition(job)`` holds, the job ends some other way, or ``timeout`` seconds pass; the job
+        as it then is (the caller tells which from the job)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            job = self.get(job_id)
+            if condition(job) or job.status not in (QUEUED, *ACTIVE) or time.monotonic() >= deadline:
+                return job
+            time.sleep(interval)
+
     def request(self, job_id, action: str) -> Job:
         """"sample" (draw the sample grid now) or "save" (checkpoint now) on a running job."""
         if action not in ACTIONS:

@@ -10,13 +10,12 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pdmd import checkpoints
-from pdmd.jobs import (FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, STOPPED, STOPPING, Gate, JobError,
+from pdmd.jobs import (FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, STOPPED, Gate, JobError,
                        JobManager, display_command, is_alive, last_step, log_tail, metrics, process_start_time,
                        zip_student)
 from pdmd.train_config import ConfigError
@@ -51,16 +50,9 @@ def manager(tmp_path):
 
 
 def wait_for(manager: JobManager, job_id: int, condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        manager.poll()
-        job = manager.get(job_id)
-        if condition(job):
-            return job
-        if job.status not in (QUEUED, RUNNING, STOPPING):
-            break  # it ended some other way: say how, now
-        time.sleep(0.2)
-    job = manager.get(job_id)
+    job = manager.wait(job_id, condition, WAIT_S)
+    if condition(job):
+        return job
     raise AssertionError(f"job {job.name} never {what}: {job.status}, step {job.step}\n{log_tail(job)}")
 
 
