@@ -21,7 +21,8 @@ from pdmd import scenes
 from pdmd.checkpoints import (atomic_export, load_checkpoint, load_optimizer_tensors, optimizer_tensors,
                               resolve_checkpoint, save_checkpoint)
 from pdmd.rectified_flow import flow_matching_loss, forward_process
-from pdmd.teachers.builtin import ASSET_DIR, TIMESTEP_SCALE, build_model, images_to_latents
+from pdmd.teachers.builtin import (ARCHITECTURES, ASSET_DIR, DEFAULT_ARCHITECTURE, TIMESTEP_SCALE, build_model,
+                                   images_to_latents, patch_size)
 
 WARMUP_STEPS = 250
 FINAL_LR_FRACTION = 0.1
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=ASSET_DIR, help="where the teacher is exported")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/builtin-teacher"),
                         help="checkpoints (not shipped)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCHITECTURE,
+                        help="network architecture (a resumed run keeps the one it started with)")
     parser.add_argument("--steps", type=int, default=6000, help="total optimizer steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=7e-4)
@@ -58,7 +61,7 @@ def learning_rate(step: int, total: int, peak: float) -> float:
 def training_loss(model, step_seed: int, batch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(step_seed)
     labels = scenes.sample_labels(batch, generator)
-    x0 = images_to_latents(scenes.render(labels))
+    x0 = images_to_latents(scenes.render(labels), patch_size(model))
     class_labels = scenes.drop_attributes(labels, generator)
     eps = torch.randn(x0.shape, generator=generator)
     # uniform timesteps: at 32x32 the crisp edges are made at low noise, which SD3's logit-normal rarely
@@ -81,15 +84,20 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    checkpoint = resolve_checkpoint(args.run_dir, args.resume) if args.resume else None
+    tensors, meta = load_checkpoint(checkpoint) if checkpoint is not None else ({}, {})
+    # checkpoints from before --arch existed are of the default architecture
+    architecture = meta.get("args", {}).get("arch", DEFAULT_ARCHITECTURE) if meta else args.arch
+    if architecture != args.arch:
+        print(f"resuming a {architecture} run: --arch {args.arch} ignored", flush=True)
+    args.arch = architecture
+
     torch.manual_seed(args.seed)  # initial weights
-    model = build_model().train()
+    model = build_model(architecture).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start, train_seconds = 0, 0.0
-
-    checkpoint = resolve_checkpoint(args.run_dir, args.resume) if args.resume else None
     if checkpoint is not None:
-        tensors, meta = load_checkpoint(checkpoint)
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
         load_optimizer_tensors(optimizer, {k[len("optim."):]: v for k, v in tensors.items()
@@ -99,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     command = "python -m pdmd " + " ".join(sys.argv[1:])
     params = sum(p.numel() for p in model.parameters())
-    print(f"training {params / 1e6:.2f}M parameters for steps {start}..{args.steps}, batch {args.batch}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+    print(f"training {params / 1e6:.2f}M parameters ({architecture}) for steps {start}..{args.steps}, "
+          f"batch {args.batch}, {torch.get_num_threads()} thread(s)", flush=True)
     running_loss, last_report, last_report_step = None, time.time(), start
     for step in range(start, args.steps):
         began = time.time()
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             meta = {"train_seconds": train_seconds, "loss": running_loss, "args": {
                 k: str(v) for k, v in vars(args).items() if k != "run"}}
             saved = save_checkpoint(args.run_dir, done, tensors, meta)
-            export_teacher(ema, args.out, {"trained_steps": done, "train_seconds": round(train_seconds),
+            export_teacher(ema, args.out, {"architecture": architecture, "trained_steps": done, "train_seconds": round(train_seconds),
                                            "threads": torch.get_num_threads(), "batch": args.batch,
                                            "command": command})
             print(f"checkpoint {saved}, exported {args.out}", flush=True)

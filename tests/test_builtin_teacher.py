@@ -58,7 +58,7 @@ def test_unknown_prompt_words_are_reported(teacher):
 
 def test_latents_round_trip_images():
     images, _ = scenes.make_batch(2, seed=0)
-    assert torch.allclose(latents_to_images(images_to_latents(images)), images, atol=1e-6)
+    assert torch.allclose(latents_to_images(images_to_latents(images, 2), 2), images, atol=1e-6)
 
 
 def test_missing_asset_names_the_file_and_the_rebuild_command(tmp_path):

@@ -6,12 +6,12 @@ from pdmd.cli import main
 from pdmd.teachers.builtin import load_builtin_teacher
 
 
-def train(folder, steps, resume=False):
+def train(folder, steps, resume=False, arch=None):
     threads = torch.get_num_threads()  # --threads sets a process-wide value; leave other tests theirs
     arguments = ["train-teacher", "--out", str(folder / "teacher"), "--run-dir", str(folder / "run"),
                  "--steps", str(steps), "--batch", "2", "--checkpoint-every", "1", "--threads", "1"]
     try:
-        assert main(arguments + (["--resume", "latest"] if resume else [])) == 0
+        assert main(arguments + (["--resume", "latest"] if resume else []) + (["--arch", arch] if arch else [])) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -30,3 +30,16 @@ def test_resumed_training_matches_an_uninterrupted_run_and_exports_a_loadable_te
 
     assert load_builtin_teacher(tmp_path / "resumed" / "teacher").info["trained_steps"] == 3
     assert {p.suffix for p in tmp_path.rglob("*") if p.is_file()} == {".safetensors", ".json"}  # no pickle
+
+
+def test_a_full_resolution_architecture_trains_loads_and_keeps_its_architecture_on_resume(tmp_path):
+    train(tmp_path, 1, arch="pixel")
+    train(tmp_path, 2, resume=True, arch="patch2-small")  # the run's own architecture wins
+
+    teacher = load_builtin_teacher(tmp_path / "teacher")
+    assert teacher.info["architecture"] == "pixel" and teacher.info["trained_steps"] == 2
+    assert teacher.latent_shape == (3, 32, 32)
+    cond, _ = teacher.encode_prompts(["a red star"])
+    x = torch.randn(1, *teacher.latent_shape)
+    images = teacher.decode(teacher.velocity(x, torch.tensor([0.5]), cond))
+    assert images.shape == (1, 3, 32, 32) and 0 <= images.min() <= images.max() <= 1

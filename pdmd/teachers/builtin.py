@@ -1,13 +1,15 @@
 """The built-in teacher: a tiny class-conditional flow-matching UNet over the scenes of pdmd.scenes.
 
 It ships in assets/builtin-teacher (diffusers format, fp16 safetensors) and runs on a 2-core CPU. Its latent
-is the image itself folded into 2x2 patches -- (12, 16, 16) for a 32x32 RGB image, values in [-1, 1] -- so
-the UNet works at 16x16, four times cheaper than at full resolution; ``decode`` unfolds the patches.
+is the image itself, values in [-1, 1], optionally folded into PxP patches (P = 2 turns a 32x32 RGB image
+into (12, 16, 16), four times cheaper per layer); the patch size follows from the model's input channels, so
+``decode`` needs nothing but the model.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -24,8 +26,25 @@ ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "builtin-teacher"
 ASSET_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "teacher.json")
 REBUILD_COMMAND = "python -m pdmd train-teacher --out assets/builtin-teacher --resume latest"
 
-PATCH = 2
-LATENT_SHAPE = (3 * PATCH * PATCH, scenes.IMAGE_SIZE // PATCH, scenes.IMAGE_SIZE // PATCH)
+# Architectures `train-teacher --arch` can build; their measured quality is in docs/benchmarks.md.
+# name -> (patch size, UNet2DModel keyword arguments)
+ARCHITECTURES: dict[str, tuple[int, dict]] = {
+    # the session-1 teacher: 2x2 patches, additive class conditioning
+    "patch2-small": (2, dict(block_out_channels=(48, 96, 96), layers_per_block=1,
+                             down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                             up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))),
+    # full resolution: convolutions see every pixel of a 6-pixel star's points; FiLM conditioning
+    "pixel": (1, dict(block_out_channels=(32, 64, 96, 96), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+                      resnet_time_scale_shift="scale_shift")),
+    # 2x2 patches, wider, attention at 8x8 and 4x4, FiLM conditioning
+    "patch2-wide": (2, dict(block_out_channels=(64, 128, 128), layers_per_block=1,
+                            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                            resnet_time_scale_shift="scale_shift")),
+}
+DEFAULT_ARCHITECTURE = "patch2-small"
 # the model's timestep input is t * 1000, the range its sinusoidal embedding was designed for
 TIMESTEP_SCALE = 1000.0
 
@@ -39,24 +58,26 @@ class AssetError(RuntimeError):
     """A shipped asset is missing or unreadable; the message names the file and the command that rebuilds it."""
 
 
-def build_model() -> UNet2DModel:
-    """The teacher network, untrained. Small enough to train in about an hour on one CPU core."""
-    return UNet2DModel(
-        sample_size=LATENT_SHAPE[1], in_channels=LATENT_SHAPE[0], out_channels=LATENT_SHAPE[0],
-        block_out_channels=(48, 96, 96), layers_per_block=1, norm_num_groups=16, attention_head_dim=32,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        num_class_embeds=scenes.NUM_CLASSES,
-    )
+def build_model(architecture: str = DEFAULT_ARCHITECTURE) -> UNet2DModel:
+    """The teacher network of one of ARCHITECTURES, untrained."""
+    patch, kwargs = ARCHITECTURES[architecture]
+    channels = 3 * patch * patch
+    return UNet2DModel(sample_size=scenes.IMAGE_SIZE // patch, in_channels=channels, out_channels=channels,
+                       norm_num_groups=16, attention_head_dim=32, num_class_embeds=scenes.NUM_CLASSES, **kwargs)
 
 
-def images_to_latents(images: Tensor) -> Tensor:
-    """Images (B, 3, 32, 32) in [0, 1] -> latents (B, 12, 16, 16) in [-1, 1]."""
-    return pixel_unshuffle(images * 2 - 1, PATCH)
+def patch_size(model: UNet2DModel) -> int:
+    """The fold of a model's latent, from its input channels (3 per pixel of a patch)."""
+    return math.isqrt(model.config.in_channels // 3)
 
 
-def latents_to_images(latents: Tensor) -> Tensor:
-    return ((pixel_shuffle(latents, PATCH) + 1) / 2).clamp(0, 1)
+def images_to_latents(images: Tensor, patch: int) -> Tensor:
+    """Images (B, 3, 32, 32) in [0, 1] -> latents (B, 3 P^2, 32/P, 32/P) in [-1, 1]."""
+    return pixel_unshuffle(images * 2 - 1, patch)
+
+
+def latents_to_images(latents: Tensor, patch: int) -> Tensor:
+    return ((pixel_shuffle(latents, patch) + 1) / 2).clamp(0, 1)
 
 
 class BuiltinTeacher(Teacher):
@@ -96,10 +117,11 @@ class BuiltinTeacher(Teacher):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return LATENT_SHAPE
+        patch = patch_size(self.model)
+        return (3 * patch * patch, scenes.IMAGE_SIZE // patch, scenes.IMAGE_SIZE // patch)
 
     def decode(self, latents: Tensor) -> Tensor:
-        return latents_to_images(latents.float())
+        return latents_to_images(latents.float(), patch_size(self.model))
 
 
 def _check_assets(path: Path) -> dict:
