@@ -73,15 +73,18 @@ class Roles:
             for name in adapters:
                 inject_adapter_in_model(lora.peft_config(), teacher.model, adapter_name=name)
         self.layers = [m for m in teacher.model.modules() if isinstance(m, BaseTunerLayer)]
+        # where each LoRA wrapper sits, so folded inference can take it out of the network and put it back
+        self._slots = [(teacher.model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], module)
+                       for path, module in teacher.model.named_modules() if isinstance(module, BaseTunerLayer)]
         if not self.layers:
             raise StudentError(f"LoRA target modules {list(lora.target_modules)} match no layer of "
                                f"{type(teacher.model).__name__}")
         self.adapters = list(adapters)
-        for param in self.parameters_of(*adapters):
-            param.requires_grad_(False)
         self._base_weights: dict[nn.Module, Tensor] = {}
         self._fold_cache: dict[str, dict[nn.Module, Tensor]] = {}  # adapter -> merged weight per layer
         self._folded: str | None = None
+        for param in self.parameters_of(*adapters):
+            param.requires_grad_(False)
         self._activate(None)
 
     def _activate(self, name: str | None) -> None:
@@ -109,9 +112,11 @@ class Roles:
         return velocity
 
     def _fold(self, name: str | None) -> None:
-        """Swap in adapter ``name``'s merged weights (None: the base's own), so that inference runs the plain
-        network: at a small batch, PEFT's extra matmuls and dispatch cost as much as the base layers. Swapping
-        tensors (rather than merging and unmerging) is free per call and leaves the base weights bit-exact."""
+        """Swap in adapter ``name``'s merged weights (None: the base's own) and take the LoRA wrappers out of the
+        network (None: put them back), so that inference runs the plain network: at a small batch, PEFT's extra
+        matmuls and dispatch cost as much as the base layers, and diffusers' ``dtype`` lookup walks every module
+        twice per call. Swapping tensors (rather than merging and unmerging) is free per call and leaves the base
+        weights bit-exact."""
         if self._folded == name:
             return
         if self._folded is None:  # the base weights as they are now (the model may have moved since __init__)
@@ -119,6 +124,8 @@ class Roles:
         merged = self._fold_cache[name] if name is not None else {}
         for layer in self.layers:
             layer.get_base_layer().weight.data = merged.get(layer, self._base_weights[layer])
+        for parent, attribute, wrapper in self._slots:
+            setattr(parent, attribute, wrapper.get_base_layer() if name is not None else wrapper)
         self._folded = name
 
     def folded_velocity(self, name: str):
@@ -141,6 +148,7 @@ class Roles:
         return velocity
 
     def parameters_of(self, *names: str) -> list[nn.Parameter]:
+        self._fold(None)  # the LoRA wrappers back in the network, where named_parameters finds them
         return [p for n, p in self.teacher.model.named_parameters()
                 if any(f".{name}." in n for name in names) and "lora_" in n]
 
@@ -154,6 +162,7 @@ class Roles:
 
     def state_dict(self, name: str) -> dict[str, Tensor]:
         """One adapter's weights in PEFT key layout (adapter name stripped)."""
+        self._fold(None)
         return {k: v.detach().clone() for k, v in
                 get_peft_model_state_dict(self.teacher.model, adapter_name=name).items()}
 

@@ -71,6 +71,8 @@ def test_roles_share_one_base_and_start_equal_to_the_teacher():
 
 def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
     """Inference swaps in each phase's merged weights; the LoRA path, the teacher and training see no trace."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from pdmd.experts import LoraSpec, Roles
 
     teacher = load_teacher("builtin")
@@ -90,6 +92,7 @@ def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
                 torch.testing.assert_close(roles.folded_velocity(name)(x, t, cond), expected[name],
                                            rtol=1e-4, atol=1e-5)
         assert not torch.allclose(expected["phase_1"], expected["phase_2"])
+        assert not any(isinstance(m, BaseTunerLayer) for m in teacher.model.modules())  # the plain network runs
         torch.testing.assert_close(roles.velocity(None)(x, t, cond), v_teacher, rtol=0, atol=0)
         roles.folded_velocity("phase_1")(x, t, cond)
         for p in roles.parameters_of("phase_1"):  # new weights: the merged copy is rebuilt, not reused
@@ -98,6 +101,7 @@ def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
         torch.testing.assert_close(roles.folded_velocity("phase_1")(x, t, cond), roles.velocity("phase_1")(x, t, cond),
                                    rtol=1e-4, atol=1e-5)
     roles._activate(None)
+    assert sum(isinstance(m, BaseTunerLayer) for m in teacher.model.modules()) == len(roles.layers)
     assert all(torch.equal(p, base[n]) for n, p in teacher.model.named_parameters() if "lora_" not in n)
 
 
