@@ -101,6 +101,7 @@ def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
         torch.testing.assert_close(roles.folded_velocity("phase_1")(x, t, cond), roles.velocity("phase_1")(x, t, cond),
                                    rtol=1e-4, atol=1e-5)
     roles._activate(None)
+    assert teacher.model.dtype == torch.float32 and type(teacher.model).__name__ == "UNet2DModel"
     assert sum(isinstance(m, BaseTunerLayer) for m in teacher.model.modules()) == len(roles.layers)
     assert all(torch.equal(p, base[n]) for n, p in teacher.model.named_parameters() if "lora_" not in n)
 
