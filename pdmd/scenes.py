@@ -168,11 +168,12 @@ def _inside(rho: Tensor, theta: Tensor, radius: Tensor, rotation: Tensor, shape:
     theta it is where the ray meets the edge between the two neighbouring vertices A, B.
     """
     count, radii = _star_shaped_polygon(shape)
+    radii = torch.tensor(radii, device=rho.device)
     step = 2 * math.pi / count
     local = (theta - rotation[:, None]) % (2 * math.pi)
     k = torch.floor(local / step)
-    rel_a = torch.tensor(radii)[(k.long() % len(radii))]
-    rel_b = torch.tensor(radii)[((k.long() + 1) % len(radii))]
+    rel_a = radii[(k.long() % len(radii))]
+    rel_b = radii[((k.long() + 1) % len(radii))]
     a_angle, b_angle = k * step, (k + 1) * step
     ax, ay = rel_a * torch.cos(a_angle), rel_a * torch.sin(a_angle)
     bx, by = rel_b * torch.cos(b_angle), rel_b * torch.sin(b_angle)
@@ -202,16 +203,16 @@ def sample_labels(n: int, generator: torch.Generator) -> dict[str, Tensor]:
 
 
 def render(labels: dict[str, Tensor]) -> Tensor:
-    """Labels (as from sample_labels) -> images (B, 3, 32, 32) in [0, 1]."""
-    n = labels["colour"].shape[0]
+    """Labels (as from sample_labels) -> images (B, 3, 32, 32) in [0, 1], on the labels' device."""
+    n, device = labels["colour"].shape[0], labels["cx"].device
     size, fine = IMAGE_SIZE, IMAGE_SIZE * SUPERSAMPLE
     # pixel-centre coordinates of the supersampled grid, in units of output pixels
-    axis = (torch.arange(fine) + 0.5) / SUPERSAMPLE
+    axis = (torch.arange(fine, device=device) + 0.5) / SUPERSAMPLE
     gy, gx = torch.meshgrid(axis, axis, indexing="ij")
     dx = gx.reshape(1, -1) - labels["cx"][:, None]
     dy = gy.reshape(1, -1) - labels["cy"][:, None]
     rho, theta = torch.hypot(dx, dy), torch.atan2(dy, dx)
-    coverage = torch.zeros(n, fine * fine)
+    coverage = torch.zeros(n, fine * fine, device=device)
     for index, shape in enumerate(SHAPES):
         rows = labels["shape"] == index
         if rows.any():
@@ -219,10 +220,10 @@ def render(labels: dict[str, Tensor]) -> Tensor:
                                      shape).float()
     coverage = torch.nn.functional.avg_pool2d(coverage.reshape(n, 1, fine, fine), SUPERSAMPLE)
 
-    background = torch.tensor(list(BACKGROUNDS.values()))[labels["background"]] + labels["jitter"][:, 1]
-    colour = torch.tensor(list(COLOURS.values()))[labels["colour"]] + labels["jitter"][:, 0]
+    background = torch.tensor(list(BACKGROUNDS.values()), device=device)[labels["background"]] + labels["jitter"][:, 1]
+    colour = torch.tensor(list(COLOURS.values()), device=device)[labels["colour"]] + labels["jitter"][:, 0]
     # a soft linear gradient across the background, centred so its mean stays the named tint
-    axis = (torch.arange(size) + 0.5) / size - 0.5
+    axis = (torch.arange(size, device=device) + 0.5) / size - 0.5
     yy, xx = torch.meshgrid(axis, axis, indexing="ij")
     direction = (torch.cos(labels["gradient_angle"])[:, None, None] * xx
                  + torch.sin(labels["gradient_angle"])[:, None, None] * yy)

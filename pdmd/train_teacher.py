@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest checkpoint in --run-dir, or a fresh start if none) or a folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when there is one; bf16 "
+                                                       "autocast on cuda)")
 
 
 def _fail(message: str) -> int:
@@ -59,21 +61,24 @@ def learning_rate(step: int, total: int, peak: float) -> float:
 
 
 def training_loss(model, step_seed: int, batch: int) -> torch.Tensor:
+    # every random draw on the CPU from one seeded generator: the same batch on any device, and on resume
     generator = torch.Generator().manual_seed(step_seed)
+    device = next(model.parameters()).device
     labels = scenes.sample_labels(batch, generator)
-    x0 = images_to_latents(scenes.render(labels), patch_size(model))
-    class_labels = scenes.drop_attributes(labels, generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    class_labels = scenes.drop_attributes(labels, generator).to(device)
+    x0 = images_to_latents(scenes.render({k: v.to(device) for k, v in labels.items()}), patch_size(model))
+    eps = torch.randn(x0.shape, generator=generator).to(device)
     # uniform timesteps: at 32x32 the crisp edges are made at low noise, which SD3's logit-normal rarely
     # samples (its first version left ragged, speckled shapes after 2500 steps)
-    t = torch.rand(batch, generator=generator)
-    v = model(forward_process(x0, eps, t), t * TIMESTEP_SCALE, class_labels=class_labels).sample
-    return flow_matching_loss(v, x0, eps)
+    t = torch.rand(batch, generator=generator).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        v = model(forward_process(x0, eps, t), t * TIMESTEP_SCALE, class_labels=class_labels).sample
+    return flow_matching_loss(v.float(), x0, eps)
 
 
 def export_teacher(ema_model, out: Path, info: dict) -> None:
     def write(folder: Path):
-        copy.deepcopy(ema_model).half().save_pretrained(str(folder), safe_serialization=True)
+        copy.deepcopy(ema_model).cpu().half().save_pretrained(str(folder), safe_serialization=True)
         (folder / "teacher.json").write_text(json.dumps(info, indent=2))
     atomic_export(out, write)
 
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     args.arch = architecture
 
     torch.manual_seed(args.seed)  # initial weights
-    model = build_model(architecture).train()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(architecture).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start, train_seconds = 0, 0.0
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     command = "python -m pdmd " + " ".join(sys.argv[1:])
     params = sum(p.numel() for p in model.parameters())
     print(f"training {params / 1e6:.2f}M parameters ({architecture}) for steps {start}..{args.steps}, "
-          f"batch {args.batch}, {torch.get_num_threads()} thread(s)", flush=True)
+          f"batch {args.batch}, on {device} ({torch.get_num_threads()} CPU thread(s))", flush=True)
     running_loss, last_report, last_report_step = None, time.time(), start
     for step in range(start, args.steps):
         began = time.time()
@@ -137,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             meta = {"train_seconds": train_seconds, "loss": running_loss, "args": {
                 k: str(v) for k, v in vars(args).items() if k != "run"}}
             saved = save_checkpoint(args.run_dir, done, tensors, meta)
-            export_teacher(ema, args.out, {"architecture": architecture, "trained_steps": done, "train_seconds": round(train_seconds),
+            export_teacher(ema, args.out, {"architecture": architecture, "trained_steps": done,
+                                           "train_seconds": round(train_seconds), "device": device.type,
                                            "threads": torch.get_num_threads(), "batch": args.batch,
                                            "command": command})
             print(f"checkpoint {saved}, exported {args.out}", flush=True)
