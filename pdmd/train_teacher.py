@@ -93,12 +93,20 @@ def run(args: argparse.Namespace) -> int:
     tensors, meta = load_checkpoint(checkpoint) if checkpoint is not None else ({}, {})
     # checkpoints from before --arch existed are of the default architecture
     architecture = meta.get("args", {}).get("arch", DEFAULT_ARCHITECTURE) if meta else args.arch
+    if architecture not in ARCHITECTURES:
+        return _fail(f"checkpoint {checkpoint} is of architecture {architecture!r}, which this version does not know")
     if architecture != args.arch:
         print(f"resuming a {architecture} run: --arch {args.arch} ignored", flush=True)
     args.arch = architecture
 
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        return _fail(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: this machine has no CUDA device")
+
     torch.manual_seed(args.seed)  # initial weights
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(architecture).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

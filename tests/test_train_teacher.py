@@ -43,3 +43,14 @@ def test_a_full_resolution_architecture_trains_loads_and_keeps_its_architecture_
     x = torch.randn(1, *teacher.latent_shape)
     images = teacher.decode(teacher.velocity(x, torch.tensor([0.5]), cond))
     assert images.shape == (1, 3, 32, 32) and 0 <= images.min() <= images.max() <= 1
+
+
+def test_a_bad_device_is_a_clear_error_before_any_work(tmp_path, capsys):
+    arguments = ["train-teacher", "--out", str(tmp_path / "teacher"), "--run-dir", str(tmp_path / "run"),
+                 "--steps", "1", "--device"]
+    assert main(arguments + ["gpu"]) == 2
+    assert "--device 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(arguments + ["cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "teacher").exists()
