@@ -96,10 +96,10 @@ class Roles:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in adapters:
                 inject_adapter_in_model(lora.peft_config(), teacher.model, adapter_name=name)
-        self.layers = [m for m in teacher.model.modules() if isinstance(m, BaseTunerLayer)]
         # where each LoRA wrapper sits, so folded inference can take it out of the network and put it back
         self._slots = [(teacher.model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], module)
                        for path, module in teacher.model.named_modules() if isinstance(module, BaseTunerLayer)]
+        self.layers = [wrapper for _, _, wrapper in self._slots]
         if not self.layers:
             raise StudentError(f"LoRA target modules {list(lora.target_modules)} match no layer of "
                                f"{type(teacher.model).__name__}")
