@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoints (not shipped)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCHITECTURE,
                         help="network architecture (a resumed run keeps the one it started with)")
-    parser.add_argument("--steps", type=int, default=6000, help="total optimizer steps")
+    parser.add_argument("--steps", type=int, default=12000, help="total optimizer steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(args.run_dir, args.resume) if args.resume else None
     tensors, meta = load_checkpoint(checkpoint) if checkpoint is not None else ({}, {})
-    # checkpoints from before --arch existed are of the default architecture
-    architecture = meta.get("args", {}).get("arch", DEFAULT_ARCHITECTURE) if meta else args.arch
+    # checkpoints from before --arch existed are all of the session-1 architecture
+    architecture = meta.get("args", {}).get("arch", "patch2-small") if meta else args.arch
     if architecture not in ARCHITECTURES:
         return _fail(f"checkpoint {checkpoint} is of architecture {architecture!r}, which this version does not know")
     if architecture != args.arch:

@@ -33,7 +33,7 @@ ARCHITECTURES: dict[str, tuple[int, dict]] = {
     "patch2-small": (2, dict(block_out_channels=(48, 96, 96), layers_per_block=1,
                              down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                              up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))),
-    # full resolution: convolutions see every pixel of a 6-pixel star's points; FiLM conditioning
+    # the shipped teacher. Full resolution: convolutions see every pixel of a 6-pixel star's points; FiLM
     "pixel": (1, dict(block_out_channels=(32, 64, 96, 96), layers_per_block=1,
                       down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -44,7 +44,7 @@ ARCHITECTURES: dict[str, tuple[int, dict]] = {
                             up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                             resnet_time_scale_shift="scale_shift")),
 }
-DEFAULT_ARCHITECTURE = "patch2-small"
+DEFAULT_ARCHITECTURE = "pixel"
 # the model's timestep input is t * 1000, the range its sinusoidal embedding was designed for
 TIMESTEP_SCALE = 1000.0
 
