@@ -1,5 +1,6 @@
-"""``python -m pdmd bench-train --config FILE``: time per generator step and training peak memory against the
-teacher's own inference peak (each measured in a fresh process, so one does not inflate the other)."""
+"""``python -m pdmd bench-train --config FILE``: time per generator step in each phase, the whole run's training
+time they imply, and training peak memory against the teacher's own inference peak (each measured in a fresh
+process, so one does not inflate the other)."""
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,24 @@ def _measure_inference(config_path: str) -> dict:
 
 
 def _measure_training(config_path: str, steps: int) -> dict:
+    """Seconds per generator step in every phase (a later phase also rolls out through the earlier experts, so
+    it costs more), each timed after one warm-up step at the phase's start."""
     from pdmd.train_config import TrainConfig
     from pdmd.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(TrainConfig.from_yaml(config_path, output_dir=folder))
-        trainer.train_step()  # warm-up: first calls allocate and pick kernels
-        started = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        return {"seconds_per_step": (time.perf_counter() - started) / steps, "peak_mb": _peak_mb()}
+        phase_starts = [sum(trainer.config.steps_per_phase[:k]) for k in range(len(trainer.config.steps_per_phase))]
+        per_phase = []
+        for start in phase_starts:
+            trainer.step = start
+            trainer.train_step()  # warm-up: the phase's fresh fake score and optimisers, first-call allocations
+            started = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            per_phase.append((time.perf_counter() - started) / steps)
+        return {"seconds_per_step": per_phase, "steps_per_phase": list(trainer.config.steps_per_phase),
+                "peak_mb": _peak_mb()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     inference, training = child("inference"), child("training")
     print(json.dumps({
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
-        "seconds_per_generator_step": round(training["seconds_per_step"], 4),
+        "seconds_per_generator_step": [round(seconds, 4) for seconds in training["seconds_per_step"]],
+        "estimated_training_minutes": round(
+            sum(n * seconds for n, seconds in zip(training["steps_per_phase"], training["seconds_per_step"])) / 60, 1),
         "train_peak_mb": round(training["peak_mb"], 1), "teacher_inference_peak_mb": round(inference["peak_mb"], 1),
         "memory_ratio": round(training["peak_mb"] / inference["peak_mb"], 3),
     }))

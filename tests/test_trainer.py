@@ -305,3 +305,14 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     result = trainer.fit(progress=False)
     rows = [json.loads(line) for line in (Path(config.output_dir) / METRICS_FILE).read_text().splitlines()]
     assert result["finished"] and all(torch.isfinite(torch.tensor(r["loss_generator"])) for r in rows)
+
+
+def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
+    config = write(tmp_path, tiny(tmp_path, steps_per_phase=[3, 5]))
+    assert main(["bench-train", "--config", str(config), "--steps", "1", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    per_phase = report["seconds_per_generator_step"]
+    assert len(per_phase) == 2 and all(seconds > 0 for seconds in per_phase)
+    assert report["estimated_training_minutes"] == pytest.approx((3 * per_phase[0] + 5 * per_phase[1]) / 60, abs=0.06)
+    assert report["train_peak_mb"] > 0 and report["memory_ratio"] == pytest.approx(
+        report["train_peak_mb"] / report["teacher_inference_peak_mb"], abs=1e-3)
