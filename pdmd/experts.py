@@ -193,6 +193,14 @@ class Roles:
     def load_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
         self._activate(None)
         self._fold_cache.pop(name, None)  # merged from the old weights
+        current = get_peft_model_state_dict(self.teacher.model, adapter_name=name)
+        misfits = [k for k, v in state.items() if k in current and current[k].shape != v.shape]
+        if misfits:  # torch would list every one; the likely cause is a student of another network
+            key = misfits[0]
+            raise StudentError(f"{len(misfits)} of {len(state)} LoRA weights do not fit the teacher's layers "
+                               f"(e.g. {key}: {tuple(state[key].shape)} in the file, {tuple(current[key].shape)} "
+                               f"in the teacher): it was made for another network, such as an earlier version "
+                               f"of this teacher; distil it again from this one")
         result = set_peft_model_state_dict(self.teacher.model, state, adapter_name=name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
@@ -329,7 +337,10 @@ def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
             module = "" if expert is None else f"{expert}."
             state.update({module + re.sub(f"^{prefix}", "", key): v
                           for key, v in _read_lora(folder, relative, k).items()})
-        roles.load_state_dict(phase_adapter(k), state)
+        try:
+            roles.load_state_dict(phase_adapter(k), state)
+        except StudentError as error:
+            raise StudentError(f"{folder}, phase {k + 1} ({', '.join(files.values())}): {error}") from None
     return Student(folder, manifest, schedule, roles)
 
 

@@ -219,8 +219,15 @@ def test_bad_student_folders_are_refused_with_the_reason(tmp_path):
     weights = folder / "phase_1" / "pytorch_lora_weights.safetensors"
     state = load_file(str(weights))
     save_file({**state, "unet.no_such_block.conv.lora_A.weight": torch.zeros(2, 2)}, str(weights))
-    with pytest.raises(StudentError, match="LoRA keys match no module of the teacher: .*no_such_block"):
+    with pytest.raises(StudentError, match="phase 1 .*LoRA keys match no module of the teacher: .*no_such_block"):
         load_student(folder, load_teacher("builtin"))
+    key = next(k for k in state if k.endswith("lora_A.weight"))  # a LoRA of another network: one layer differs
+    save_file({**state, key: torch.zeros(state[key].shape[0], state[key].shape[1] + 8, *state[key].shape[2:])},
+              str(weights))
+    with pytest.raises(StudentError, match=r"phase 1 \(phase_1/pytorch_lora_weights.safetensors\): 1 of \d+ LoRA "
+                                           r"weights do not fit the teacher's layers .*distil it again"):
+        load_student(folder, load_teacher("builtin"))
+    save_file(state, str(weights))
     (folder / "manifest.json").unlink()
     with pytest.raises(StudentError, match="manifest.json is missing"):
         load_student(folder, load_teacher("builtin"))
