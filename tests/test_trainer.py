@@ -323,3 +323,10 @@ def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
     assert report["estimated_training_minutes"] == pytest.approx((3 * per_phase[0] + 5 * per_phase[1]) / 60, abs=0.06)
     assert report["train_peak_mb"] > 0 and report["memory_ratio"] == pytest.approx(
         report["train_peak_mb"] / report["teacher_inference_peak_mb"], abs=1e-3)
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in
+                                        [*ROOT.glob("assets/students/*/config.yaml"), *ROOT.glob("configs/*.yaml")]))
+def test_every_shipped_config_is_valid(path):
+    config = TrainConfig.from_yaml(ROOT / path)
+    assert config.total_steps > 0 and len(config.steps_per_phase) == config.schedule.num_phases
