@@ -13,8 +13,8 @@ COMMANDS = {
     "train": ("pdmd.trainer", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
     "sample": ("pdmd.sample", "render a prompt with a teacher, or with a student folder"),
     "lora": ("pdmd.lora_formats", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
-    "bench-train": ("pdmd.bench_train", "time a generator step per phase, estimate the run's training time, "
-                                        "compare its memory with teacher inference"),
+    "bench-train": ("pdmd.bench_train", ("time a generator step per phase, estimate the run's training time, "
+                                         "compare its memory with teacher inference")),
     "bench-teacher": ("pdmd.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }
 
