@@ -73,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_measure_training(args.config, args.steps)))
         return 0
 
+    from pdmd.train_config import TrainConfig
+
+    shortest = min(TrainConfig.from_yaml(args.config).steps_per_phase)
+    if args.steps + 1 > shortest:  # the timed steps would run on into the next phase
+        print(f"bench-train: --steps {args.steps} plus one warm-up step exceeds the shortest phase of {args.config} "
+              f"({shortest} steps)", file=sys.stderr)
+        return 2
+
     def child(part: str) -> dict:
         command = [sys.executable, "-m", "pdmd", "bench-train", "--config", args.config, "--steps", str(args.steps),
                    "--part", part] + (["--threads", str(args.threads)] if args.threads else [])

@@ -323,6 +323,8 @@ def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
     assert report["estimated_training_minutes"] == pytest.approx((3 * per_phase[0] + 5 * per_phase[1]) / 60, abs=0.06)
     assert report["train_peak_mb"] > 0 and report["memory_ratio"] == pytest.approx(
         report["train_peak_mb"] / report["teacher_inference_peak_mb"], abs=1e-3)
+    assert main(["bench-train", "--config", str(config), "--steps", "3"]) == 2  # 3 + warm-up > phase 1's 3 steps
+    assert "exceeds the shortest phase" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in
