@@ -33,6 +33,11 @@ CONTROL_FILE = "control.json"   # {"action": "stop" | "sample" | "save"}: the jo
 STATUS_FILE = "status.json"     # how the last process ended: {"state": finished|stopped|failed, "step", "error"}
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: raised before the update is applied, so the adapters and the checkpoints
+    on disk stay finite."""
+
+
 def select(cond, index: Tensor):
     """Rows ``index`` of a conditioning batch (a tensor, or a dict / tuple of tensors)."""
     if isinstance(cond, Tensor):
@@ -174,6 +179,14 @@ class Trainer:
             self.accelerator.backward(loss)
         self._average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if not torch.isfinite(norm):  # checked after the all-reduce, so every rank stops at the same step
+            optimizer.zero_grad(set_to_none=True)
+            phase, _ = _phase_of(self.config, self.step)
+            rate = f"lr_{'fake' if role == 'fake' else 'generator'}"
+            raise TrainingDiverged(
+                f"the {role} update of step {self.step + 1} (phase {phase + 1}) diverged: loss {loss.item():g}, "
+                f"gradient norm {float(norm):g}; nothing was applied. Lower {rate} (now "
+                f"{getattr(self.config, rate):g}) and resume: the latest checkpoint is from before this step")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -377,6 +390,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop_gracefully)
     try:
         result = trainer.fit(args.max_steps, progress=not args.no_progress)
+    except TrainingDiverged as err:  # the user's to fix (a learning rate), not a bug: no traceback
+        if trainer.is_main:
+            write_status(trainer.run_dir, "failed", trainer.step, str(err))
+        print(f"python -m pdmd train: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # a crash: say so in status.json, keep the traceback and a nonzero exit
         if trainer.is_main:
             write_status(trainer.run_dir, "failed", trainer.step, f"{type(err).__name__}: {err}")

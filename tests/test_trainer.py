@@ -175,6 +175,31 @@ def test_a_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monk
     assert meta["step"] == 1 and tensors["w"].sum() == 3
 
 
+def test_a_diverging_update_stops_the_run_before_it_spoils_adapters_or_checkpoints(tmp_path, monkeypatch, capsys):
+    from pdmd import distill
+
+    real_loss = distill.generator_loss
+    calls = []
+
+    def nan_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(distill, "generator_loss", nan_at_the_third_step)
+    config = tiny(tmp_path)
+    assert main(["train", "--config", str(write(tmp_path, config)), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "generator update of step 3 (phase 2) diverged" in err and "Lower lr_generator" in err
+    assert "Traceback" not in err
+    run = Path(config["output_dir"])
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "diverged" in status["error"]
+    assert checkpoints.list_checkpoints(run / CHECKPOINT_DIR)[-1].name == "step-000002"
+    assert all(torch.isfinite(v).all() for v in adapters(run).values())
+    assert not (run / "student").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ({"method": "gan"}, "method = 'gan' is unknown"),
     ({"schedule": {"boundaries": [0.3, 0.6], "steps": 1}}, "schedule: boundary 0.6 follows 0.3"),

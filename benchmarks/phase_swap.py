@@ -1,0 +1,84 @@
+"""Which phase costs a student its quality: the student with one phase at a time handed back to the teacher.
+
+    python benchmarks/phase_swap.py assets/students/phased [--per-prompt 8] [--seed 0] [--threads 2]
+
+For each phase k, the student's own experts run every other phase and the teacher (its own guidance, with
+``--teacher-steps`` Euler steps) runs phase k, from the same noise. If handing phase k back recovers the
+teacher's adherence or FD, phase k's expert is the one to train longer or differently; since phases are trained
+in order, a later phase can be retrained without touching an earlier one. Prints a markdown table, then one JSON
+line per row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdmd.evaluate import evaluate  # noqa: E402
+from pdmd.experts import load_student  # noqa: E402
+from pdmd.sampling import guided_velocity  # noqa: E402
+from pdmd.schedule import PhaseSchedule  # noqa: E402
+from pdmd.trainer import select  # noqa: E402
+
+COLUMNS = ("adherence", "diversity", "position_spread", "size_spread", "fd")
+
+
+def guided_teacher(student, cfg: float):
+    """The teacher's velocity under its guidance, as a phase expert (the student samples without CFG)."""
+    teacher = student.roles.teacher
+    plain = student.roles.velocity(None)
+    _, unconditional = teacher.encode_prompts(teacher.default_prompts[:1])  # the same for every prompt
+
+    def velocity(x, t, cond):
+        uncond = select(unconditional, torch.zeros(x.shape[0], dtype=torch.long))
+        return guided_velocity(plain, x, t, cond, uncond, cfg, teacher.combine_guidance)
+    return velocity
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("student", type=Path, help="a student folder of the built-in teacher")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="teacher Euler steps in the phase it takes over (default: its steps / phases)")
+    parser.add_argument("--per-prompt", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    student = load_student(args.student)
+    teacher, schedule = student.roles.teacher, student.schedule
+    teacher_steps = args.teacher_steps or max(1, teacher.default_steps // schedule.num_phases)
+    rows = [("student", evaluate(teacher, schedule, student.cfg, args.seed, per_prompt=args.per_prompt,
+                                 experts=student.experts))]
+    for k in range(schedule.num_phases):
+        steps = list(schedule.steps)
+        steps[k] = teacher_steps
+        hybrid = PhaseSchedule(schedule.boundaries, tuple(steps), schedule.shift)
+        experts = student.experts
+        experts[k] = guided_teacher(student, teacher.default_cfg)
+        rows.append((f"phase {k + 1} by the teacher ({teacher_steps} steps, CFG {teacher.default_cfg:g})",
+                     evaluate(teacher, hybrid, student.cfg, args.seed, per_prompt=args.per_prompt,
+                              experts=experts)))
+    with student.roles.active(None):
+        rows.append((f"teacher ({teacher.default_steps} steps, CFG {teacher.default_cfg:g})",
+                     evaluate(teacher, seed=args.seed, per_prompt=args.per_prompt)))
+
+    print(f"{args.student}: {schedule.describe()}, {rows[0][1]['images']} images, seed {args.seed}\n")
+    print("| sampler | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+    for name, row in rows:
+        print(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
+    for name, row in rows:
+        print(json.dumps({"name": name, **{c: row[c] for c in COLUMNS}, "images": row["images"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
