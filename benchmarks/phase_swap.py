@@ -4,8 +4,9 @@
 
 For each phase k, the student's own experts run every other phase and the teacher (its own guidance, with
 ``--teacher-steps`` Euler steps) runs phase k, from the same noise. If handing phase k back recovers the
-teacher's adherence or FD, phase k's expert is the one to train longer or differently; since phases are trained
-in order, a later phase can be retrained without touching an earlier one. Prints a markdown table, then one JSON
+teacher's adherence or FD, phase k's expert is the one to train longer or differently (`python -m pdmd train
+--from-student DIR --start-phase K` retrains a later phase alone). As a reference, the teacher also runs every
+phase itself with phase k cut to the student's step count: what those few steps cost even the teacher. Prints a markdown table, then one JSON
 line per row.
 """
 from __future__ import annotations
@@ -66,6 +67,13 @@ def main() -> int:
         rows.append((f"phase {k + 1} by the teacher ({teacher_steps} steps, CFG {teacher.default_cfg:g})",
                      evaluate(teacher, hybrid, student.cfg, args.seed, per_prompt=args.per_prompt,
                               experts=experts)))
+    for k in range(schedule.num_phases):  # the reference: what the student's step count costs the teacher itself
+        steps = [teacher_steps] * schedule.num_phases
+        steps[k] = schedule.steps[k]
+        rows.append((f"teacher, phase {k + 1} in the student's {steps[k]} step{'s' * (steps[k] != 1)}",
+                     evaluate(teacher, PhaseSchedule(schedule.boundaries, tuple(steps), schedule.shift), student.cfg,
+                              args.seed, per_prompt=args.per_prompt,
+                              experts=[guided_teacher(student, teacher.default_cfg)] * schedule.num_phases)))
     with student.roles.active(None):
         rows.append((f"teacher ({teacher.default_steps} steps, CFG {teacher.default_cfg:g})",
                      evaluate(teacher, seed=args.seed, per_prompt=args.per_prompt)))

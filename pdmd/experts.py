@@ -327,21 +327,30 @@ def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
     if len(manifest["phases"]) != schedule.num_phases:
         raise StudentError(f"{folder / MANIFEST} lists {len(manifest['phases'])} LoRA files for "
                            f"{schedule.num_phases} phases")
+    roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], manifest_lora(manifest))
+    load_phases(roles, folder, manifest, range(schedule.num_phases))
+    return Student(folder, manifest, schedule, roles)
+
+
+def manifest_lora(manifest: dict) -> LoraSpec:
     spec = manifest["lora"]
-    lora = LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["target_modules"]))
-    roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], lora)
-    prefix = re.escape(spec.get("prefix", "unet")) + r"\."
-    for k, files in enumerate(_phase_files(folder, manifest, teacher)):
+    return LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["target_modules"]))
+
+
+def load_phases(roles: Roles, folder: Path, manifest: dict, phases) -> None:
+    """Load the student folder's LoRA of each 0-based phase in ``phases`` into adapter ``phase_k`` of ``roles``."""
+    prefix = re.escape(manifest["lora"].get("prefix", "unet")) + r"\."
+    all_files = _phase_files(folder, manifest, roles.teacher)
+    for k in phases:
         state = {}
-        for expert, relative in files.items():
+        for expert, relative in all_files[k].items():
             module = "" if expert is None else f"{expert}."
             state.update({module + re.sub(f"^{prefix}", "", key): v
                           for key, v in _read_lora(folder, relative, k).items()})
         try:
             roles.load_state_dict(phase_adapter(k), state)
         except StudentError as error:
-            raise StudentError(f"{folder}, phase {k + 1} ({', '.join(files.values())}): {error}") from None
-    return Student(folder, manifest, schedule, roles)
+            raise StudentError(f"{folder}, phase {k + 1} ({', '.join(all_files[k].values())}): {error}") from None
 
 
 def _phase_files(folder: Path, manifest: dict, teacher: Teacher) -> list[dict[str | None, str]]:

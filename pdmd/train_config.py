@@ -59,7 +59,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     mixed_precision: str = "no"                  # "no", "bf16" or "fp16" (accelerate)
-    gradient_checkpointing: bool = False
+    # true: recompute activations in every backward pass; "rollout": only in the generator's, whose graph spans all
+    # of its phase's Euler steps (the peak), so the fake score's updates keep their speed
+    gradient_checkpointing: bool | str = False
     # the teacher's loading (diffusers teachers; see pdmd.teachers.load_teacher): weight dtype ("fp32", "bf16",
     # "fp16"; empty: bf16 on CUDA, fp32 on the CPU -- mixed_precision above is autocast, this is storage),
     # text encoders and VAE kept on the CPU, and the resolution distilled at (empty: the pipeline's own)
@@ -113,9 +115,11 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision = {self.mixed_precision!r} must be 'no', 'bf16' or 'fp16'")
         if self.dtype is not None and self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype = {self.dtype!r} must be 'fp32', 'bf16' or 'fp16'")
-        for name in ("offload", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} = {getattr(self, name)!r} must be true or false")
+        if not isinstance(self.offload, bool):
+            raise ConfigError(f"offload = {self.offload!r} must be true or false")
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "rollout"):
+            raise ConfigError(f"gradient_checkpointing = {self.gradient_checkpointing!r} must be true, false or "
+                              "'rollout'")
         for name in ("height", "width", "num_frames"):
             if getattr(self, name) is not None:
                 set_(name, _positive(name, getattr(self, name), integer=True))

@@ -22,8 +22,11 @@ from torch import Tensor
 
 from pdmd import checkpoints, distill
 from pdmd.cli import positive_int
-from pdmd.experts import FAKE, Roles, phase_adapter, save_student, warn_about_shared_phases
+from pdmd.experts import (FAKE, Roles, StudentError, load_phases, manifest_lora, phase_adapter, read_manifest,
+                          save_student, warn_about_shared_phases)
 from pdmd.images import as_stills, save_png
+from pdmd.sampling import phase_sigmas
+from pdmd.schedule import PhaseSchedule
 from pdmd.train_config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -83,7 +86,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
         warn_about_shared_phases(self.teacher, self.schedule)
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing is True:
             self.teacher.enable_gradient_checkpointing()
         self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
         # guidance as a network input (FLUX.1-dev): the real score at teacher_cfg, students and fake at student_cfg
@@ -99,6 +102,7 @@ class Trainer:
             self.cond, self.uncond = self.teacher.encode_prompts(prompts)
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
+        self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
         self.ema: dict[str, Tensor] = {}
         self.optimizers = None
         self.optimizer_phase = -1
@@ -142,12 +146,14 @@ class Trainer:
             return None
         phase, _ = _phase_of(self.config, self.step)
         return checkpoints.save_checkpoint(self.run_dir / CHECKPOINT_DIR, self.step, self.state_tensors(),
-                                           {"phase": phase, "config": self.config.as_dict()},
+                                           {"phase": phase, "config": self.config.as_dict(),
+                                            "phases_from": self.phases_from},
                                            keep=self.config.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, meta = checkpoints.load_checkpoint(path)
         self.step = int(meta["step"])
+        self.phases_from = meta.get("phases_from")
         for name in self.roles.adapters:
             prefix = f"adapter/{name}/"
             self.roles.load_state_dict(name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -161,6 +167,33 @@ class Trainer:
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if state:
                 checkpoints.load_optimizer_tensors(optimizer.optimizer, state)
+
+    def start_from_student(self, folder: str | Path, start_phase: int) -> None:
+        """Take experts 1..start_phase-1 from a finished student and train from phase ``start_phase`` (1-based)
+        on, as an unbroken run of this config would from that phase boundary (doc §2: a later phase can be
+        retrained without changing what earlier phases decided). Their sampling steps must be this schedule's."""
+        folder = Path(folder)
+        if not 2 <= start_phase <= self.schedule.num_phases:
+            raise ConfigError(f"--start-phase {start_phase}: the schedule has phases 1..{self.schedule.num_phases} "
+                              "and phase 1 has no earlier expert to keep; give 2 or more")
+        manifest = read_manifest(folder)
+        kept = range(start_phase - 1)
+        if manifest["teacher"] != self.config.teacher:
+            raise StudentError(f"{folder} is a student of {manifest['teacher']!r}, this config's teacher is "
+                               f"{self.config.teacher!r}")
+        theirs = PhaseSchedule.from_dict(manifest["schedule"])
+        for k in kept:
+            if k >= theirs.num_phases or phase_sigmas(theirs, k) != phase_sigmas(self.schedule, k):
+                raise StudentError(f"{folder}: its phase {k + 1} does not sample the timesteps of this config's "
+                                   f"phase {k + 1} ({theirs.describe()} vs {self.schedule.describe()})")
+        lora = manifest_lora(manifest)
+        if (lora.rank, lora.alpha, set(lora.target_modules)) != (
+                self.roles.lora.rank, self.roles.lora.alpha, set(self.roles.lora.target_modules)):
+            raise StudentError(f"{folder}: its LoRA (rank {lora.rank}, alpha {lora.alpha:g}) differs from this "
+                               f"config's (rank {self.roles.lora.rank}, alpha {self.roles.lora.alpha:g})")
+        load_phases(self.roles, folder, manifest, kept)
+        self.step = sum(self.config.steps_per_phase[: start_phase - 1])
+        self.phases_from = {"student": str(folder), "phases": [k + 1 for k in kept]}
 
     # --- one generator step ------------------------------------------------------------------------------
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
@@ -215,9 +248,15 @@ class Trainer:
             self._update("fake", FAKE, loss)
             fake_losses.append(loss.item())
         noise, cond, uncond = batch()
+        rollout_only = c.gradient_checkpointing == "rollout"
+        if rollout_only:  # the backward pass recomputes whatever was checkpointed in the forward, flag or not
+            self.teacher.enable_gradient_checkpointing()
         with self.accelerator.autocast():
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
+        if rollout_only:
+            self.teacher.enable_gradient_checkpointing(False)
+        with self.accelerator.autocast():
             loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg,
                                           combine=self.teacher.combine_guidance,
                                           shift=c.timestep_shift, gradient=c.gradient, generator=generator)
@@ -252,6 +291,8 @@ class Trainer:
                     "teacher_cfg": self.teacher_cfg, "steps_trained": self.step,
                     "steps_per_phase": list(self.config.steps_per_phase), "ema_decay": self.config.ema_decay,
                     "seed": self.config.seed}
+        if self.phases_from:
+            manifest["phases_from"] = self.phases_from
         checkpoints.atomic_export(target, lambda folder: save_student(folder, self.roles, self.schedule, manifest))
         if self.ema:
             for name, state in live.items():
@@ -363,6 +404,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=positive_int,
                         help="stop (with a checkpoint) after this many generator steps")
     parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--from-student", metavar="DIR",
+                        help="keep this finished student's experts before --start-phase and train from there")
+    parser.add_argument("--start-phase", type=positive_int, metavar="K",
+                        help="with --from-student: the first phase to train (2 or more)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -371,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if bool(args.from_student) != bool(args.start_phase):
+            raise ConfigError("--from-student and --start-phase go together")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
         trainer = Trainer(config)
         if args.resume:
@@ -380,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             else:
                 trainer.load_checkpoint(found)
+        if args.from_student and trainer.step == 0:  # a resumed run has already taken them
+            trainer.start_from_student(args.from_student, args.start_phase)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"python -m pdmd train: error: {err}", file=sys.stderr)
         return 2

@@ -149,6 +149,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
             torch.testing.assert_close(state[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_later_phase_retrains_from_a_finished_students_earlier_experts(tmp_path, capsys):
+    config = tiny(tmp_path / "a")
+    assert main(["train", "--config", str(write(tmp_path, config, "a.yaml")), "--no-progress"]) == 0
+    source = Path(config["output_dir"]) / "student"
+    again = {**config, "output_dir": str(tmp_path / "b" / "run")}
+    command = ["train", "--config", str(write(tmp_path, again, "b.yaml")), "--no-progress",
+               "--from-student", str(source), "--start-phase", "2"]
+    assert main(command) == 0
+    retrained = Path(again["output_dir"]) / "student"
+    for k in (1, 2):  # phase 1 taken as is; phase 2 trained as the unbroken run trained it
+        theirs, ours = (load_file(str(f / f"phase_{k}" / "pytorch_lora_weights.safetensors")) for f in (source, retrained))
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    assert manifest["phases_from"] == {"student": str(source), "phases": [1]} and manifest["steps_trained"] == 4
+    rows = [json.loads(line) for line in (Path(again["output_dir"]) / METRICS_FILE).read_text().splitlines()]
+    assert [r["phase"] for r in rows] == [2, 2]
+
+    capsys.readouterr()
+    moved = {**again, "schedule": {"boundaries": [0.6], "steps": [1, 1]}, "output_dir": str(tmp_path / "c")}
+    assert main([*command[:2], str(write(tmp_path, moved, "c.yaml")), *command[3:]]) == 2
+    assert "its phase 1 does not sample the timesteps of this config's phase 1" in capsys.readouterr().err
+    assert main([*command[:4], "--start-phase", "2"]) == 2
+    assert "--from-student and --start-phase go together" in capsys.readouterr().err
+    assert main([*command[:-1], "1"]) == 2
+    assert "phase 1 has no earlier expert to keep" in capsys.readouterr().err
+
+
 def test_control_file_stops_gracefully_with_a_checkpoint(tmp_path):
     config = TrainConfig.from_dict(tiny(tmp_path, checkpoint_every=100))
     run = Path(config.output_dir)
@@ -319,15 +347,20 @@ def test_tensorboard_logging_through_accelerate(tmp_path):
 
 def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
     plain = tiny(tmp_path / "plain", steps_per_phase=1)
-    checkpointed = tiny(tmp_path / "ckpt", steps_per_phase=1, gradient_checkpointing=True)
-    trainer = Trainer(TrainConfig.from_dict(checkpointed))
-    assert trainer.teacher.model.is_gradient_checkpointing
-    trainer.fit(progress=False)
     Trainer(TrainConfig.from_dict(plain)).fit(progress=False)
-    a, b = adapters(Path(plain["output_dir"])), adapters(Path(checkpointed["output_dir"]))
-    for key in a:
-        if key.startswith("adapter/"):
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    a = adapters(Path(plain["output_dir"]))
+    for mode in (True, "rollout"):  # everywhere, or only in the generator's multi-step rollout
+        checkpointed = tiny(tmp_path / f"ckpt-{mode}", steps_per_phase=1, gradient_checkpointing=mode)
+        trainer = Trainer(TrainConfig.from_dict(checkpointed))
+        assert trainer.teacher.model.is_gradient_checkpointing == (mode is True)
+        trainer.fit(progress=False)
+        assert trainer.teacher.model.is_gradient_checkpointing == (mode is True)  # "rollout" switches it back off
+        b = adapters(Path(checkpointed["output_dir"]))
+        for key in a:
+            if key.startswith("adapter/"):
+                torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{mode}: {key}")
+    with pytest.raises(ConfigError, match="gradient_checkpointing = 'fake' must be true, false or 'rollout'"):
+        TrainConfig.from_dict(tiny(tmp_path, gradient_checkpointing="fake"))
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):

@@ -78,9 +78,12 @@ class Teacher(ABC):
     def release_text_encoders(self) -> None:
         """Free the device memory of the prompt encoders once prompts are encoded (nothing to free here)."""
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         for network in (self.model.values() if isinstance(self.model, nn.ModuleDict) else [self.model]):
-            network.enable_gradient_checkpointing()
+            if enabled:
+                network.enable_gradient_checkpointing()
+            else:
+                network.disable_gradient_checkpointing()
 
     @property
     def device(self) -> torch.device:
