@@ -27,6 +27,7 @@ from pdmd.experts import (FAKE, Roles, StudentError, load_phases, manifest_lora,
 from pdmd.images import as_stills, save_png
 from pdmd.sampling import phase_sigmas
 from pdmd.schedule import PhaseSchedule
+from pdmd.teachers import same_teacher
 from pdmd.train_config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -178,7 +179,7 @@ class Trainer:
                               "and phase 1 has no earlier expert to keep; give 2 or more")
         manifest = read_manifest(folder)
         kept = range(start_phase - 1)
-        if manifest["teacher"] != self.config.teacher:
+        if not same_teacher(manifest["teacher"], self.config.teacher):
             raise StudentError(f"{folder} is a student of {manifest['teacher']!r}, this config's teacher is "
                                f"{self.config.teacher!r}")
         theirs = PhaseSchedule.from_dict(manifest["schedule"])

@@ -31,9 +31,10 @@ from pdmd.images import save_video
 from pdmd.rectified_flow import unshift_time
 from pdmd.scenes import PromptError, parse_prompt
 from pdmd.schedule import PhaseSchedule, ScheduleError
+from pdmd.teachers import BUILTIN, same_teacher, teacher_key
 from pdmd.teachers.base import Teacher, TeacherError
 from ui import images, students
-from ui.models import BUILTIN, ModelStore, same_teacher, teacher_key
+from ui.models import ModelStore
 from ui.phases import error_markdown
 
 MAX_SEED = 2**31 - 1

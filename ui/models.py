@@ -20,24 +20,10 @@ import torch
 
 from pdmd import metrics
 from pdmd.experts import MANIFEST, Student, load_student, read_manifest
-from pdmd.teachers import load_teacher
+from pdmd.teachers import BUILTIN, load_teacher, teacher_key
 from pdmd.teachers.base import Teacher, TeacherError
 
-BUILTIN = "builtin"
 COPY_BELOW_BYTES = 256 * 2**20  # teachers smaller than this get a copy per student; bigger ones share
-
-
-def teacher_key(name: str, options: dict | None = None) -> tuple:
-    """One key per teacher and load options: a local folder by its resolved path, a Hub id as typed."""
-    name = (name or BUILTIN).strip()
-    folder = Path(name).expanduser()
-    if name != BUILTIN and folder.is_dir():
-        name = str(folder.resolve())
-    return name, tuple(sorted((k, v) for k, v in (options or {}).items() if v is not None))
-
-
-def same_teacher(a: str, b: str) -> bool:
-    return teacher_key(a)[0] == teacher_key(b)[0]
 
 
 def network_bytes(teacher: Teacher) -> int:

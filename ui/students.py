@@ -102,7 +102,7 @@ def teacher_of(folder: Path) -> str | None:
 
 def picker_choices(teacher: str | None = None) -> list[tuple[str, str]]:
     """The baseline and every student, or only the students of ``teacher`` (unreadable ones always show)."""
-    from ui.models import same_teacher
+    from pdmd.teachers import same_teacher
 
     found = [c for c in discover_students()
              if teacher is None or (t := teacher_of(c.folder)) is None or same_teacher(t, teacher)]

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from pdmd.teachers.base import Teacher, TeacherError
 
-__all__ = ["Teacher", "TeacherError", "load_teacher", "TEACHERS", "PIPELINES", "read_model_index"]
+__all__ = ["Teacher", "TeacherError", "load_teacher", "TEACHERS", "PIPELINES", "read_model_index", "teacher_key",
+           "same_teacher"]
 
-TEACHERS = ("builtin",)
+BUILTIN = "builtin"
+TEACHERS = (BUILTIN,)
 MODEL_INDEX = "model_index.json"
 # diffusers pipeline class -> (module, adapter class)
 PIPELINES = {
@@ -22,6 +24,19 @@ PIPELINES = {
     "WanPipeline": ("pdmd.teachers.wan", "WanTeacher"),
     "QwenImagePipeline": ("pdmd.teachers.qwen_image", "QwenImageTeacher"),
 }
+
+
+def teacher_key(name: str, options: dict | None = None) -> tuple:
+    """One key per teacher and load options: a local folder by its resolved path, a Hub id as typed."""
+    name = (name or BUILTIN).strip()
+    folder = Path(name).expanduser()
+    if name != BUILTIN and folder.is_dir():
+        name = str(folder.resolve())
+    return name, tuple(sorted((k, v) for k, v in (options or {}).items() if v is not None))
+
+
+def same_teacher(a: str, b: str) -> bool:
+    return teacher_key(a)[0] == teacher_key(b)[0]
 
 
 def _looks_like_path(name: str) -> bool:
