@@ -23,7 +23,8 @@ from pathlib import Path
 
 from gradio_client import Client
 
-ROOT = Path(__file__).resolve().parents[1]
+from pdmd.paths import ROOT
+
 PROMPTS = ["a red star on a dark background", "a blue circle on a light background",
            "a yellow triangle on a sky background", "a green square on a grey background"]
 

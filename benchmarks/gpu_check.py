@@ -1,5 +1,5 @@
 """GPU check for the real-teacher families: on a CUDA machine, each family's tiny pipeline (random weights, real
-diffusers classes, tests/tiny_pipelines.py) is loaded in bf16, sampled and distilled for a few phased steps;
+diffusers classes, pdmd/teachers/tiny.py) is loaded in bf16, sampled and distilled for a few phased steps;
 prints sampling and training it/s and peak GPU memory. The whole run takes well under 10 minutes.
 
     python benchmarks/gpu_check.py                 # every family, on CUDA
@@ -18,14 +18,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from pdmd.schedule import PhaseSchedule  # noqa: E402
-from pdmd.teachers import load_teacher  # noqa: E402
-from pdmd.train_config import TrainConfig  # noqa: E402
-from pdmd.trainer import Trainer  # noqa: E402
-from tiny_pipelines import BUILDERS, build  # noqa: E402
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.teachers import load_teacher
+from pdmd.teachers.tiny import BUILDERS, build
+from pdmd.training.config import TrainConfig
+from pdmd.training.trainer import Trainer
 
 SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
          "qwen-image": dict(height=64, width=64)}

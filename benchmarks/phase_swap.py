@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdmd.evaluate import evaluate  # noqa: E402
-from pdmd.experts import load_student  # noqa: E402
-from pdmd.sampling import guided_velocity  # noqa: E402
-from pdmd.schedule import PhaseSchedule  # noqa: E402
-from pdmd.trainer import select  # noqa: E402
+from pdmd.builtin.evaluate import evaluate
+from pdmd.core.sampling import guided_velocity
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.students.roles import load_student
+from pdmd.training.trainer import select
 
 COLUMNS = ("adherence", "diversity", "position_spread", "size_spread", "fd")
 

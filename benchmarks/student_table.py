@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/student_table.py assets/students/phased assets/students/dmd-sgts ...
 
-Every row uses the same prompts, images per prompt and seed (pdmd.evaluate); the 4-image time is the median
+Every row uses the same prompts, images per prompt and seed (pdmd.builtin.evaluate); the 4-image time is the median
 of 3 runs after a warm-up, sampling plus decoding. Prints a markdown table, then one JSON line per row.
 """
 from __future__ import annotations
@@ -10,18 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdmd.evaluate import evaluate  # noqa: E402
-from pdmd.experts import load_student  # noqa: E402
-from pdmd.images import save_grid  # noqa: E402
-from pdmd.teachers import load_teacher  # noqa: E402
+from pdmd.builtin.evaluate import evaluate
+from pdmd.media import save_grid
+from pdmd.students.roles import load_student
+from pdmd.teachers import load_teacher
 
 BATCH_PROMPTS = ["a red circle on a dark background", "a blue star on a light background",
                  "a green triangle on a sky background", "a yellow square on a grey background"]

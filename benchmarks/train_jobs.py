@@ -22,17 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from app_latency import compare_once, start_app, summary  # this folder's sibling script
 from gradio_client import Client
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app_latency import compare_once, start_app, summary  # noqa: E402 (this folder's sibling script)
+from pdmd.paths import ROOT, SHIPPED_STUDENTS
+from pdmd.training import checkpoints, jobs
+from pdmd.training.jobs import JobManager
+from ui.train import PRESETS, QUICK
 
-from pdmd import checkpoints, jobs  # noqa: E402
-from pdmd.jobs import JobManager  # noqa: E402
-from ui.train import PRESETS, QUICK  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-STUDENT = str(ROOT / "assets" / "students" / "phased")
+STUDENT = str(SHIPPED_STUDENTS / "phased")
 
 
 def wait(manager: JobManager, job_id: int, condition, timeout: float = 900) -> jobs.Job:

@@ -6,16 +6,16 @@ import importlib
 
 # command name -> (module, one-line help)
 COMMANDS = {
-    "lab": ("pdmd.lab", "2-D Gaussian-mixture lab: distil with every method and measure diversity"),
-    "train-teacher": ("pdmd.train_teacher", "train (or resume) the built-in tiny teacher on generated scenes"),
-    "train-probe": ("pdmd.train_probe", "train the metrics probe (adherence, diversity, FD) on generated scenes"),
-    "eval": ("pdmd.evaluate", "generate with a teacher and measure adherence, diversity and FD"),
-    "train": ("pdmd.trainer", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
-    "sample": ("pdmd.sample", "render a prompt with a teacher, or with a student folder"),
-    "lora": ("pdmd.lora_formats", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
-    "bench-train": ("pdmd.bench_train", ("time a generator step per phase, estimate the run's training time, "
+    "lab": ("pdmd.commands.lab", "2-D Gaussian-mixture lab: distil with every method and measure diversity"),
+    "train-teacher": ("pdmd.commands.train_teacher", "train (or resume) the built-in tiny teacher on generated scenes"),
+    "train-probe": ("pdmd.commands.train_probe", "train the metrics probe (adherence, diversity, FD) on generated scenes"),
+    "eval": ("pdmd.commands.evaluate", "generate with a teacher and measure adherence, diversity and FD"),
+    "train": ("pdmd.commands.train", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
+    "sample": ("pdmd.commands.sample", "render a prompt with a teacher, or with a student folder"),
+    "lora": ("pdmd.commands.lora", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
+    "bench-train": ("pdmd.commands.bench_train", ("time a generator step per phase, estimate the run's training time, "
                                          "compare its memory with teacher inference")),
-    "bench-teacher": ("pdmd.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
+    "bench-teacher": ("pdmd.commands.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }
 
 
@@ -63,3 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args) or 0
+
+
+def main_exit() -> None:
+    """The ``pdmd`` console script (``pip install -e .``)."""
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Shared fixtures. ``tiny_pipeline(family)``: the folder of a tiny diffusers pipeline (tests/tiny_pipelines.py),
+"""Shared fixtures. ``tiny_pipeline(family)``: the folder of a tiny diffusers pipeline (pdmd/teachers/tiny.py),
 built once per test session."""
 from pathlib import Path
 
@@ -7,12 +7,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
-    import tiny_pipelines
+    from pdmd.teachers import tiny
 
     built = {}
 
     def get(family: str) -> Path:
         if family not in built:
-            built[family] = tiny_pipelines.build(family, tmp_path_factory.mktemp(family.replace(".", "")))
+            built[family] = tiny.build(family, tmp_path_factory.mktemp(family.replace(".", "")))
         return built[family]
     return get

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from ui_fixtures import make_student
 
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -73,7 +72,7 @@ def app_url(tmp_path_factory):
 
 def kill_trainers(database: Path) -> None:
     """Trainers run in sessions of their own and outlive the app: a failed test must not leave one behind."""
-    from pdmd.jobs import is_alive
+    from pdmd.training.jobs import is_alive
 
     if database.is_file():
         with sqlite3.connect(database) as db:

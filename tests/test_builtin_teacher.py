@@ -4,11 +4,17 @@ import pytest
 import torch
 from diffusers import ModelMixin
 
-from pdmd import scenes
-from pdmd.schedule import PhaseSchedule
+from pdmd.builtin import scenes
+from pdmd.core.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
-from pdmd.teachers.builtin import (ASSET_DIR, REBUILD_COMMAND, AssetError, images_to_latents, latents_to_images,
-                                   load_builtin_teacher)
+from pdmd.teachers.builtin import (
+    ASSET_DIR,
+    REBUILD_COMMAND,
+    AssetError,
+    images_to_latents,
+    latents_to_images,
+    load_builtin_teacher,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Real teachers through diffusers, on tiny pipelines with random weights (tests/tiny_pipelines.py): each family
+"""Real teachers through diffusers, on tiny pipelines with random weights (pdmd/teachers/tiny.py): each family
 loads by path, samples exactly as its own pipeline does, distils a phased student, and exports and reloads it."""
 import json
 from pathlib import Path
@@ -8,13 +8,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdmd.cli import main
-from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, LoraSpec, Roles, StudentError, load_student, phase_adapter, \
-    save_student
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.students.roles import (
+    LORA_WEIGHT_NAME,
+    MANIFEST,
+    LoraSpec,
+    Roles,
+    StudentError,
+    load_student,
+    phase_adapter,
+    save_student,
+)
 from pdmd.teachers import TeacherError, load_teacher
 from pdmd.teachers.diffusers_base import pack_2x2, unpack_2x2
-from pdmd.train_config import ConfigError, TrainConfig
-from pdmd.trainer import Trainer
+from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.trainer import Trainer
 
 FAMILIES = ("sd3", "flux-dev", "flux-schnell", "wan2.1", "wan2.2", "qwen-image")
 SIZES = {"sd3": dict(height=16, width=16), "flux-dev": dict(height=16, width=16),
@@ -205,7 +213,7 @@ def test_wan22_phase_loras_load_into_the_right_diffusers_transformer(tmp_path, t
 
 
 def test_wan22_a_phase_across_the_expert_boundary_saves_one_lora_per_expert(tmp_path, tiny_pipeline):
-    from pdmd.experts import warn_about_shared_phases
+    from pdmd.students.roles import warn_about_shared_phases
 
     teacher = teacher_of(tiny_pipeline, "wan2.2")
     schedule = PhaseSchedule.from_dict({"boundaries": [0.5], "steps": [2, 1], "shift": 1.0})  # steps at 1, 0.75

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pdmd import distill
-from pdmd.schedule import PhaseSchedule
+from pdmd.core import distill
+from pdmd.core.schedule import PhaseSchedule
 
 
 class CountingExpert:
@@ -46,7 +46,7 @@ def test_sgts_backpropagates_through_one_exit_step_projected_to_the_phase_end():
 
 def test_renoise_draws_t_in_the_nested_interval():
     """Phase 2 of boundaries (0.6, 0.3) ends at s = 0.3: t ~ T(0.3, 1), reaching above the phase's own start 0.6."""
-    from pdmd.rectified_flow import transition_coefficients
+    from pdmd.core.rectified_flow import transition_coefficients
 
     t, eps, x_t = distill.renoise(torch.zeros(20_000, 2), 0.3, generator=torch.Generator().manual_seed(0))
     assert t.min() > 0.3 and t.max() < 1.0

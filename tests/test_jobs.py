@@ -14,12 +14,27 @@ import time
 import pytest
 import yaml
 
-from pdmd import checkpoints
-from pdmd.jobs import (FAILED, FINISHED, INTERRUPTED, QUEUED, RUNNING, STOPPED, Gate, JobError,
-                       JobManager, display_command, is_alive, last_step, log_tail, metrics, process_start_time,
-                       zip_student)
-from pdmd.train_config import ConfigError
-from pdmd.trainer import CHECKPOINT_DIR, STATUS_FILE
+from pdmd.training import checkpoints
+from pdmd.training.config import ConfigError
+from pdmd.training.jobs import (
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    STOPPED,
+    Gate,
+    JobError,
+    JobManager,
+    display_command,
+    is_alive,
+    last_step,
+    log_tail,
+    metrics,
+    process_start_time,
+    zip_student,
+)
+from pdmd.training.trainer import CHECKPOINT_DIR, STATUS_FILE
 
 WAIT_S = 180  # a generous limit for a failure message, not a speed requirement
 

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from pdmd import distill
 from pdmd.cli import main
+from pdmd.core import distill
 from pdmd.lab import METHOD_CHOICES, LabConfig, Mixture, run_lab
 
 KEYS = {"method", "modes_total", "modes_covered", "mode_kl", "spread_ratio", "sliced_w", "seconds"}

@@ -12,10 +12,10 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pdmd import lora_formats as lf
 from pdmd.cli import main
-from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, load_student, read_manifest
-from pdmd.schedule import PRESETS, PhaseSchedule
+from pdmd.core.schedule import PRESETS, PhaseSchedule
+from pdmd.students import lora_formats as lf
+from pdmd.students.roles import LORA_WEIGHT_NAME, MANIFEST, load_student, read_manifest
 from pdmd.teachers import load_teacher
 
 RANK = 4
@@ -26,8 +26,12 @@ LIGHTNING = PRESETS["wan2.2-lightning"]
 
 # --- tiny transformers and LoRA files ------------------------------------------------------------------------
 def tiny_transformer(family: str) -> nn.Module:
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel, \
-        WanTransformer3DModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        QwenImageTransformer2DModel,
+        SD3Transformer2DModel,
+        WanTransformer3DModel,
+    )
 
     torch.manual_seed(0)
     if family == "wan":

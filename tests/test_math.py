@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pdmd import rectified_flow as rf
+from pdmd.core import rectified_flow as rf
 from pdmd.lab import Mixture, sliced_wasserstein
 
 # Modes on the x-axis with unequal weights: the posterior over modes depends only on the x-coordinate,

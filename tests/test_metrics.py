@@ -3,8 +3,8 @@ import shutil
 import pytest
 import torch
 
-from pdmd import metrics, scenes
-from pdmd.evaluate import eval_prompts, measure
+from pdmd.builtin import metrics, scenes
+from pdmd.builtin.evaluate import eval_prompts, measure
 
 HELD_OUT_SEED = 424_242  # neither a probe-training seed nor the held-out seed of train-probe
 

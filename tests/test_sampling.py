@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pdmd.lab import Mixture, mode_metrics, sliced_wasserstein, _mode_stats
-from pdmd.sampling import guided_velocity, sample_euler, sample_phased
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.sampling import guided_velocity, sample_euler, sample_phased
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.lab import Mixture, _mode_stats, mode_metrics, sliced_wasserstein
 
 RING = Mixture.ring(8)
 

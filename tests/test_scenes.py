@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pdmd import scenes
+from pdmd.builtin import scenes
 
 
 def test_same_seed_same_scenes_and_different_seed_different_scenes():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pdmd.schedule import PRESETS, PhaseSchedule, ScheduleError, preset
+from pdmd.core.schedule import PRESETS, PhaseSchedule, ScheduleError, preset
 
 
 @pytest.mark.parametrize("boundaries, steps, shift, message", [

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pdmd import jobs
-from pdmd.jobs import Gate, JobManager
-from pdmd.train_config import TrainConfig
+from pdmd.paths import SHIPPED_STUDENTS
+from pdmd.training import jobs
+from pdmd.training.config import TrainConfig
+from pdmd.training.jobs import Gate, JobManager
 from ui import students, train
 from ui.app import build_app
 
@@ -48,7 +49,7 @@ def fields(preset=train.QUICK, **changes) -> list:
 
 def test_presets_fill_valid_configs_and_default_is_the_shipped_student():
     default = TrainConfig.from_dict(train.form_config(*fields("default")))
-    shipped = yaml.safe_load((train.ROOT / "assets/students/phased/config.yaml").read_text())
+    shipped = yaml.safe_load((SHIPPED_STUDENTS / "phased/config.yaml").read_text())
     steps = shipped["steps_per_phase"]
     assert default.steps_per_phase == (tuple(steps) if isinstance(steps, list) else (steps,) * 2)
     assert (default.lr_generator, default.batch_size, default.lora.rank) == (

@@ -1,9 +1,9 @@
 import torch
 from safetensors.torch import load_file
 
-from pdmd.checkpoints import list_checkpoints
 from pdmd.cli import main
 from pdmd.teachers.builtin import load_builtin_teacher
+from pdmd.training.checkpoints import list_checkpoints
 
 
 def train(folder, steps, resume=False, arch=None):

@@ -10,12 +10,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pdmd import checkpoints
 from pdmd.cli import main
-from pdmd.experts import FAKE, StudentError, load_student
+from pdmd.students.roles import FAKE, StudentError, load_student
 from pdmd.teachers import load_teacher
-from pdmd.train_config import ConfigError, TrainConfig
-from pdmd.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer
+from pdmd.training import checkpoints
+from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def adapters(run_dir: Path) -> dict:
 
 
 def test_roles_share_one_base_and_start_equal_to_the_teacher():
-    from pdmd.experts import LoraSpec, Roles
+    from pdmd.students.roles import LoraSpec, Roles
 
     teacher = load_teacher("builtin")
     base_params = sum(p.numel() for p in teacher.model.parameters())
@@ -73,7 +73,7 @@ def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
     """Inference swaps in each phase's merged weights; the LoRA path, the teacher and training see no trace."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from pdmd.experts import LoraSpec, Roles
+    from pdmd.students.roles import LoraSpec, Roles
 
     teacher = load_teacher("builtin")
     roles = Roles(teacher, ["phase_1", "phase_2"], LoraSpec(rank=4, alpha=4))
@@ -204,7 +204,7 @@ def test_a_crash_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, monk
 
 
 def test_a_diverging_update_stops_the_run_before_it_spoils_adapters_or_checkpoints(tmp_path, monkeypatch, capsys):
-    from pdmd import distill
+    from pdmd.core import distill
 
     real_loss = distill.generator_loss
     calls = []

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from ui_fixtures import break_lora_keys, make_student
 
-from pdmd.experts import MANIFEST
-from pdmd.schedule import PRESETS
-from ui import compare, lab as lab_tab, phases, students
+from pdmd.core.schedule import PRESETS
+from pdmd.students.roles import MANIFEST
+from ui import compare, phases, students
+from ui import lab as lab_tab
 from ui.app import build_app
 from ui.models import ModelStore
-from ui_fixtures import break_lora_keys, make_student
 
 PAPER = PRESETS["paper-2x2"].as_dict()
 PROMPT = "a red star on a dark background"

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pdmd import lora_formats as lf
-from pdmd.experts import read_manifest
-from pdmd.schedule import PRESETS, PhaseSchedule
+from pdmd.core.schedule import PRESETS, PhaseSchedule
+from pdmd.students import lora_formats as lf
+from pdmd.students.roles import read_manifest
 from ui import compare, models, students
 from ui.models import ModelStore
 

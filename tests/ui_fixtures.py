@@ -6,8 +6,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pdmd.experts import LoraSpec, Roles, phase_adapter, save_student
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.students.roles import LoraSpec, Roles, phase_adapter, save_student
 from pdmd.teachers import load_teacher
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pdmd.jobs import Gate, JobManager
-from pdmd.schedule import PRESETS
-from ui import students
+from pdmd.core.schedule import PRESETS
+from pdmd.paths import SHIPPED_STUDENTS, runs_dir
+from pdmd.training.jobs import Gate, JobManager
 from ui.compare import build_compare_tab
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
@@ -44,4 +44,4 @@ def build_app(store: ModelStore | None = None, manager: JobManager | None = None
 
 def allowed_paths() -> list[str]:
     """The only folders gradio may serve files from besides its own cache: shipped students and runs."""
-    return [str(students.SHIPPED_DIR), str(students.runs_dir())]
+    return [str(SHIPPED_STUDENTS), str(runs_dir())]

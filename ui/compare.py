@@ -7,7 +7,7 @@ downloadable comparison PNG. Handlers are plain functions of their inputs; build
 The teacher is picked at the top (the built-in one, or a diffusers pipeline folder / Hub id typed in); the
 student picker lists that teacher's students. A video teacher (Wan) shows its samples as animated GIFs; the
 boundary strip and the comparison PNG use their first frames. Published LoRA files (e.g. Wan2.2-Lightning's
-high- and low-noise pair) become a student folder under runs/uploads through pdmd.lora_formats.
+high- and low-noise pair) become a student folder under runs/uploads through pdmd.students.lora_formats.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import gradio as gr
 from PIL import Image
 from torch import Tensor
 
-from pdmd import lora_formats
-from pdmd.experts import StudentError, read_manifest
-from pdmd.images import save_video
-from pdmd.rectified_flow import unshift_time
-from pdmd.scenes import PromptError, parse_prompt
-from pdmd.schedule import PhaseSchedule, ScheduleError
+from pdmd.builtin.scenes import PromptError, parse_prompt
+from pdmd.core.rectified_flow import unshift_time
+from pdmd.core.schedule import PhaseSchedule, ScheduleError
+from pdmd.media import save_video
+from pdmd.students import lora_formats
+from pdmd.students.roles import StudentError, read_manifest
 from pdmd.teachers import BUILTIN, same_teacher, teacher_key
 from pdmd.teachers.base import Teacher, TeacherError
 from ui import images, students
@@ -317,7 +317,7 @@ def comparison_png(student_run: dict, teacher_run: dict) -> str:
 def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, phases_schedule, steps, cfg,
                  teacher=BUILTIN, progress=gr.Progress()):
     """Outputs: teacher grid, student grid, diversity scores (mean pairwise probe-feature distance)."""
-    from pdmd import metrics
+    from pdmd.builtin import metrics
 
     try:
         if teacher_pick(teacher)[0] != BUILTIN:

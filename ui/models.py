@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pdmd import metrics
-from pdmd.experts import MANIFEST, Student, load_student, read_manifest
+from pdmd.builtin import metrics
+from pdmd.students.roles import MANIFEST, Student, load_student, read_manifest
 from pdmd.teachers import BUILTIN, load_teacher, teacher_key
 from pdmd.teachers.base import Teacher, TeacherError
 

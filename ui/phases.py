@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from pdmd.schedule import PRESETS, PhaseSchedule, ScheduleError
+from pdmd.core.schedule import PRESETS, PhaseSchedule, ScheduleError
 from ui.images import figure_to_image
 
 DEFAULT_PRESET = "paper-2x2"

@@ -15,19 +15,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from pdmd.experts import LORA_WEIGHT_NAME, MANIFEST, PICKLE_SUFFIXES, StudentError, phase_adapter, read_manifest
-from pdmd.jobs import runs_dir
+from pdmd.paths import SHIPPED_STUDENTS as SHIPPED_DIR
+from pdmd.paths import runs_dir, uploads_dir
+from pdmd.students.roles import LORA_WEIGHT_NAME, MANIFEST, PICKLE_SUFFIXES, StudentError, phase_adapter, read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_DIR = ROOT / "assets" / "students"
 BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
 BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
 MAX_PUBLISHED_BYTES = 2 * 1024**3     # a Wan2.2-Lightning rank-64 LoRA of the 14B experts is ~0.6 GB each
-
-
-def uploads_dir() -> Path:
-    return runs_dir() / "uploads"
 
 
 def student_roots() -> list[Path]:
@@ -45,7 +40,7 @@ def _describe(folder: Path, kind: str) -> str:
     schedule = manifest.get("schedule", {})
     name = folder.name if kind == "shipped" else str(folder.relative_to(runs_dir()))
     phases = len(schedule.get("steps", []))
-    if manifest.get("method") == "published":  # pdmd.lora_formats.PUBLISHED: LoRA files, not a training run
+    if manifest.get("method") == "published":  # pdmd.students.lora_formats.PUBLISHED: LoRA files, not a training run
         files = ", ".join(manifest.get("published", {}).get("files", []))
         return f"{kind}: {name} (published LoRA, {phases} phase(s): {files})"
     return (f"{kind}: {name} ({manifest.get('method', '?')}, {phases} phase(s), "
@@ -202,7 +197,7 @@ def import_published(paths: list[str | Path], teacher, teacher_name: str, schedu
                      cfg: float) -> Path:
     """Published LoRA files (e.g. Wan2.2-Lightning's high- and low-noise pair) -> a student folder of
     ``teacher`` in runs/uploads/published-<hash>/; phase k gets the k-th file in file-name order."""
-    from pdmd.lora_formats import make_published_student, published_folder_name
+    from pdmd.students.lora_formats import make_published_student, published_folder_name
 
     paths = sorted((Path(p) for p in paths), key=lambda p: p.name)
     if not paths:

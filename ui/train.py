@@ -1,6 +1,6 @@
 """Train tab: distil a student in a background job (exactly ``python -m pdmd train``), watch it, control it.
 
-Jobs belong to pdmd.jobs.JobManager, which the app polls on a supervisor thread; this tab only submits
+Jobs belong to pdmd.training.jobs.JobManager, which the app polls on a supervisor thread; this tab only submits
 requests and shows what the manager recorded, refreshed by a timer that reads files and the job table (never
 waits for training). Every request passes the gate (PDMD_TRAINING / PDMD_TRAIN_TOKEN) on the server.
 """
@@ -18,14 +18,14 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pdmd import jobs
-from pdmd.distill import METHODS
-from pdmd.jobs import Gate, JobError, JobManager
-from pdmd.schedule import PhaseSchedule, ScheduleError
-from pdmd.train_config import ConfigError
+from pdmd.core.distill import METHODS
+from pdmd.core.schedule import PhaseSchedule, ScheduleError
+from pdmd.paths import SHIPPED_STUDENTS
+from pdmd.training import jobs
+from pdmd.training.config import ConfigError
+from pdmd.training.jobs import Gate, JobError, JobManager
 from ui.phases import error_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 1.5
 PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
 LOG_LINES = 30
@@ -35,7 +35,7 @@ USER_ERRORS = (JobError, ConfigError, ScheduleError)
 
 
 def _shipped_default() -> dict:
-    config = yaml.safe_load((ROOT / "assets" / "students" / "phased" / "config.yaml").read_text())
+    config = yaml.safe_load((SHIPPED_STUDENTS / "phased" / "config.yaml").read_text())
     config.pop("output_dir", None)
     return config
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pdmd.sampling import Callback, PhasedSample, Velocity, cfg_combine, sample_phased
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.sampling import Callback, PhasedSample, Velocity, cfg_combine, sample_phased
+from pdmd.core.schedule import PhaseSchedule
 
 # LoRA targets of a diffusers transformer: every attention projection (what published students adapt too)
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -1,4 +1,4 @@
-"""The built-in teacher: a tiny class-conditional flow-matching UNet over the scenes of pdmd.scenes.
+"""The built-in teacher: a tiny class-conditional flow-matching UNet over the scenes of pdmd.builtin.scenes.
 
 It ships in assets/builtin-teacher (diffusers format, fp16 safetensors) and runs on a 2-core CPU. Its latent
 is the image itself, values in [-1, 1], optionally folded into PxP patches (P = 2 turns a 32x32 RGB image
@@ -19,10 +19,11 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.nn.functional import pixel_shuffle, pixel_unshuffle
 
-from pdmd import scenes
+from pdmd.builtin import scenes
+from pdmd.paths import BUILTIN_TEACHER_DIR
 from pdmd.teachers.base import Teacher
 
-ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "builtin-teacher"
+ASSET_DIR = BUILTIN_TEACHER_DIR
 ASSET_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "teacher.json")
 REBUILD_COMMAND = "python -m pdmd train-teacher --out assets/builtin-teacher --resume latest"
 

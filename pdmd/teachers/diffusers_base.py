@@ -9,18 +9,17 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pdmd.paths import DEFAULT_PROMPTS
 from pdmd.teachers.base import Teacher, TeacherError
 
 MEMORY_ADVICE = ("load it in bf16 (--dtype bf16 / dtype: bf16), keep the text encoders and the VAE on the CPU "
                  "(--offload / offload: true), and train with gradient_checkpointing: true")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts" / "default.txt"
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pdmd.sampling import Velocity
+from pdmd.core.sampling import Velocity
 from pdmd.teachers.diffusers_base import PackedLatentTeacher, pack_2x2, unpack_2x2
 
 DEV_STEPS, DEV_GUIDANCE = 28, 3.5       # FluxPipeline's defaults (FLUX.1-dev)

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from pdmd import checkpoints
-from pdmd.train_config import TrainConfig
-from pdmd.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, STATUS_FILE, STUDENT_DIR
+from pdmd.paths import ROOT, jobs_dir
+from pdmd.training import checkpoints
+from pdmd.training.config import TrainConfig
+from pdmd.training.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, STATUS_FILE, STUDENT_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
 DATABASE = "jobs.sqlite"
 CONFIG_FILE = "config.yaml"
@@ -49,15 +49,6 @@ FINISHED, STOPPED, INTERRUPTED, FAILED = "finished", "stopped", "interrupted", "
 ACTIVE = (RUNNING, STOPPING)                   # a process exists (or did, until poll() looks)
 RESUMABLE = (STOPPED, INTERRUPTED, FAILED)
 ACTIONS = ("sample", "save")                   # the trainer's control.json actions besides stop
-
-
-def runs_dir() -> Path:
-    """Training runs and uploads; PDMD_RUNS_DIR moves it (tests point it at a temporary folder)."""
-    return Path(os.environ.get("PDMD_RUNS_DIR", ROOT / "runs")).resolve()
-
-
-def jobs_dir() -> Path:
-    return runs_dir() / "jobs"
 
 
 class JobError(ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pdmd.rectified_flow import shift_time, unshift_time
+from pdmd.core.rectified_flow import shift_time, unshift_time
 
 
 class ScheduleError(ValueError):

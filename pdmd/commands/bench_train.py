@@ -23,8 +23,8 @@ def _peak_mb() -> float:
 
 
 def _measure_inference(config_path: str) -> dict:
-    from pdmd.train_config import TrainConfig
     from pdmd.teachers import load_teacher
+    from pdmd.training.config import TrainConfig
 
     config = TrainConfig.from_yaml(config_path)
     teacher = load_teacher(config.teacher, device="cuda" if torch.cuda.is_available() else "cpu",
@@ -38,8 +38,8 @@ def _measure_inference(config_path: str) -> dict:
 def _measure_training(config_path: str, steps: int) -> dict:
     """Seconds per generator step in every phase (a later phase also rolls out through the earlier experts, so
     it costs more), each timed after one warm-up step at the phase's start."""
-    from pdmd.train_config import TrainConfig
-    from pdmd.trainer import Trainer
+    from pdmd.training.config import TrainConfig
+    from pdmd.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(TrainConfig.from_yaml(config_path, output_dir=folder))
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_measure_training(args.config, args.steps)))
         return 0
 
-    from pdmd.train_config import TrainConfig
+    from pdmd.training.config import TrainConfig
 
     shortest = min(TrainConfig.from_yaml(args.config).steps_per_phase)
     if args.steps + 1 > shortest:  # the timed steps would run on into the next phase

@@ -7,28 +7,34 @@ uninterrupted one would have done; checkpoints hold adapters, optimisers, EMA an
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from pdmd import checkpoints, distill
-from pdmd.cli import positive_int
-from pdmd.experts import (FAKE, Roles, StudentError, load_phases, manifest_lora, phase_adapter, read_manifest,
-                          save_student, warn_about_shared_phases)
-from pdmd.images import as_stills, save_png
-from pdmd.sampling import phase_sigmas
-from pdmd.schedule import PhaseSchedule
+from pdmd.core import distill
+from pdmd.core.sampling import phase_sigmas
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.media import as_stills, save_png
+from pdmd.students.roles import (
+    FAKE,
+    Roles,
+    StudentError,
+    load_phases,
+    manifest_lora,
+    phase_adapter,
+    read_manifest,
+    save_student,
+    warn_about_shared_phases,
+)
 from pdmd.teachers import same_teacher
-from pdmd.train_config import ConfigError, TrainConfig
+from pdmd.training import checkpoints
+from pdmd.training.config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
@@ -396,59 +402,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see assets/students/*/config.yaml)")
-    parser.add_argument("--resume", metavar="latest|DIR", help="resume from the latest checkpoint or a folder")
-    parser.add_argument("--max-steps", type=positive_int,
-                        help="stop (with a checkpoint) after this many generator steps")
-    parser.add_argument("--output-dir", help="override the config's output_dir")
-    parser.add_argument("--from-student", metavar="DIR",
-                        help="keep this finished student's experts before --start-phase and train from there")
-    parser.add_argument("--start-phase", type=positive_int, metavar="K",
-                        help="with --from-student: the first phase to train (2 or more)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        if bool(args.from_student) != bool(args.start_phase):
-            raise ConfigError("--from-student and --start-phase go together")
-        config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
-        trainer = Trainer(config)
-        if args.resume:
-            found = checkpoints.resolve_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, args.resume)
-            if found is None:
-                print(f"no checkpoint in {Path(config.output_dir) / CHECKPOINT_DIR} yet: starting a new run",
-                      file=sys.stderr)
-            else:
-                trainer.load_checkpoint(found)
-        if args.from_student and trainer.step == 0:  # a resumed run has already taken them
-            trainer.start_from_student(args.from_student, args.start_phase)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"python -m pdmd train: error: {err}", file=sys.stderr)
-        return 2
-
-    def stop_gracefully(signum, frame):  # SIGTERM (the job manager's stop, `kill PID`): checkpoint, then exit
-        trainer.stop_requested = True
-
-    signal.signal(signal.SIGTERM, stop_gracefully)
-    try:
-        result = trainer.fit(args.max_steps, progress=not args.no_progress)
-    except TrainingDiverged as err:  # the user's to fix (a learning rate), not a bug: no traceback
-        if trainer.is_main:
-            write_status(trainer.run_dir, "failed", trainer.step, str(err))
-        print(f"python -m pdmd train: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a crash: say so in status.json, keep the traceback and a nonzero exit
-        if trainer.is_main:
-            write_status(trainer.run_dir, "failed", trainer.step, f"{type(err).__name__}: {err}")
-        raise
-    if trainer.is_main:
-        print(json.dumps(result))
-    return 0

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pdmd import scenes
-from pdmd.checkpoints import atomic_export
+from pdmd.builtin import scenes
+from pdmd.paths import PROBE_DIR
+from pdmd.training.checkpoints import atomic_export
 
-PROBE_DIR = Path(__file__).resolve().parents[1] / "assets" / "probe"
 PROBE_FILES = ("probe.safetensors", "probe.json")
 PROBE_REBUILD_COMMAND = "python -m pdmd train-probe --out assets/probe"
 FEATURE_DIM = 64

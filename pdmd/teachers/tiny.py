@@ -163,8 +163,12 @@ def build_wan22(folder: str | Path) -> Path:
 
 def build_qwen_image(folder: str | Path) -> Path:
     """QwenImagePipeline: Qwen2.5-VL text encoder, QwenImage MMDiT and VAE, 32x32 images."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, \
-        QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(SEED)

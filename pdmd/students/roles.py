@@ -23,8 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pdmd.sampling import phase_sigmas
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.sampling import phase_sigmas
+from pdmd.core.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
 
 FAKE = "fake"

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from pdmd.cli import non_negative_float, positive_int
-from pdmd.experts import StudentError, load_student, read_manifest
-from pdmd.images import VIDEO_SUFFIXES, save_media
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.media import VIDEO_SUFFIXES, save_media
+from pdmd.students.roles import StudentError, load_student, read_manifest
 from pdmd.teachers import load_teacher
 
 

@@ -17,12 +17,25 @@ from pathlib import Path
 
 import torch
 
-from pdmd import scenes
-from pdmd.checkpoints import (atomic_export, load_checkpoint, load_optimizer_tensors, optimizer_tensors,
-                              resolve_checkpoint, save_checkpoint)
-from pdmd.rectified_flow import flow_matching_loss, forward_process
-from pdmd.teachers.builtin import (ARCHITECTURES, ASSET_DIR, DEFAULT_ARCHITECTURE, TIMESTEP_SCALE, build_model,
-                                   images_to_latents, patch_size)
+from pdmd.builtin import scenes
+from pdmd.core.rectified_flow import flow_matching_loss, forward_process
+from pdmd.teachers.builtin import (
+    ARCHITECTURES,
+    ASSET_DIR,
+    DEFAULT_ARCHITECTURE,
+    TIMESTEP_SCALE,
+    build_model,
+    images_to_latents,
+    patch_size,
+)
+from pdmd.training.checkpoints import (
+    atomic_export,
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 WARMUP_STEPS = 250
 FINAL_LR_FRACTION = 0.1

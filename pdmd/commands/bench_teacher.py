@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pdmd import scenes
-from pdmd.evaluate import eval_prompts, measure
-from pdmd.images import save_grid
-from pdmd.metrics import PROBE_DIR, load_probe
+from pdmd.builtin import scenes
+from pdmd.builtin.evaluate import eval_prompts, measure
+from pdmd.builtin.metrics import PROBE_DIR, load_probe
+from pdmd.media import save_grid
 from pdmd.teachers.builtin import ASSET_DIR, load_builtin_teacher
 
 GRID_PROMPTS = (

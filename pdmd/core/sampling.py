@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from pdmd.rectified_flow import euler_step, x0_from_velocity
-from pdmd.schedule import PhaseSchedule
+from pdmd.core.rectified_flow import euler_step, x0_from_velocity
+from pdmd.core.schedule import PhaseSchedule
 
 Velocity = Callable[[Tensor, Tensor, Any], Tensor]
 Callback = Callable[[dict], None]

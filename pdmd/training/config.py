@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from pdmd.distill import METHODS
-from pdmd.experts import LoraSpec
-from pdmd.schedule import PhaseSchedule, ScheduleError
+from pdmd.core.distill import METHODS
+from pdmd.core.schedule import PhaseSchedule, ScheduleError
+from pdmd.students.roles import LoraSpec
 
 
 class ConfigError(ValueError):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pdmd import rectified_flow as rf
-from pdmd.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
-from pdmd.schedule import PhaseSchedule, preset
+from pdmd.core import rectified_flow as rf
+from pdmd.core.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
+from pdmd.core.schedule import PhaseSchedule, preset
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``python -m pdmd train-probe``: train the metrics probe (pdmd.metrics.Probe) on generated scenes.
+"""``python -m pdmd train-probe``: train the metrics probe (pdmd.builtin.metrics.Probe) on generated scenes.
 
 A few minutes on one CPU core; the probe is saved as safetensors + json under --out (assets/probe).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.nn.functional import cross_entropy, mse_loss
 
-from pdmd import scenes
-from pdmd.metrics import HEADS, PROBE_DIR, Probe, geometry_targets, probe_outputs, save_probe
+from pdmd.builtin import scenes
+from pdmd.builtin.metrics import HEADS, PROBE_DIR, Probe, geometry_targets, probe_outputs, save_probe
 
 # Training batches use seeds TRAIN_SEED_BASE + step; held-out images come from a seed no step reaches.
 TRAIN_SEED_BASE = 2_000_000
