@@ -208,7 +208,7 @@ def test_a_phase_across_the_expert_switch_is_refused(wan22_teacher, tmp_path):
     wan_lightning_file(low, wan22_teacher.pipe.transformer_2, alpha=8.0, seed=2)
     # a boundary on the switch: phase 2's first step (t = 0.875) runs on the high-noise expert
     on_the_switch = PhaseSchedule((0.875,), (2, 2), 5.0)
-    with pytest.raises(lf.LoraFormatError, match="phase 2 runs on more than one expert"):
+    with pytest.raises(lf.LoraFormatError, match="phase 2 runs on more than one network"):
         lf.make_published_student(tmp_path / "s", [high, low], wan22_teacher, on_the_switch)
     assert not (tmp_path / "s").exists()
 

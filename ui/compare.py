@@ -370,7 +370,7 @@ def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, f
     kind = ("built-in 32×32 scenes" if teacher.family is None else
             f"{teacher.family}, {'video' if teacher.is_video else 'images'} {size['height']}×{size['width']}"
             + (f", {size['num_frames']} frames" if "num_frames" in size else ""))
-    experts = f"; experts {', '.join(teacher.expert_names)}" if teacher.expert_names else ""
+    experts = f"; experts {', '.join(teacher.network_names)}" if teacher.network_names else ""
     status = (f"✓ Teacher **{name}** ({kind}{experts}): {teacher.default_steps} steps, CFG "
               f"{teacher.default_cfg:g} by default.")
     choices = students.picker_choices(name)

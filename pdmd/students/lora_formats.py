@@ -39,7 +39,7 @@ from pdmd.students.roles import (
     PICKLE_SUFFIXES,
     StudentError,
     phase_adapter,
-    phase_experts,
+    networks_of_phase,
     read_manifest,
 )
 from pdmd.teachers.base import Teacher
@@ -238,20 +238,20 @@ def _pad_rank(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
 
 
 def phase_networks(teacher: Teacher, schedule: PhaseSchedule) -> list[tuple[str | None, nn.Module]]:
-    """Per phase, the network its LoRA goes into: the teacher's one network, or for a two-expert teacher
-    (Wan2.2 A14B) the expert every step of the phase runs on (a phase straddling the experts' boundary has
+    """Per phase, the network its LoRA goes into: the teacher's one network, or for a two-network teacher
+    (Wan2.2 A14B) the network every step of the phase runs on (a phase straddling the networks' switch has
     no single published LoRA that fits it)."""
-    if not teacher.expert_names:
+    if not teacher.network_names:
         return [(None, teacher.model)] * schedule.num_phases
     networks = []
     for k in range(schedule.num_phases):
-        used = phase_experts(teacher, schedule, k)
+        used = networks_of_phase(teacher, schedule, k)
         if len(used) != 1:
-            steps = ", ".join(f"t={t:.4g} on {teacher.expert_at(t)}" for t in phase_sigmas(schedule, k)[:-1])
+            steps = ", ".join(f"t={t:.4g} on {teacher.network_at(t)}" for t in phase_sigmas(schedule, k)[:-1])
             raise LoraFormatError(
-                f"phase {k + 1} runs on more than one expert ({steps}): a published per-expert LoRA needs every "
-                f"step of its phase on one expert: put the phase boundary just below the noise level where the "
-                f"teacher switches experts (Wan2.2 A14B: steps at t >= 0.875 run the high-noise one), e.g. 0.87")
+                f"phase {k + 1} runs on more than one network ({steps}): a published per-network LoRA needs every "
+                f"step of its phase on one network: put the phase boundary just below the noise level where the "
+                f"teacher switches networks (Wan2.2 A14B: steps at t >= 0.875 run the high-noise one), e.g. 0.87")
         networks.append((used[0], teacher.model[used[0]]))
     return networks
 
@@ -261,7 +261,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
                            teacher_id: str | None = None) -> Path:
     """A student folder from published per-phase LoRA files: phase k <- files[k] x strengths[k].
 
-    For a two-expert teacher each file goes into the expert its phase runs on (Wan2.2-Lightning: the
+    For a two-network teacher each file goes into the network its phase runs on (Wan2.2-Lightning: the
     high-noise file as phase 1 into ``transformer``, the low-noise file as phase 2 into ``transformer_2``),
     recorded in the manifest's ``experts``. Ranks are zero-padded to the largest, so one LoRA spec
     (alpha = rank, scale 1) serves every phase exactly.
@@ -299,7 +299,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
                               "layouts": layouts, "strengths": strengths}}
     if teacher.options():
         manifest["teacher_options"] = teacher.options()
-    if teacher.expert_names:
+    if teacher.network_names:
         manifest["experts"] = [name for name, _ in networks]
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
@@ -368,7 +368,7 @@ def student_phase_files(folder: str | Path) -> tuple[dict, list[list[tuple[str |
 def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui") -> list[Path]:
     """Write each phase of a student as one LoRA file per network, ``out/<student>-phase_k[-expert]-<layout>
     .safetensors``, with the PEFT scale (alpha / rank) folded into lora_B, plus ``export.json`` saying which file
-    is which phase and, for two-expert Wan, which transformer it loads into."""
+    is which phase and, for two-network Wan, which transformer it loads into."""
     from safetensors.torch import load_file
 
     if layout not in EXPORT_LAYOUTS:

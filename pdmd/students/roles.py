@@ -209,19 +209,19 @@ class Roles:
 
 
 # --- the student folder ---------------------------------------------------------------------------------
-def phase_experts(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
+def networks_of_phase(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
     """The networks of a two-expert teacher that ``phase``'s sampling steps run on, in the teacher's order."""
-    if not teacher.expert_names:
+    if not teacher.network_names:
         return ()
-    used = {teacher.expert_at(t) for t in phase_sigmas(schedule, phase)[:-1]}
-    return tuple(name for name in teacher.expert_names if name in used)
+    used = {teacher.network_at(t) for t in phase_sigmas(schedule, phase)[:-1]}
+    return tuple(name for name in teacher.network_names if name in used)
 
 
 def warn_about_shared_phases(teacher: Teacher, schedule: PhaseSchedule) -> None:
     """A two-expert teacher's phase whose steps run on both experts is saved as one LoRA per expert; say so
     before training, since published students (Wan2.2-Lightning) have one expert per phase."""
     for k in range(schedule.num_phases):
-        used = phase_experts(teacher, schedule, k)
+        used = networks_of_phase(teacher, schedule, k)
         if len(used) > 1:
             times = ", ".join(f"{t:.3g}" for t in phase_sigmas(schedule, k)[:-1])
             warnings.warn(f"phase {k + 1} has steps at t = {times}, on both experts {' and '.join(used)} (a step "
@@ -247,11 +247,11 @@ def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: 
     for k in range(schedule.num_phases):
         name = phase_adapter(k)
         state = roles.state_dict(name)
-        if not teacher.expert_names:
+        if not teacher.network_names:
             phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", state, name))
             continue
         # the adapter lives in every expert; only those the phase runs on were trained (the rest stay B = 0)
-        used = phase_experts(teacher, schedule, k)
+        used = networks_of_phase(teacher, schedule, k)
         parts = {e: {key[len(e) + 1:]: v for key, v in state.items() if key.startswith(f"{e}.")} for e in used}
         if len(used) == 1:
             phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", parts[used[0]], name))
@@ -357,10 +357,10 @@ def _phase_files(folder: Path, manifest: dict, teacher: Teacher) -> list[dict[st
     """Per phase, expert -> file (expert None for a single-network teacher), checked against the teacher."""
     where = folder / MANIFEST
     experts = manifest.get("experts")
-    if bool(experts) != bool(teacher.expert_names):
+    if bool(experts) != bool(teacher.network_names):
         raise StudentError(f"{where}: the student was made for a teacher with "
                            f"{'two experts' if experts else 'one network'} but {teacher.name} has "
-                           f"{'experts ' + ', '.join(teacher.expert_names) if teacher.expert_names else 'one'}")
+                           f"{'experts ' + ', '.join(teacher.network_names) if teacher.network_names else 'one'}")
     if experts is not None and len(experts) != len(manifest["phases"]):
         raise StudentError(f"{where}: 'experts' must name the transformer(s) of each of the "
                            f"{len(manifest['phases'])} phases")
@@ -370,10 +370,10 @@ def _phase_files(folder: Path, manifest: dict, teacher: Teacher) -> list[dict[st
             result.append({None: entry})
             continue
         files = entry if isinstance(entry, dict) else {experts[k]: entry}
-        unknown = [e for e in files if e not in teacher.expert_names]
+        unknown = [e for e in files if e not in teacher.network_names]
         if unknown:
             raise StudentError(f"{where}: phase {k + 1} names expert(s) {unknown}; {teacher.name} has "
-                               f"{', '.join(teacher.expert_names)}")
+                               f"{', '.join(teacher.network_names)}")
         result.append(files)
     return result
 

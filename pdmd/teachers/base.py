@@ -38,9 +38,10 @@ class Teacher(ABC):
     # A guidance-distilled teacher (FLUX.1-dev) takes guidance as a network input: encode_prompts gives no
     # unconditional branch and ``with_guidance`` puts the scale into the conditioning instead.
     guidance_embedded: bool = False
-    # Two-expert teachers (Wan 2.2 A14B): ``model`` is an nn.ModuleDict of these networks and
-    # ``expert_at(t)`` names the one that handles noise level t.
-    expert_names: tuple[str, ...] = ()
+    # Two-network teachers (Wan 2.2 A14B, whose model card calls them its high- and low-noise "experts"; here
+    # "expert" means a phase's LoRA only): ``model`` is an nn.ModuleDict of these networks and ``network_at(t)``
+    # names the one that handles noise level t.
+    network_names: tuple[str, ...] = ()
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ class Teacher(ABC):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, 3, H, W) with values in [0, 1]."""
 
-    def expert_at(self, t: float) -> str:
+    def network_at(self, t: float) -> str:
         raise TeacherError(f"{self.name} has a single network, no experts")
 
     def options(self) -> dict:

@@ -157,7 +157,7 @@ def build_wan21(folder: str | Path) -> Path:
 
 
 def build_wan22(folder: str | Path) -> Path:
-    """WanPipeline with two experts (Wan 2.2 A14B): ``transformer`` for t >= 0.875, ``transformer_2`` below."""
+    """WanPipeline with two networks (Wan 2.2 A14B): ``transformer`` for t >= 0.875, ``transformer_2`` below."""
     return _wan(folder, two_experts=True)
 
 

@@ -2,9 +2,9 @@
 token for Wan 2.2 TI2V's ``expand_timesteps``), CFG on (negative "", prompt), latents (C, F, H, W) unscaled as
 ``latents * latents_std + latents_mean`` before the video VAE; decode gives frames.
 
-Wan 2.2 A14B has two experts: ``transformer`` for the high-noise steps (t >= boundary_ratio) and
-``transformer_2`` below. Here ``model`` is an nn.ModuleDict of both, so every LoRA role (phase experts, fake
-score) gets an adapter in each, and ``velocity`` routes every sample of a batch by its own t, as the pipeline
+Wan 2.2 A14B has two networks (its model card's "experts"): ``transformer`` for the high-noise steps
+(t >= boundary_ratio) and ``transformer_2`` below. Here ``model`` is an nn.ModuleDict of both, so every LoRA role
+(phase experts, fake score) gets an adapter in each, and ``velocity`` routes every sample of a batch by its own t, as the pipeline
 routes each step. (The pipeline can guide the low-noise expert with a second scale, ``guidance_scale_2``; here
 one CFG scale serves both.)
 """
@@ -33,12 +33,12 @@ class WanTeacher(DiffusersTeacher):
         if (self.num_frames - 1) % temporal:
             raise TeacherError(f"num_frames = {self.num_frames}: Wan needs 1 + a multiple of {temporal} frames")
         self.boundary = pipe.config.boundary_ratio if pipe.transformer_2 is not None else None
-        self.expert_names = (HIGH_NOISE, LOW_NOISE) if self.boundary is not None else ()
-        self.default_steps = 40 if self.expert_names else 50  # the Wan 2.2 A14B / Wan 2.1 model cards
+        self.network_names = (HIGH_NOISE, LOW_NOISE) if self.boundary is not None else ()
+        self.default_steps = 40 if self.network_names else 50  # the Wan 2.2 A14B / Wan 2.1 model cards
         super().__init__(pipe, *args, **kwargs)
 
     def build_model(self) -> nn.Module:
-        if self.expert_names:
+        if self.network_names:
             return nn.ModuleDict({HIGH_NOISE: self.pipe.transformer, LOW_NOISE: self.pipe.transformer_2})
         return self.pipe.transformer
 
@@ -61,14 +61,14 @@ class WanTeacher(DiffusersTeacher):
                                                    max_sequence_length=self.prompt_length))
         return {"prompt_embeds": embeds}, {"prompt_embeds": negative}
 
-    def expert_at(self, t: float) -> str:
-        if not self.expert_names:
-            return super().expert_at(t)
+    def network_at(self, t: float) -> str:
+        if not self.network_names:
+            return super().network_at(t)
         return HIGH_NOISE if t * 1000 >= self.boundary * 1000 else LOW_NOISE
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         timestep = self.timesteps(t, x) * 1000
-        if not self.expert_names:
+        if not self.network_names:
             return self._run(self.model, x, timestep, cond)
         high = timestep >= self.boundary * 1000  # the pipeline's test, in its units
         if bool(high.all()) or not bool(high.any()):
