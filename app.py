@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_UPLOAD_BYTES
 from ui.app import CSS, allowed_paths, build_app
-from ui.students import MAX_PUBLISHED_BYTES, MAX_UPLOAD_BYTES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

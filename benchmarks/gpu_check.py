@@ -59,7 +59,7 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
 
     config = TrainConfig.from_dict(dict(
         teacher=str(folder), method="phased", schedule={"boundaries": [0.8], "steps": [2, 2]},
-        steps_per_phase=max(1, steps // 2), batch_size=2, fake_ratio=2, lora={"rank": 8, "alpha": 8},
+        updates_per_phase=max(1, steps // 2), batch_size=2, fake_ratio=2, lora={"rank": 8, "alpha": 8},
         prompts=prompts, sample_every=10**6, checkpoint_every=10**6, gradient_checkpointing=True,
         output_dir=str(run_dir / family), dtype=dtype, **sizes))
     trainer = Trainer(config, teacher=teacher)

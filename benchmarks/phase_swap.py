@@ -21,7 +21,7 @@ import torch
 from pdmd.builtin.evaluate import evaluate
 from pdmd.core.sampling import guided_velocity
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.students.roles import load_student
+from pdmd.students.folder import load_student
 from pdmd.training.trainer import select
 
 COLUMNS = ("adherence", "diversity", "position_spread", "size_spread", "fd")

@@ -17,7 +17,7 @@ import torch
 
 from pdmd.builtin.evaluate import evaluate
 from pdmd.media import save_grid
-from pdmd.students.roles import load_student
+from pdmd.students.folder import load_student
 from pdmd.teachers import load_teacher
 
 BATCH_PROMPTS = ["a red circle on a dark background", "a blue star on a light background",
@@ -48,7 +48,7 @@ def student_row(folder: Path, per_prompt: int, seed: int) -> dict:
     row = evaluate(teacher, student.schedule, student.cfg, seed, per_prompt=per_prompt, experts=student.experts)
     row["four_image_seconds"] = batch_seconds(lambda: teacher.decode(student.sample(BATCH_PROMPTS, 0).sample))
     manifest = student.manifest
-    return {"name": f"{manifest['method']} ({manifest['steps_trained']} updates)", **row}
+    return {"name": f"{manifest.method} ({manifest.updates_trained} updates)", **row}
 
 
 def main() -> int:

@@ -116,14 +116,14 @@ class LabConfig:
 
 def distill_students(method: distill.Method, teacher, base: nn.Module, config: LabConfig,
                      seed: int = 0) -> list[nn.Module]:
-    """Phased DMD training loop (doc §2-§4): phases in order, earlier experts frozen, a fresh fake per phase."""
+    """Phased DMD training loop (docs/method.md §2-§5): phases in order, earlier experts frozen, a fresh fake per phase."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     schedule = method.schedule
     experts = [copy.deepcopy(base).requires_grad_(True) for _ in range(schedule.num_phases)]
     iters_per_phase = max(1, config.iters // schedule.num_phases)
     for phase in range(schedule.num_phases):
-        fake = copy.deepcopy(base).requires_grad_(True)  # §4: re-initialised from the teacher each phase
+        fake = copy.deepcopy(base).requires_grad_(True)  # docs/method.md §4: re-initialised from the teacher each phase
         opt_g = torch.optim.AdamW(experts[phase].parameters(), lr=config.lr_generator, weight_decay=0.0)
         opt_f = torch.optim.AdamW(fake.parameters(), lr=config.lr_fake, weight_decay=0.0)
         for _ in range(iters_per_phase):
@@ -137,7 +137,7 @@ def distill_students(method: distill.Method, teacher, base: nn.Module, config: L
                 opt_f.step()
             x_s, s = distill.rollout(experts, phase, schedule, torch.randn(config.batch, 2, generator=generator),
                                      sgts=method.sgts, generator=generator)
-            loss_g = distill.generator_loss(x_s, s, teacher, fake, gradient=config.gradient, generator=generator)
+            loss_g, _ = distill.generator_loss(x_s, s, teacher, fake, gradient=config.gradient, generator=generator)
             opt_g.zero_grad()
             loss_g.backward()
             nn.utils.clip_grad_norm_(experts[phase].parameters(), 1.0)

@@ -9,16 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from pdmd.cli import main
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.students.roles import (
-    LORA_WEIGHT_NAME,
-    MANIFEST,
-    LoraSpec,
-    Roles,
-    StudentError,
-    load_student,
-    phase_adapter,
-    save_student,
-)
+from pdmd.students import StudentError
+from pdmd.students.folder import LORA_WEIGHT_NAME, load_student, save_student
+from pdmd.students.manifest import MANIFEST, LoraSpec
+from pdmd.students.roles import Roles, phase_adapter
 from pdmd.teachers import TeacherError, load_teacher
 from pdmd.teachers.diffusers_base import pack_2x2, unpack_2x2
 from pdmd.training.config import ConfigError, TrainConfig
@@ -103,7 +97,7 @@ def test_guidance_distilled_flux_takes_guidance_as_input_not_a_cfg_pair(tiny_pip
 
 
 def tiny_config(tmp_path, family, **overrides) -> dict:
-    config = dict(teacher=str(overrides.pop("folder")), method="phased", schedule=EXPERT_SPLIT, steps_per_phase=1,
+    config = dict(teacher=str(overrides.pop("folder")), method="phased", schedule=EXPERT_SPLIT, updates_per_phase=1,
                   batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2}, prompts=PROMPTS + ["a green tree"],
                   sample_prompts=PROMPTS[:1], sample_every=2, checkpoint_every=100, lr_generator=1e-2,
                   output_dir=str(tmp_path / "run"), **SIZES[family])
@@ -128,7 +122,7 @@ def test_two_phased_distillation_steps_then_export_and_reload(tmp_path, tiny_pip
     assert manifest["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]  # the teacher's default
     assert manifest["teacher_options"] == {k: v for k, v in SIZES[family].items()}
     if family == "wan2.2":
-        assert manifest["experts"] == ["transformer", "transformer_2"]
+        assert manifest["networks"] == ["transformer", "transformer_2"]
     for k, relative in enumerate(manifest["phases"]):
         weights = load_file(str(folder / relative))
         assert weights and all(key.startswith("transformer.") for key in weights)
@@ -180,7 +174,7 @@ def random_student(teacher, schedule: PhaseSchedule, folder: Path):
         for k in range(schedule.num_phases):
             for param in roles.parameters_of(phase_adapter(k)):
                 param.normal_(0, 0.3)
-    save_student(folder, roles, schedule, {"teacher": teacher.source, "method": "phased", "cfg": 1.0})
+    save_student(folder, roles, schedule, teacher=teacher.source, method="phased", student_cfg=1.0)
     return roles
 
 
@@ -193,7 +187,7 @@ def test_wan22_phase_loras_load_into_the_right_diffusers_transformer(tmp_path, t
     schedule = PhaseSchedule.from_dict(EXPERT_SPLIT)
     roles = random_student(teacher, schedule, tmp_path / "student")
     manifest = json.loads((tmp_path / "student" / MANIFEST).read_text())
-    assert manifest["experts"] == ["transformer", "transformer_2"] and manifest["family"] == "wan"
+    assert manifest["networks"] == ["transformer", "transformer_2"] and manifest["family"] == "wan"
     assert manifest["phases"] == [f"phase_{k}/{LORA_WEIGHT_NAME}" for k in (1, 2)]
 
     pipe = WanPipeline.from_pretrained(str(tiny_pipeline("wan2.2")))
@@ -213,16 +207,16 @@ def test_wan22_phase_loras_load_into_the_right_diffusers_transformer(tmp_path, t
 
 
 def test_wan22_a_phase_across_the_expert_boundary_saves_one_lora_per_expert(tmp_path, tiny_pipeline):
-    from pdmd.students.roles import warn_about_shared_phases
+    from pdmd.students.folder import warn_about_shared_phases
 
     teacher = teacher_of(tiny_pipeline, "wan2.2")
     schedule = PhaseSchedule.from_dict({"boundaries": [0.5], "steps": [2, 1], "shift": 1.0})  # steps at 1, 0.75
-    with pytest.warns(UserWarning, match="phase 1 has steps at t = 1, 0.75, on both experts transformer and "
+    with pytest.warns(UserWarning, match="phase 1 has steps at t = 1, 0.75, on both networks transformer and "
                                          "transformer_2"):
         warn_about_shared_phases(teacher, schedule)
     random_student(teacher, schedule, tmp_path / "student")
     manifest = json.loads((tmp_path / "student" / MANIFEST).read_text())
-    assert manifest["experts"] == [["transformer", "transformer_2"], "transformer_2"]
+    assert manifest["networks"] == [["transformer", "transformer_2"], "transformer_2"]
     assert set(manifest["phases"][0]) == {"transformer", "transformer_2"}
     expected = load_student(tmp_path / "student", teacher_of(tiny_pipeline, "wan2.2")).sample(PROMPTS[:1], seed=1)
     again = load_student(tmp_path / "student").sample(PROMPTS[:1], seed=1)

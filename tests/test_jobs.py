@@ -16,6 +16,7 @@ import yaml
 
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError
+from pdmd.training.gate import Gate, GateClosed
 from pdmd.training.jobs import (
     FAILED,
     FINISHED,
@@ -23,31 +24,27 @@ from pdmd.training.jobs import (
     QUEUED,
     RUNNING,
     STOPPED,
-    Gate,
     JobError,
     JobManager,
     display_command,
     is_alive,
-    last_step,
-    log_tail,
-    metrics,
     process_start_time,
     zip_student,
 )
-from pdmd.training.trainer import CHECKPOINT_DIR, STATUS_FILE
+from pdmd.training.run_folder import CHECKPOINT_DIR, STATUS_FILE, RunFolder
 
 WAIT_S = 180  # a generous limit for a failure message, not a speed requirement
 
 
 def tiny(**overrides) -> dict:
     config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
-                  steps_per_phase=2, batch_size=1, fake_ratio=1, lora={"rank": 2, "alpha": 2},
+                  updates_per_phase=2, batch_size=1, fake_ratio=1, lora={"rank": 2, "alpha": 2},
                   sample_every=1000, checkpoint_every=1, keep_checkpoints=2, sample_prompts=["a red circle"])
     config.update(overrides)
     return config
 
 
-LONG = tiny(steps_per_phase=100_000)  # never finishes inside a test: it is always stopped
+LONG = tiny(updates_per_phase=100_000)  # never finishes inside a test: it is always stopped
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +65,7 @@ def wait_for(manager: JobManager, job_id: int, condition, what: str):
     job = manager.wait(job_id, condition, WAIT_S)
     if condition(job):
         return job
-    raise AssertionError(f"job {job.name} never {what}: {job.status}, step {job.step}\n{log_tail(job)}")
+    raise AssertionError(f"job {job.name} never {what}: {job.status}, step {job.step}\n{job.run.log_tail()}")
 
 
 def test_queue_progress_graceful_stop_and_finish(manager):
@@ -77,7 +74,7 @@ def test_queue_progress_graceful_stop_and_finish(manager):
     assert display_command(long) == (f"python -m pdmd train --config {long.folder}/config.yaml --output-dir "
                                      f"{long.folder} --no-progress --threads 1")
     saved = yaml.safe_load((long.folder / "config.yaml").read_text())
-    assert saved["output_dir"] == str(long.folder) and saved["steps_per_phase"] == [100_000, 100_000]
+    assert saved["output_dir"] == str(long.folder) and saved["updates_per_phase"] == [100_000, 100_000]
 
     short = manager.submit("short", tiny())
     assert short.status == QUEUED  # one running job per device: the second waits
@@ -90,11 +87,11 @@ def test_queue_progress_graceful_stop_and_finish(manager):
     assert json.loads((long.folder / STATUS_FILE).read_text())["state"] == "stopped"
     latest = checkpoints.resolve_checkpoint(long.folder / CHECKPOINT_DIR, "latest")
     tensors, meta = checkpoints.load_checkpoint(latest)  # graceful: a loadable checkpoint of the last step
-    assert meta["step"] == long.step == last_step(long.folder) and any(k.startswith("adapter/") for k in tensors)
+    assert meta["step"] == long.step == RunFolder(long.folder).last_step() and any(k.startswith("adapter/") for k in tensors)
 
     short = wait_for(manager, short.id, lambda j: j.status == FINISHED, "finished")  # the queue moved on
     assert short.step == short.total == 4
-    assert [r["step"] for r in metrics(short.folder)] == [1, 2, 3, 4]
+    assert [r["step"] for r in RunFolder(short.folder).metrics()] == [1, 2, 3, 4]
     assert (short.student / "manifest.json").is_file()
     archive = zip_student(short, short.folder.parent / "downloads")
     import zipfile
@@ -120,7 +117,7 @@ def test_queue_progress_graceful_stop_and_finish(manager):
 
 
 def test_restarts_adopt_live_trainers_and_recover_killed_ones_which_resume_to_the_end(manager, tmp_path):
-    job = manager.submit("killed", tiny(steps_per_phase=20))
+    job = manager.submit("killed", tiny(updates_per_phase=20))
     job = wait_for(manager, job.id, lambda j: j.step >= 2, "made progress")
     adopting = JobManager(tmp_path / "jobs", device="cpu")  # an app restart while the trainer runs on
     assert adopting.get(job.id).status == RUNNING  # the process outlived the app: still ours
@@ -136,8 +133,8 @@ def test_restarts_adopt_live_trainers_and_recover_killed_ones_which_resume_to_th
     job = restarted.resume(job.id)
     job = wait_for(restarted, job.id, lambda j: j.status == FINISHED, "finished after resuming")
     assert job.step == job.total == 40
-    assert [r["step"] for r in metrics(job.folder)] == list(range(1, 41))
-    assert json.loads((job.student / "manifest.json").read_text())["steps_trained"] == 40
+    assert [r["step"] for r in RunFolder(job.folder).metrics()] == list(range(1, 41))
+    assert json.loads((job.student / "manifest.json").read_text())["updates_trained"] == 40
 
 
 def test_a_crashing_trainer_fails_with_its_last_log_lines_and_cannot_resume(manager):
@@ -154,7 +151,7 @@ def test_a_crashing_trainer_fails_with_its_last_log_lines_and_cannot_resume(mana
     ("", tiny(), "run name '' is not allowed"),
     ("ok", tiny(lr_generator=0), "lr_generator = 0 must be greater than 0"),
     ("ok", tiny(batch_size="eight"), "batch_size = 'eight' must be a number"),
-    ("ok", tiny(steps_per_phase=[2, 2, 2]), "does not fit the schedule's 2 phases"),
+    ("ok", tiny(updates_per_phase=[2, 2, 2]), "does not fit the schedule's 2 phases"),
     ("ok", tiny(lora={"rank": -1, "alpha": 2}), "lora.rank = -1 must be greater than 0"),
 ])
 def test_bad_requests_are_refused_before_anything_is_written(manager, name, config, message):
@@ -179,13 +176,13 @@ def test_the_gate():
     assert Gate.from_env({"SPACE_ID": "me/space", "PDMD_TRAINING": "on"}).mode == "on"
     Gate.from_env({}).check(None)
     off = Gate.from_env({"PDMD_TRAINING": "off"})
-    with pytest.raises(JobError, match="training is turned off"):
+    with pytest.raises(GateClosed, match="training is turned off"):
         off.check("anything")
     gate = Gate.from_env({"PDMD_TRAINING": "token", "PDMD_TRAIN_TOKEN": "s3cret"})
     assert "needs the token" in gate.describe()
     gate.check("s3cret")
     for wrong in (None, "", "s3cre", "s3cret "):
-        with pytest.raises(JobError, match="wrong or missing training token"):
+        with pytest.raises(GateClosed, match="wrong or missing training token"):
             gate.check(wrong)
     assert Gate.from_env({"PDMD_TRAINING": "token"}).mode == "off"  # no token configured: closed
     assert "is not on, off or token" in Gate.from_env({"PDMD_TRAINING": "yes"}).describe()

@@ -15,7 +15,8 @@ from torch import nn
 from pdmd.cli import main
 from pdmd.core.schedule import PRESETS, PhaseSchedule
 from pdmd.students import lora_formats as lf
-from pdmd.students.roles import LORA_WEIGHT_NAME, MANIFEST, load_student, read_manifest
+from pdmd.students.folder import LORA_WEIGHT_NAME, load_student
+from pdmd.students.manifest import MANIFEST, Manifest
 from pdmd.teachers import load_teacher
 
 RANK = 4
@@ -177,10 +178,10 @@ def test_lightning_pair_as_a_published_student_of_the_tiny_wan22(wan22_teacher, 
     wan_lightning_file(low, pipe.transformer_2, alpha=8.0, seed=2)
     folder = lf.make_published_student(tmp_path / "lightning", [high, low], wan22_teacher, LIGHTNING,
                                        strengths=[1.0, 0.5], teacher_id="tiny-wan")
-    manifest = read_manifest(folder)
-    assert manifest["experts"] == ["transformer", "transformer_2"] and manifest["method"] == lf.PUBLISHED
-    assert manifest["published"]["strengths"] == [1.0, 0.5] and manifest["published"]["layouts"] == ["comfyui"] * 2
-    assert manifest["teacher"] == "tiny-wan" and manifest["teacher_options"]["num_frames"] == 5
+    manifest = Manifest.read(folder)
+    assert manifest.networks == ("transformer", "transformer_2") and manifest.method == lf.PUBLISHED
+    assert manifest.published["strengths"] == [1.0, 0.5] and manifest.published["layouts"] == ["comfyui"] * 2
+    assert manifest.teacher == "tiny-wan" and manifest.teacher_options["num_frames"] == 5
     low_phase = load_file(str(folder / "phase_2" / LORA_WEIGHT_NAME))
     module = "blocks.0.attn1.to_q"
     torch.testing.assert_close(low_phase[f"transformer.{module}.lora_B.weight"] @
@@ -396,7 +397,7 @@ def test_exported_lightning_student_loads_into_both_experts_of_a_diffusers_pipel
     for layout in lf.EXPORT_LAYOUTS:
         written = lf.export_student(tmp_path / "s", tmp_path / layout, layout)
         described = json.loads((tmp_path / layout / "export.json").read_text())
-        assert [p.get("expert") for p in described["phases"]] == ["transformer", "transformer_2"]
+        assert [p.get("network") for p in described["phases"]] == ["transformer", "transformer_2"]
         pipe = wan22_pipeline(wan22_folder)
         pipe.load_lora_weights(str(written[0]), adapter_name="high")
         pipe.load_lora_weights(str(written[1]), adapter_name="low", load_into_transformer_2=True)
@@ -415,8 +416,8 @@ def test_cli_imports_a_lightning_pair_and_exports_it(wan22_folder, tmp_path, cap
                  "1", "0.8", "--boundaries", "0.87", "--steps", "2, 2", "--shift", "5", "--height", "16",
                  "--width", "16", "--frames", "5", "--out", str(tmp_path / "student")]) == 0
     made = json.loads(capsys.readouterr().out)
-    assert made["experts"] == ["transformer", "transformer_2"] and made["strengths"] == [1.0, 0.8]
-    assert read_manifest(tmp_path / "student")["teacher_options"] == {"height": 16, "width": 16, "num_frames": 5}
+    assert made["networks"] == ["transformer", "transformer_2"] and made["strengths"] == [1.0, 0.8]
+    assert Manifest.read(tmp_path / "student").teacher_options == {"height": 16, "width": 16, "num_frames": 5}
     assert main(["lora", "export", "--student", str(tmp_path / "student"), "--out", str(tmp_path / "comfy")]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert len(exported["files"]) == 2 and exported["layout"] == "comfyui"
@@ -484,6 +485,6 @@ def test_a_published_file_is_a_one_phase_student_of_each_image_family(tiny_pipel
     reference = teacher.sample(["a red cat"], 0, schedule, 1.0).sample
     for strength, changes in ((1.0, True), (0.0, False)):
         folder = lf.make_published_student(tmp_path / f"s{strength}", [path], teacher, schedule, [strength])
-        assert read_manifest(folder)["published"]["layouts"] == [layout] and "experts" not in read_manifest(folder)
+        assert Manifest.read(folder).published["layouts"] == [layout] and Manifest.read(folder).networks is None
         sample = load_student(folder, copy.deepcopy(teacher)).sample(["a red cat"], 0).sample
         assert changes != torch.allclose(sample, reference, atol=1e-5)

@@ -22,7 +22,10 @@ from pdmd.core.schedule import PRESETS, PhaseSchedule, ScheduleError, preset
     ("0.5", 1.5, 1, "steps of phase 1 = 1.5 must be a whole number"),
     ("0.5", [], 1, "steps is empty: a schedule needs at least one phase"),
     ("0.5", [1, 1, 1], 1, "lists 3 phases but 1 boundaries make 2"),
-    ("0.5", 1, 0, "shift 0.0 must be greater than 0"),
+    ("0.5", 1, 0, "shift 0 must lie between 0.01 and 100"),
+    ("0.5", 1, 1e308, "shift 1e+308 must lie between 0.01 and 100"),
+    ("0.5", 1, 1e-308, "shift 1e-308 must lie between 0.01 and 100"),
+    ("0.5", 600, 1, "1200 steps in all; a schedule has at most 1000"),
     ("0.5", 1, "big", "shift 'big' is not a number"),
 ])
 def test_invalid_schedules_raise_one_error_naming_value_and_rule(boundaries, steps, shift, message):

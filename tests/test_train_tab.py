@@ -13,7 +13,8 @@ from PIL import Image
 from pdmd.paths import SHIPPED_STUDENTS
 from pdmd.training import jobs
 from pdmd.training.config import TrainConfig
-from pdmd.training.jobs import Gate, JobManager
+from pdmd.training.gate import Gate
+from pdmd.training.jobs import JobManager
 from ui import students, train
 from ui.app import build_app
 
@@ -39,7 +40,7 @@ def manager(tmp_path, monkeypatch):
 def fields(preset=train.QUICK, **changes) -> list:
     """The form's values in on_start's order (after token, name, threads), as the preset fills them."""
     names = ["teacher", "method", "schedule_source", "boundaries", "schedule_steps", "shift", "rank", "alpha",
-             "steps_per_phase", "lr_generator", "lr_fake", "batch_size", "fake_ratio", "sample_prompts",
+             "updates_per_phase", "lr_generator", "lr_fake", "batch_size", "fake_ratio", "sample_prompts",
              "sample_every", "checkpoint_every"]
     values = dict(zip(names, train.preset_fields(preset)))
     values.update(changes)
@@ -50,13 +51,13 @@ def fields(preset=train.QUICK, **changes) -> list:
 def test_presets_fill_valid_configs_and_default_is_the_shipped_student():
     default = TrainConfig.from_dict(train.form_config(*fields("default")))
     shipped = yaml.safe_load((SHIPPED_STUDENTS / "phased/config.yaml").read_text())
-    steps = shipped["steps_per_phase"]
-    assert default.steps_per_phase == (tuple(steps) if isinstance(steps, list) else (steps,) * 2)
+    steps = shipped["updates_per_phase"]
+    assert default.updates_per_phase == (tuple(steps) if isinstance(steps, list) else (steps,) * 2)
     assert (default.lr_generator, default.batch_size, default.lora.rank) == (
         shipped["lr_generator"], shipped["batch_size"], shipped["lora"]["rank"])
     assert default.teacher_cfg == shipped["teacher_cfg"]  # fields outside the form come from the preset
     quick = TrainConfig.from_dict(train.form_config(*fields()))
-    assert quick.total_steps < default.total_steps and quick.schedule.num_phases == 2
+    assert quick.total_updates < default.total_updates and quick.schedule.num_phases == 2
 
 
 def test_schedule_sources():
@@ -74,9 +75,9 @@ def test_schedule_sources():
     ({"lr_fake": None}, "", 1, "lr_fake = None must be a number"),
     ({"batch_size": -2}, "", 1, "batch_size = -2 must be greater than 0"),
     ({"rank": 0}, "", 1, "lora.rank = 0 must be greater than 0"),
-    ({"steps_per_phase": "ten"}, "", 1, "steps_per_phase[0] = 'ten' must be a number"),
-    ({"steps_per_phase": "5, 5, 5"}, "", 1, "does not fit the schedule's 2 phases"),
-    ({"steps_per_phase": " "}, "", 1, "steps per phase is empty"),
+    ({"updates_per_phase": "ten"}, "", 1, "updates_per_phase[0] = 'ten' must be a number"),
+    ({"updates_per_phase": "5, 5, 5"}, "", 1, "does not fit the schedule's 2 phases"),
+    ({"updates_per_phase": " "}, "", 1, "updates per phase is empty"),
     ({"method": "dmd", "schedule_source": train.FROM_PHASES}, "", 1, "is single-phase"),
     ({"schedule_source": train.EDIT_HERE, "boundaries": "0.5, 1.5"}, "", 1, "boundary 1.5 must lie strictly"),
     ({}, "../escape", 1, "run name '../escape' is not allowed"),
@@ -110,11 +111,11 @@ def poll_until(manager, job_id, condition, seen=None):
         if condition(manager.get(job_id)):
             return train.on_poll(manager, job_id, {})  # everything, freshly drawn
         time.sleep(0.2)
-    raise AssertionError(f"job {job_id}: {manager.get(job_id).status}\n{jobs.log_tail(manager.get(job_id))}")
+    raise AssertionError(f"job {job_id}: {manager.get(job_id).status}\n{manager.get(job_id).run.log_tail()}")
 
 
 def test_a_job_from_start_to_its_student_in_compare(manager):
-    tiny = dict(steps_per_phase="2", batch_size=1, fake_ratio=1, rank=2, alpha=2, sample_every=2,
+    tiny = dict(updates_per_phase="2", batch_size=1, fake_ratio=1, rank=2, alpha=2, sample_every=2,
                 checkpoint_every=1, sample_prompts="a red circle")
     text, picker = train.on_start(manager, LOCKED, "s3cret", "first", 1, *fields(**tiny))
     assert "started (4 steps)" in text and picker["value"] == 1

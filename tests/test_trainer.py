@@ -11,11 +11,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pdmd.cli import main
-from pdmd.students.roles import FAKE, StudentError, load_student
+from pdmd.students import StudentError
+from pdmd.students.folder import load_student
+from pdmd.students.roles import FAKE
 from pdmd.teachers import load_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
-from pdmd.training.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, Trainer
+from pdmd.training.run_folder import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE
+from pdmd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,7 @@ def fresh_accelerator_state():
 
 def tiny(tmp_path, **overrides) -> dict:
     config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
-                  steps_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2},
+                  updates_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2},
                   sample_every=100, checkpoint_every=1, keep_checkpoints=10, output_dir=str(tmp_path / "run"),
                   sample_prompts=["a red circle", "a blue star"])
     config.update(overrides)
@@ -49,7 +52,8 @@ def adapters(run_dir: Path) -> dict:
 
 
 def test_roles_share_one_base_and_start_equal_to_the_teacher():
-    from pdmd.students.roles import LoraSpec, Roles
+    from pdmd.students.manifest import LoraSpec
+    from pdmd.students.roles import Roles
 
     teacher = load_teacher("builtin")
     base_params = sum(p.numel() for p in teacher.model.parameters())
@@ -73,7 +77,8 @@ def test_folded_experts_match_the_adapters_and_leave_the_base_exact():
     """Inference swaps in each phase's merged weights; the LoRA path, the teacher and training see no trace."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from pdmd.students.roles import LoraSpec, Roles
+    from pdmd.students.manifest import LoraSpec
+    from pdmd.students.roles import Roles
 
     teacher = load_teacher("builtin")
     roles = Roles(teacher, ["phase_1", "phase_2"], LoraSpec(rank=4, alpha=4))
@@ -113,14 +118,16 @@ def test_training_writes_metrics_samples_checkpoints_and_a_loadable_student(tmp_
     assert result["finished"] and result["step"] == 4
     rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
     assert [r["phase"] for r in rows] == [1, 1, 2, 2]
-    assert {"loss_generator", "loss_fake", "grad_norm", "it_per_s", "memory_mb"} <= set(rows[0])
+    assert {"loss_generator", "loss_fake", "grad_norm", "dmd_gradient_norm", "score_gap", "it_per_s",
+            "memory_mb"} <= set(rows[0])
+    assert all(r["dmd_gradient_norm"] > 0 and r["score_gap"] >= 0 for r in rows)
     assert (run / "samples" / "step-000002.png").is_file() and (run / "samples" / "latest.png").is_file()
     assert len(checkpoints.list_checkpoints(run / CHECKPOINT_DIR)) == 4
 
     manifest = json.loads((run / "student" / "manifest.json").read_text())
     assert manifest["teacher"] == "builtin" and manifest["method"] == "phased"
     assert manifest["schedule"] == {"boundaries": [0.5], "steps": [1, 1], "shift": 1.0}
-    assert manifest["steps_trained"] == 4 and manifest["cfg"] == 1.0
+    assert manifest["updates_trained"] == 4 and manifest["student_cfg"] == 1.0
     weights = load_file(str(run / "student" / manifest["phases"][0]))
     assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in weights)
 
@@ -140,13 +147,31 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         broken = tiny(tmp_path / f"b{stop}")
         Trainer(TrainConfig.from_dict(broken)).fit(max_steps=stop, progress=False)
         resumed = Trainer(TrainConfig.from_dict(broken))
-        resumed.load_checkpoint(checkpoints.resolve_checkpoint(Path(broken["output_dir"]) / CHECKPOINT_DIR, "latest"))
+        assert resumed.resume("latest") is not None
         assert resumed.step == stop
         resumed.fit(progress=False)
         state = adapters(Path(broken["output_dir"]))
         assert state.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(state[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_latest_skips_a_damaged_newest_checkpoint_and_ends_as_an_unbroken_run(tmp_path, capsys):
+    straight = tiny(tmp_path / "a")
+    Trainer(TrainConfig.from_dict(straight)).fit(progress=False)
+    broken = tiny(tmp_path / "b")
+    path = write(tmp_path, broken)
+    assert main(["train", "--config", str(path), "--no-progress", "--max-steps", "3"]) == 0
+    newest = checkpoints.list_checkpoints(Path(broken["output_dir"]) / CHECKPOINT_DIR)[-1]
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])  # a full disk or a kill mid-write on a filesystem without rename
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--no-progress", "--resume", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert "step-000003" in err and "set aside as .damaged-step-000003" in err and "Traceback" not in err
+    reference, state = adapters(Path(straight["output_dir"])), adapters(Path(broken["output_dir"]))
+    for key in reference:  # resumed from step 2, it redid step 3 exactly
+        torch.testing.assert_close(state[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_a_later_phase_retrains_from_a_finished_students_earlier_experts(tmp_path, capsys):
@@ -163,7 +188,7 @@ def test_a_later_phase_retrains_from_a_finished_students_earlier_experts(tmp_pat
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
     manifest = json.loads((retrained / "manifest.json").read_text())
-    assert manifest["phases_from"] == {"student": str(source), "phases": [1]} and manifest["steps_trained"] == 4
+    assert manifest["phases_from"] == {"student": str(source), "phases": [1]} and manifest["updates_trained"] == 4
     rows = [json.loads(line) for line in (Path(again["output_dir"]) / METRICS_FILE).read_text().splitlines()]
     assert [r["phase"] for r in rows] == [2, 2]
 
@@ -211,8 +236,8 @@ def test_a_diverging_update_stops_the_run_before_it_spoils_adapters_or_checkpoin
 
     def nan_at_the_third_step(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+        loss, diagnostics = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 3 else loss), diagnostics
 
     monkeypatch.setattr(distill, "generator_loss", nan_at_the_third_step)
     config = tiny(tmp_path)
@@ -231,7 +256,7 @@ def test_a_diverging_update_stops_the_run_before_it_spoils_adapters_or_checkpoin
 @pytest.mark.parametrize("override, message", [
     ({"method": "gan"}, "method = 'gan' is unknown"),
     ({"schedule": {"boundaries": [0.3, 0.6], "steps": 1}}, "schedule: boundary 0.6 follows 0.3"),
-    ({"steps_per_phase": [2, 2, 2]}, "steps_per_phase [2, 2, 2] does not fit the schedule's 2 phases"),
+    ({"updates_per_phase": [2, 2, 2]}, "updates_per_phase [2, 2, 2] does not fit the schedule's 2 phases"),
     ({"method": "dmd-sgts"}, "schedule has 2 phases but method 'dmd-sgts' is single-phase"),
     ({"lr_generator": 0}, "lr_generator = 0 must be greater than 0"),
     ({"lr_fake": -1e-4}, "lr_fake = -0.0001 must be greater than 0"),
@@ -257,7 +282,7 @@ def test_unknown_teacher_and_missing_config_are_named(tmp_path, capsys):
 
 
 def _student(tmp_path) -> Path:
-    config = tiny(tmp_path, steps_per_phase=1)
+    config = tiny(tmp_path, updates_per_phase=1)
     Trainer(TrainConfig.from_dict(config)).fit(progress=False)
     return Path(config["output_dir"]) / "student"
 
@@ -299,7 +324,7 @@ def test_sample_command_renders_teacher_and_student(tmp_path, capsys):
 
 
 def test_accelerate_launch_two_processes_keeps_ranks_identical(tmp_path):
-    config = tiny(tmp_path, method="dmd", schedule={"steps": 1}, steps_per_phase=12, batch_size=4, fake_ratio=4,
+    config = tiny(tmp_path, method="dmd", schedule={"steps": 1}, updates_per_phase=12, batch_size=4, fake_ratio=4,
                   lr_fake=1e-3, checkpoint_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -330,7 +355,7 @@ def test_eval_command_measures_a_student_with_the_teachers_keys(tmp_path, capsys
 
 
 def test_teacher_guidance_defaults_to_the_teachers_own(tmp_path):
-    trainer = Trainer(TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1)))
+    trainer = Trainer(TrainConfig.from_dict(tiny(tmp_path, updates_per_phase=1)))
     assert trainer.teacher_cfg == trainer.teacher.default_cfg
     explicit = Trainer(TrainConfig.from_dict(tiny(tmp_path, teacher_cfg=2.5)))
     assert explicit.teacher_cfg == 2.5
@@ -339,18 +364,18 @@ def test_teacher_guidance_defaults_to_the_teachers_own(tmp_path):
 
 
 def test_tensorboard_logging_through_accelerate(tmp_path):
-    config = TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1, report_to="tensorboard"))
+    config = TrainConfig.from_dict(tiny(tmp_path, updates_per_phase=1, report_to="tensorboard"))
     Trainer(config).fit(progress=False)
     events = list(Path(config.output_dir).rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
 
 def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
-    plain = tiny(tmp_path / "plain", steps_per_phase=1)
+    plain = tiny(tmp_path / "plain", updates_per_phase=1)
     Trainer(TrainConfig.from_dict(plain)).fit(progress=False)
     a = adapters(Path(plain["output_dir"]))
     for mode in (True, "rollout"):  # everywhere, or only in the generator's multi-step rollout
-        checkpointed = tiny(tmp_path / f"ckpt-{mode}", steps_per_phase=1, gradient_checkpointing=mode)
+        checkpointed = tiny(tmp_path / f"ckpt-{mode}", updates_per_phase=1, gradient_checkpointing=mode)
         trainer = Trainer(TrainConfig.from_dict(checkpointed))
         assert trainer.teacher.model.is_gradient_checkpointing == (mode is True)
         trainer.fit(progress=False)
@@ -364,7 +389,7 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
-    config = TrainConfig.from_dict(tiny(tmp_path, steps_per_phase=1, mixed_precision="bf16"))
+    config = TrainConfig.from_dict(tiny(tmp_path, updates_per_phase=1, mixed_precision="bf16"))
     trainer = Trainer(config)
     assert trainer.accelerator.mixed_precision == "bf16"
     result = trainer.fit(progress=False)
@@ -373,7 +398,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
 
 
 def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
-    config = write(tmp_path, tiny(tmp_path, steps_per_phase=[3, 5]))
+    config = write(tmp_path, tiny(tmp_path, updates_per_phase=[3, 5]))
     assert main(["bench-train", "--config", str(config), "--steps", "1", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     per_phase = report["seconds_per_generator_step"]
@@ -389,4 +414,14 @@ def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
                                         [*ROOT.glob("assets/students/*/config.yaml"), *ROOT.glob("configs/*.yaml")]))
 def test_every_shipped_config_is_valid(path):
     config = TrainConfig.from_yaml(ROOT / path)
-    assert config.total_steps > 0 and len(config.steps_per_phase) == config.schedule.num_phases
+    assert config.total_updates > 0 and len(config.updates_per_phase) == config.schedule.num_phases
+
+
+def test_old_config_keys_still_load_with_one_deprecation_line(tmp_path):
+    old = tiny(tmp_path, timestep_shift=2.0)
+    old["steps_per_phase"] = old.pop("updates_per_phase")
+    with pytest.warns(FutureWarning, match="config keys") as caught:
+        config = TrainConfig.from_dict(old)
+    assert len(caught) == 1 and config.updates_per_phase == (2, 2) and config.renoise_shift == 2.0
+    with pytest.raises(ConfigError, match="same field: keep updates_per_phase"):
+        TrainConfig.from_dict({**tiny(tmp_path), "steps_per_phase": 3})

@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 from ui_fixtures import break_lora_keys, make_student
 
+from pdmd import limits
 from pdmd.core.schedule import PRESETS
-from pdmd.students.roles import MANIFEST
-from ui import compare, phases, students
+from pdmd.paths import SHIPPED_STUDENTS
+from pdmd.students.manifest import MANIFEST
+from ui import compare, comparison, phases, student_files, students
 from ui import lab as lab_tab
 from ui.app import build_app
 from ui.models import ModelStore
@@ -57,7 +59,7 @@ def copy_student(runs: Path, name: str) -> Path:
     return target
 
 
-def run_student(store, prompt=PROMPT, seed=0, value=None, source=compare.AS_TRAINED, schedule=PAPER, cfg=3.0,
+def run_student(store, prompt=PROMPT, seed=0, value=None, source=comparison.AS_TRAINED, schedule=PAPER, cfg=3.0,
                 randomise=False):
     return compare.on_compare_student(store, prompt, seed, randomise, value or students.BASELINE, source, schedule, cfg)
 
@@ -88,7 +90,7 @@ def test_same_seed_gives_the_same_student_image(store, student):
 
 def test_randomise_reports_the_seed_it_used(store):
     _, caption, seed, _, run = run_student(store, seed=0, randomise=True)
-    assert 0 <= seed <= compare.MAX_SEED and run["seed"] == seed and f"seed {seed}" in caption
+    assert 0 <= seed <= limits.MAX_SEED and run["seed"] == seed and f"seed {seed}" in caption
 
 
 @pytest.mark.parametrize("prompt, seed, needle", [
@@ -147,39 +149,39 @@ def test_folder_outside_the_app_roots_is_refused(store, tmp_path):
 
 def test_phases_schedule_must_match_the_students_experts(store, student):
     three = PRESETS["one-step-per-phase"].as_dict()
-    status = run_student(store, value=student, source=compare.FROM_PHASES, schedule=three)[3]
+    status = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=three)[3]
     assert "4 phase(s)" in status and "2 expert(s)" in status
     shifted = PRESETS["wan2.2-lightning"].as_dict()
-    run = run_student(store, value=student, source=compare.FROM_PHASES, schedule=shifted)[4]
+    run = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=shifted)[4]
     assert run["boundaries"] == [0.87]
 
 
-def test_describe_student_shows_the_schedule(student):
-    assert "boundaries 0.5" in compare.describe_student(student, compare.AS_TRAINED, PAPER)
-    assert "Baseline" in compare.describe_student(students.BASELINE, compare.AS_TRAINED, PAPER)
-    assert "pdmd-error" in compare.describe_student("/etc", compare.AS_TRAINED, PAPER)
+def test_describe_student_shows_the_schedule(store, student):
+    assert "boundaries 0.5" in compare.describe_student(store, student, comparison.AS_TRAINED, PAPER)
+    assert "Baseline" in compare.describe_student(store, students.BASELINE, comparison.AS_TRAINED, PAPER)
+    assert "pdmd-error" in compare.describe_student(store, "/etc", comparison.AS_TRAINED, PAPER)
 
 
 def test_teacher_schedule_lands_on_every_boundary():
-    assert compare.teacher_schedule(32, 1.0, (0.5,)).steps == (16, 16)
-    assert compare.teacher_schedule(32, 1.0, (0.875,)).timesteps == PRESETS["wan2.2-lightning"].__class__.uniform(
+    assert comparison.teacher_schedule(32, 1.0, (0.5,)).steps == (16, 16)
+    assert comparison.teacher_schedule(32, 1.0, (0.875,)).timesteps == PRESETS["wan2.2-lightning"].__class__.uniform(
         32).timesteps  # the plain 32-step grid already has 0.875 on it
-    uneven = compare.teacher_schedule(5, 1.0, (0.99, 0.98, 0.97))
+    uneven = comparison.teacher_schedule(5, 1.0, (0.99, 0.98, 0.97))
     assert sum(uneven.steps) == 5 and min(uneven.steps) >= 1
 
 
 def test_diversity_scores_both_sides(store, student):
-    teacher_grid, student_grid, text = compare.on_diversity(store, PROMPT, 0, 4, student, compare.AS_TRAINED, PAPER,
+    teacher_grid, student_grid, text = compare.on_diversity(store, PROMPT, 0, 4, student, comparison.AS_TRAINED, PAPER,
                                                             8, 3.0, progress=no_progress)
     assert isinstance(teacher_grid, Image.Image) and isinstance(student_grid, Image.Image)
     assert "Diversity" in text and "teacher **" in text
 
 
 def test_diversity_rejects_bad_input(store):
-    outputs = compare.on_diversity(store, "", 0, 4, students.BASELINE, compare.AS_TRAINED, PAPER, 8, 3.0,
+    outputs = compare.on_diversity(store, "", 0, 4, students.BASELINE, comparison.AS_TRAINED, PAPER, 8, 3.0,
                                    progress=no_progress)
     assert skipped(outputs[0]) and "prompt is empty" in outputs[2]
-    outputs = compare.on_diversity(store, PROMPT, 0, 99, students.BASELINE, compare.AS_TRAINED, PAPER, 8, 3.0,
+    outputs = compare.on_diversity(store, PROMPT, 0, 99, students.BASELINE, comparison.AS_TRAINED, PAPER, 8, 3.0,
                                    progress=no_progress)
     assert "number of seeds" in outputs[2]
 
@@ -188,7 +190,7 @@ def test_refresh_lists_baseline_and_runs(student):
     update = compare.on_refresh_students("/gone")
     values = [value for _, value in update["choices"]]
     assert values[0] == students.BASELINE and student in values
-    assert update["value"] == str(students.SHIPPED_DIR / "phased")  # a vanished pick falls back to the default
+    assert update["value"] == str(SHIPPED_STUDENTS / "phased")  # a vanished pick falls back to the default
     assert students.default_choice() in values
 
 
@@ -205,7 +207,7 @@ def upload_files(tmp_path: Path, source: Path) -> list[str]:
 
 
 def test_upload_imports_a_student_and_selects_it(store, student, tmp_path, runs):
-    update, message = compare.on_upload(store, upload_files(tmp_path, Path(student)))
+    update, message = student_files.on_upload(store, upload_files(tmp_path, Path(student)))
     assert "✓" in message and update["value"].startswith(str(runs / "uploads"))
     assert run_student(store, value=update["value"])[4]["nfe"] == 4
 
@@ -214,24 +216,24 @@ def test_upload_refuses_pickles_other_files_and_missing_manifest(store, student,
     files = upload_files(tmp_path, Path(student))
     pickle = tmp_path / "weights.pt"
     pickle.write_bytes(b"x")
-    assert "pickle" in compare.on_upload(store, files + [str(pickle)])[1]
+    assert "pickle" in student_files.on_upload(store, files + [str(pickle)])[1]
     script = tmp_path / "run.py"
     script.write_text("print()")
-    assert "only .safetensors" in compare.on_upload(store, files + [str(script)])[1]
-    assert "exactly one manifest.json" in compare.on_upload(store, [f for f in files if MANIFEST not in f])[1]
-    assert "no files uploaded" in compare.on_upload(store, None)[1]
+    assert "only .safetensors" in student_files.on_upload(store, files + [str(script)])[1]
+    assert "exactly one manifest.json" in student_files.on_upload(store, [f for f in files if MANIFEST not in f])[1]
+    assert "no files uploaded" in student_files.on_upload(store, None)[1]
 
 
 def test_upload_size_limit(store, student, tmp_path, monkeypatch):
-    monkeypatch.setattr(students, "MAX_UPLOAD_BYTES", 100)
-    assert "the limit is" in compare.on_upload(store, upload_files(tmp_path, Path(student)))[1]
+    monkeypatch.setattr(limits, "MAX_UPLOAD_BYTES", 100)
+    assert "the limit is" in student_files.on_upload(store, upload_files(tmp_path, Path(student)))[1]
 
 
 def test_upload_with_loras_that_do_not_fit_is_refused_and_removed(store, runs, tmp_path):
     folder = copy_student(runs, "misfit-upload")
     break_lora_keys(folder)
     before = set((runs / "uploads").glob("*")) if (runs / "uploads").is_dir() else set()
-    update, message = compare.on_upload(store, upload_files(tmp_path, folder))
+    update, message = student_files.on_upload(store, upload_files(tmp_path, folder))
     assert skipped(update) and "match no module" in message
     assert set((runs / "uploads").glob("*")) == before  # nothing left for the picker to offer
 
@@ -255,7 +257,7 @@ def test_valid_schedule_plots_and_feeds_compare():
     ("0.5, abc", "2", "1", "'abc' is not a number"),
     ("0.5", "2, 2, 2", "1", "3 phases"),
     ("0.5", "0", "1", "at least 1"),
-    ("0.5", "2", "-1", "shift -1.0 must be greater than 0"),
+    ("0.5", "2", "-1", "shift -1 must lie between 0.01 and 100"),
     ("0.5", "2", "", "not a number"),
 ])
 def test_invalid_schedule_names_the_problem_and_keeps_the_last_valid(boundaries, steps, shift, needle):

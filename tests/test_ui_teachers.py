@@ -13,9 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pdmd.core.schedule import PRESETS, PhaseSchedule
+from pdmd.paths import SHIPPED_STUDENTS
 from pdmd.students import lora_formats as lf
-from pdmd.students.roles import read_manifest
-from ui import compare, models, students
+from pdmd.students.manifest import Manifest
+from ui import compare, comparison, models, student_files, students, teacher_picker
 from ui.models import ModelStore
 
 PROMPT = "a small boat at dawn"
@@ -45,7 +46,7 @@ def store():
 @pytest.fixture
 def wan(store, tiny_pipeline):
     """The tiny Wan 2.2 (two experts) loaded through the app's teacher box; returns its teacher state."""
-    state, status, *_ = compare.on_load_teacher(store, compare.BUILTIN, str(tiny_pipeline("wan2.2")), *WAN_SIZE)
+    state, status, *_ = teacher_picker.on_load_teacher(store, compare.BUILTIN, str(tiny_pipeline("wan2.2")), *WAN_SIZE)
     assert "✓" in status, status
     return state
 
@@ -71,7 +72,7 @@ def lightning_files(folder: Path, teacher, seed: int = 0) -> list[str]:
 
 
 def run_student(store, value, teacher, schedule=LIGHTNING, prompt=PROMPT, seed=0):
-    return compare.on_compare_student(store, prompt, seed, False, value, compare.AS_TRAINED, schedule.as_dict(), 1.0,
+    return compare.on_compare_student(store, prompt, seed, False, value, comparison.AS_TRAINED, schedule.as_dict(), 1.0,
                                       teacher)
 
 
@@ -82,19 +83,19 @@ def gif_frames(path: str) -> int:
 
 # --- picking and loading a teacher ---------------------------------------------------------------------------
 def test_loading_a_pipeline_folder_sets_the_teacher_its_defaults_and_its_students(store, wan, tiny_pipeline):
-    state, status, picker, steps, cfg, teachers = compare.on_load_teacher(
+    state, status, picker, steps, cfg, teachers = teacher_picker.on_load_teacher(
         store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
     assert state == wan and state["options"] == {"height": 16, "width": 16, "num_frames": 5}
     assert teachers["value"] == state["name"] == str(tiny_pipeline("wan2.2").resolve())
     assert "wan" in status and "video" in status and "transformer_2" in status
     assert steps["value"] == 40 and cfg["value"] == 5.0  # Wan 2.2 A14B's own defaults
     assert [value for _, value in picker["choices"]] == [students.BASELINE]  # builtin's students are not its
-    assert str(tiny_pipeline("wan2.2").resolve()) in compare.teacher_choices(store)
+    assert str(tiny_pipeline("wan2.2").resolve()) in teacher_picker.teacher_choices(store)
 
 
 def test_a_hub_id_without_network_asks_for_a_local_folder(store, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    state, status, *rest = compare.on_load_teacher(store, "nobody-here/no-such-model", "")
+    state, status, *rest = teacher_picker.on_load_teacher(store, "nobody-here/no-such-model", "")
     assert skipped(state) and "could not download" in status and "pass a local folder" in status
     assert "pdmd-error" in status and all(skipped(v) for v in rest)
 
@@ -102,11 +103,11 @@ def test_a_hub_id_without_network_asks_for_a_local_folder(store, monkeypatch):
 def test_a_folder_with_no_supported_pipeline_names_what_it_found(store, tmp_path):
     (tmp_path / "sdxl").mkdir()
     (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    status = compare.on_load_teacher(store, "builtin", str(tmp_path / "sdxl"))[1]
+    status = teacher_picker.on_load_teacher(store, "builtin", str(tmp_path / "sdxl"))[1]
     assert "StableDiffusionXLPipeline" in status and "WanPipeline" in status and "QwenImagePipeline" in status
-    status = compare.on_load_teacher(store, "builtin", str(tmp_path / "nothing-here"))[1]
+    status = teacher_picker.on_load_teacher(store, "builtin", str(tmp_path / "nothing-here"))[1]
     assert "no such folder" in status
-    assert "height" in compare.on_load_teacher(store, "builtin", "", -3)[1]
+    assert "height" in teacher_picker.on_load_teacher(store, "builtin", "", -3)[1]
 
 
 # --- Wan video in Compare ------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_any_prompt_is_fine_for_a_real_teacher(store, wan):
 
 
 def test_diversity_is_for_the_builtin_probe_only(store, wan):
-    outputs = compare.on_diversity(store, PROMPT, 0, 4, students.BASELINE, compare.AS_TRAINED, LIGHTNING.as_dict(),
+    outputs = compare.on_diversity(store, PROMPT, 0, 4, students.BASELINE, comparison.AS_TRAINED, LIGHTNING.as_dict(),
                                    8, 5.0, wan, progress=no_progress)
     assert skipped(outputs[0]) and "built-in teacher only" in outputs[2]
 
@@ -136,21 +137,21 @@ def test_diversity_is_for_the_builtin_probe_only(store, wan):
 def test_lightning_pair_imports_as_a_two_expert_student_and_runs(store, wan, tmp_path, runs_dir):
     teacher = store.teacher(wan["name"], wan["options"])
     files = lightning_files(tmp_path, teacher)
-    picker, status = compare.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)
+    picker, status = student_files.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)
     assert "✓" in status, status
     assert "phase 1 ← high_noise_model.safetensors × 1 → transformer" in status
     assert "phase 2 ← low_noise_model.safetensors × 0.5 → transformer_2" in status
     folder = Path(picker["value"])
     assert runs_dir / "uploads" in folder.parents and folder.name.startswith(lf.PUBLISHED)
-    assert read_manifest(folder)["experts"] == ["transformer", "transformer_2"]
+    assert Manifest.read(folder).networks == ("transformer", "transformer_2")
     assert [v for _, v in picker["choices"]] == [students.BASELINE, str(folder)]
 
     video, caption, _, _, run = run_student(store, str(folder), wan)
     assert gif_frames(video) == WAN_SIZE[2] and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
-    assert "Published student" in compare.describe_student(str(folder), compare.AS_TRAINED, LIGHTNING.as_dict())
+    assert "Published student" in compare.describe_student(store, str(folder), comparison.AS_TRAINED, LIGHTNING.as_dict())
     baseline = run_student(store, students.BASELINE, wan)[4]
     assert run["image"].tobytes() != baseline["image"].tobytes()  # the LoRAs change the video
-    again = compare.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)[0]
+    again = student_files.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)[0]
     assert again["value"] == str(folder)  # same files and strengths: the same student, not a copy
 
     # the builtin teacher's picker does not offer it; picking it for the builtin teacher says whose it is
@@ -164,23 +165,23 @@ def test_a_student_exports_as_a_zip_in_either_layout(store, wan, tmp_path):
     import zipfile
 
     files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
-    folder = compare.on_import_published(store, files, wan, "", LIGHTNING.as_dict(), 1.0)[0]["value"]
+    folder = student_files.on_import_published(store, files, wan, "", LIGHTNING.as_dict(), 1.0)[0]["value"]
     for layout in lf.EXPORT_LAYOUTS:
-        archive, status = compare.on_export_student(folder, layout, wan)
+        archive, status = student_files.on_export_student(store, folder, layout, wan)
         assert "✓ 2 file(s)" in status
         with zipfile.ZipFile(archive) as zipped:
             names = zipped.namelist()
             assert "export.json" in names and len(names) == 3
             described = json.loads(zipped.read("export.json"))
-        assert [p["expert"] for p in described["phases"]] == ["transformer", "transformer_2"]
-    assert "baseline is the teacher" in compare.on_export_student(students.BASELINE, "comfyui", wan)[1]
-    shipped = str(students.SHIPPED_DIR / "phased")
-    assert "names no model family" in compare.on_export_student(shipped, "diffusers", compare.BUILTIN)[1]
+        assert [p["network"] for p in described["phases"]] == ["transformer", "transformer_2"]
+    assert "baseline is the teacher" in student_files.on_export_student(store, students.BASELINE, "comfyui", wan)[1]
+    shipped = str(SHIPPED_STUDENTS / "phased")
+    assert "names no model family" in student_files.on_export_student(store, shipped, "diffusers", compare.BUILTIN)[1]
 
 
 def test_strength_zero_is_the_teacher(store, wan, tmp_path):
     files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
-    picker, status = compare.on_import_published(store, files, wan, "0, 0", LIGHTNING.as_dict(), 1.0)
+    picker, status = student_files.on_import_published(store, files, wan, "0, 0", LIGHTNING.as_dict(), 1.0)
     assert "✓" in status, status
     student = run_student(store, picker["value"], wan)[4]["image"]
     baseline = run_student(store, students.BASELINE, wan)[4]["image"]  # the teacher on the same schedule, CFG 1
@@ -190,9 +191,9 @@ def test_strength_zero_is_the_teacher(store, wan, tmp_path):
 @pytest.mark.parametrize("files, strengths, schedule, needle", [
     ("pair", "1, 1, 1", LIGHTNING, "3 strength(s) for 2 phase(s)"),
     ("pair", "1, many", LIGHTNING, "'many' is not a number"),
-    ("pair", "1, 9", LIGHTNING, "between 0 and 4"),
+    ("pair", "1, 9", LIGHTNING, "between 0 and 2"),
     ("high", "", LIGHTNING, "1 LoRA file(s) for a 2-phase schedule"),
-    ("pair", "", PhaseSchedule((0.875,), (2, 2), 5.0), "phase 2 runs on more than one expert"),
+    ("pair", "", PhaseSchedule((0.875,), (2, 2), 5.0), "phase 2 runs on more than one network"),
     ("pickle", "", LIGHTNING, "pickle"),
     ("none", "", LIGHTNING, "no files uploaded"),
 ])
@@ -201,7 +202,7 @@ def test_bad_published_imports_give_a_message_and_leave_nothing(store, wan, tmp_
     pair = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
     (tmp_path / "lora.ckpt").write_bytes(b"not opened")
     chosen = {"pair": pair, "high": pair[:1], "pickle": [pair[0], str(tmp_path / "lora.ckpt")], "none": None}[files]
-    picker, status = compare.on_import_published(store, chosen, wan, strengths, schedule.as_dict(), 1.0)
+    picker, status = student_files.on_import_published(store, chosen, wan, strengths, schedule.as_dict(), 1.0)
     assert skipped(picker) and needle in status and "pdmd-error" in status
     assert not list((runs_dir / "uploads").glob("*")) if (runs_dir / "uploads").exists() else True
 
@@ -211,20 +212,20 @@ def test_a_lora_for_another_model_lists_its_unmatched_keys(store, wan, tmp_path)
              "diffusion_model.blocks.30.self_attn.q.lora_B.weight": torch.zeros(24, 4)}
     for name in ("a", "b"):
         save_file(state, str(tmp_path / f"{name}.safetensors"))
-    status = compare.on_import_published(store, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+    status = student_files.on_import_published(store, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
                                          wan, "", LIGHTNING.as_dict(), 1.0)[1]
     assert "match no module" in status and "blocks.30.attn1.to_q.lora_A.weight" in status
 
 
 def test_the_builtin_teacher_takes_no_published_lora(store, tmp_path):
     save_file({"transformer.a.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "x.safetensors"))
-    status = compare.on_import_published(store, [str(tmp_path / "x.safetensors")], compare.BUILTIN, "",
+    status = student_files.on_import_published(store, [str(tmp_path / "x.safetensors")], compare.BUILTIN, "",
                                          PhaseSchedule.uniform(4).as_dict(), 1.0)[1]
     assert "not a diffusers pipeline" in status
 
 
 def test_a_single_qwen_image_lightning_file_on_a_one_phase_schedule(store, tiny_pipeline, tmp_path):
-    state, status, *_ = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("qwen-image")), 32, 32)
+    state, status, *_ = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("qwen-image")), 32, 32)
     assert "qwen-image" in status and "image" in status
     network = store.teacher(state["name"], state["options"]).model
     generator = torch.Generator().manual_seed(5)
@@ -237,8 +238,8 @@ def test_a_single_qwen_image_lightning_file_on_a_one_phase_schedule(store, tiny_
     save_file(lora, str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))  # the published name
     eight = PhaseSchedule((), (8,), 3.0)
     lightning = str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors")
-    picker, status = compare.on_import_published(store, [lightning], state, "", eight.as_dict(), 1.0)
-    assert "✓" in status and "experts" not in read_manifest(Path(picker["value"]))
+    picker, status = student_files.on_import_published(store, [lightning], state, "", eight.as_dict(), 1.0)
+    assert "✓" in status and Manifest.read(Path(picker["value"])).networks is None
     image, caption, *_ = run_student(store, picker["value"], state, schedule=eight)
     assert isinstance(image, Image.Image) and image.size == (256, 256) and "NFE 8" in caption
 
@@ -247,16 +248,16 @@ def test_a_single_qwen_image_lightning_file_on_a_one_phase_schedule(store, tiny_
 def test_a_big_teacher_carries_its_student_and_reloads_for_another(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "COPY_BELOW_BYTES", 0)  # every teacher counts as big
     store = ModelStore()
-    state = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
+    state = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
     teacher = store.teacher(state["name"], state["options"])
     before = run_student(store, students.BASELINE, state)[4]["image"]
-    first = Path(compare.on_import_published(store, lightning_files(tmp_path, teacher, seed=1), state, "",
+    first = Path(student_files.on_import_published(store, lightning_files(tmp_path, teacher, seed=1), state, "",
                                              LIGHTNING.as_dict(), 1.0)[0]["value"])
     assert store.student(first).student.roles.teacher is teacher  # no copy: the student is on the teacher's network
     assert store.student(first).lock is store.teacher_lock(state["name"], state["options"])
     assert run_student(store, students.BASELINE, state)[4]["image"].tobytes() == before.tobytes()  # adapters off
     (tmp_path / "second").mkdir()
-    second = Path(compare.on_import_published(store, lightning_files(tmp_path / "second", teacher, seed=2), state,
+    second = Path(student_files.on_import_published(store, lightning_files(tmp_path / "second", teacher, seed=2), state,
                                               "", LIGHTNING.as_dict(), 1.0)[0]["value"])
     assert store.teacher(state["name"], state["options"]) is not teacher  # loaded afresh for the second student
     one, two = (run_student(store, str(f), state)[4]["image"].tobytes() for f in (first, second))
@@ -268,10 +269,10 @@ def test_one_big_teacher_at_a_time(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(models, "COPY_BELOW_BYTES", 0)  # every teacher counts as big
     store = ModelStore()
     store.teacher()  # the built-in default stays whatever else is loaded
-    wan = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
-    qwen = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("qwen-image")), 32, 32)[0]
+    wan = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
+    qwen = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("qwen-image")), 32, 32)[0]
     assert store.loaded_teachers() == [compare.BUILTIN, qwen["name"]] and wan["name"] != qwen["name"]
-    assert "✓" in compare.on_load_teacher(store, "builtin", wan["name"], *WAN_SIZE)[1]  # loads again when asked
+    assert "✓" in teacher_picker.on_load_teacher(store, "builtin", wan["name"], *WAN_SIZE)[1]  # loads again when asked
     assert store.loaded_teachers() == [compare.BUILTIN, wan["name"]]
 
 
@@ -285,9 +286,9 @@ def test_a_public_server_loads_only_its_own_teacher(tiny_pipeline, tmp_path, run
     """With training off (a public Space), the teacher box and uploaded manifests cannot make the server load a
     model of the visitor's choosing; the built-in teacher and its students work as before."""
     store = ModelStore(other_teachers=False)
-    state, status, *_ = compare.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
+    state, status, *_ = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
     assert skipped(state) and "turned off on this public server" in status
-    assert "✓" in compare.on_load_teacher(store, "builtin", "")[1]
+    assert "✓" in teacher_picker.on_load_teacher(store, "builtin", "")[1]
     student = tmp_path / "student"
     student.mkdir()
     (student / "manifest.json").write_text(json.dumps({
@@ -296,6 +297,6 @@ def test_a_public_server_loads_only_its_own_teacher(tiny_pipeline, tmp_path, run
                                                                           "target_modules": ["to_q"]}}))
     for k in (1, 2):
         save_file({"transformer.a.lora_A.weight": torch.zeros(1, 1)}, str(student / f"phase_{k}.safetensors"))
-    picker, message = compare.on_upload(store, [str(p) for p in student.iterdir()])
+    picker, message = student_files.on_upload(store, [str(p) for p in student.iterdir()])
     assert skipped(picker) and "turned off on this public server" in message
     assert not list((runs_dir / "uploads").glob("*"))  # the refused upload is removed

@@ -7,14 +7,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.students.roles import LoraSpec, Roles, phase_adapter, save_student
+from pdmd.students.folder import save_student
+from pdmd.students.manifest import LoraSpec
+from pdmd.students.roles import Roles, phase_adapter
 from pdmd.teachers import load_teacher
 
 
 def make_student(folder: Path, schedule: PhaseSchedule = PhaseSchedule((0.5,), (2, 2), 1.0)) -> Path:
     teacher = load_teacher("builtin")
     roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], LoraSpec(rank=2, alpha=2))
-    save_student(folder, roles, schedule, {"teacher": "builtin", "method": "phased", "cfg": 1.0, "steps_trained": 0})
+    save_student(folder, roles, schedule, teacher="builtin", method="phased", student_cfg=1.0, updates_trained=0)
     return folder
 
 

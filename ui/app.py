@@ -5,7 +5,8 @@ import gradio as gr
 
 from pdmd.core.schedule import PRESETS
 from pdmd.paths import SHIPPED_STUDENTS, runs_dir
-from pdmd.training.jobs import Gate, JobManager
+from pdmd.training.gate import Gate
+from pdmd.training.jobs import JobManager
 from ui.compare import build_compare_tab
 from ui.lab import build_lab_tab
 from ui.models import ModelStore

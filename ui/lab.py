@@ -8,8 +8,7 @@ import gradio as gr
 from PIL import Image
 
 from pdmd import lab
-from ui.compare import InputError, bounded_number
-from ui.phases import error_markdown
+from ui.inputs import InputError, bounded_number, error_markdown
 
 MIXTURES = ("ring", "grid")
 TABLE_COLUMNS = ["method", "nfe", "modes_covered", "modes_total", "mode_kl", "spread_ratio", "sliced_w", "seconds"]

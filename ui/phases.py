@@ -9,6 +9,7 @@ from PIL import Image
 
 from pdmd.core.schedule import PRESETS, PhaseSchedule, ScheduleError
 from ui.images import figure_to_image
+from ui.inputs import InputError, bounded_schedule, error_markdown, text
 
 DEFAULT_PRESET = "paper-2x2"
 PHASE_COLOURS = ("#cfe2f3", "#fce5cd", "#d9ead3", "#ead1dc", "#fff2cc", "#d0e0e3")
@@ -56,16 +57,15 @@ def summary_markdown(schedule: PhaseSchedule) -> str:
     return "\n".join(rows)
 
 
-def error_markdown(message: str) -> str:
-    return f"<div class='pdmd-error'>⚠️ {message}</div>"
-
 
 def on_schedule_edit(boundaries: str, steps: str, shift: str, last_valid: dict):
     """Validate the editor's fields. Valid: plot, summary, 'ok' message, new state.
     Invalid: the message names the problem; plot, summary and state stay as they were."""
     try:
-        schedule = PhaseSchedule.parse(boundaries or "", steps or "", shift if shift not in (None, "") else "")
-    except ScheduleError as err:
+        fields = [text(value, what, 200) for value, what in ((boundaries, "boundaries"), (steps, "steps"),
+                                                              (shift, "shift"))]
+        schedule = bounded_schedule(PhaseSchedule.parse(*fields))
+    except (ScheduleError, InputError) as err:
         kept = PhaseSchedule.from_dict(last_valid).describe() if last_valid else "none"
         return (gr.skip(), gr.skip(),
                 error_markdown(f"{err}. Compare keeps the last valid schedule ({kept})."), last_valid)

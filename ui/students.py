@@ -1,13 +1,18 @@
 """Where students come from: shipped ones in assets/students, finished runs under runs/, and uploads.
 
 Security: a student is only ever loaded from one of these roots (a client can post any string as the
-picker's value), uploads accept only .safetensors files plus one manifest.json, within a size limit, and
-are written under names the app makes up itself -- never a name or path the client sent.
+picker's value). An upload is checked completely before anything is kept: at most MAX_UPLOAD_FILES files of
+.safetensors plus one manifest.json within a size limit, the manifest through the validated Manifest type
+(every field's type and range), and -- by the caller -- its LoRA shapes against the teacher; it is written
+under a name the app makes up itself, never a name or path the client sent, and removed on any failure. A
+folder on disk whose manifest does not validate is left out of the picker with a warning, so one broken or
+hostile folder never breaks the list for everyone.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -15,36 +20,28 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from pdmd.paths import SHIPPED_STUDENTS as SHIPPED_DIR
-from pdmd.paths import runs_dir, uploads_dir
-from pdmd.students.roles import LORA_WEIGHT_NAME, MANIFEST, PICKLE_SUFFIXES, StudentError, phase_adapter, read_manifest
+from pdmd import limits
+from pdmd.paths import SHIPPED_STUDENTS, runs_dir, uploads_dir
+from pdmd.students import StudentError
+from pdmd.students.folder import LORA_WEIGHT_NAME
+from pdmd.students.manifest import MANIFEST, PICKLE_SUFFIXES, Manifest
+from pdmd.students.roles import phase_adapter
+from pdmd.teachers import BUILTIN, same_teacher
 
 BASELINE = "baseline"  # the undistilled teacher run on the student's schedule: a reference, not a student
 BASELINE_LABEL = "Baseline: undistilled teacher on the Phases schedule"
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # rank-64 LoRAs of the built-in teacher are a few MB per phase
-MAX_PUBLISHED_BYTES = 2 * 1024**3     # a Wan2.2-Lightning rank-64 LoRA of the 14B experts is ~0.6 GB each
+log = logging.getLogger(__name__)
 
 
 def student_roots() -> list[Path]:
-    return [SHIPPED_DIR.resolve(), runs_dir()]
+    return [SHIPPED_STUDENTS.resolve(), runs_dir()]
 
 
 @dataclass(frozen=True)
 class StudentChoice:
     label: str
     folder: Path
-
-
-def _describe(folder: Path, kind: str) -> str:
-    manifest = json.loads((folder / MANIFEST).read_text())
-    schedule = manifest.get("schedule", {})
-    name = folder.name if kind == "shipped" else str(folder.relative_to(runs_dir()))
-    phases = len(schedule.get("steps", []))
-    if manifest.get("method") == "published":  # pdmd.students.lora_formats.PUBLISHED: LoRA files, not a training run
-        files = ", ".join(manifest.get("published", {}).get("files", []))
-        return f"{kind}: {name} (published LoRA, {phases} phase(s): {files})"
-    return (f"{kind}: {name} ({manifest.get('method', '?')}, {phases} phase(s), "
-            f"{manifest.get('steps_trained', '?')} steps trained)")
+    manifest: Manifest
 
 
 def student_name(folder: Path) -> str:
@@ -52,65 +49,64 @@ def student_name(folder: Path) -> str:
     return folder.parent.name if folder.name == "student" else folder.name
 
 
-def discover_students() -> list[StudentChoice]:
-    """Every folder holding a manifest.json: shipped students first, then runs (newest first), then uploads."""
+def _label(folder: Path, kind: str, manifest: Manifest) -> str:
+    name = student_name(folder)
+    phases = manifest.schedule.num_phases
+    if manifest.is_published:
+        files = ", ".join(manifest.published.get("files", []))
+        return f"{kind}: {name} (published LoRA, {phases} phase(s): {files})"
+    return f"{kind}: {name} ({manifest.method}, {phases} phase(s), {manifest.updates_trained} updates trained)"
+
+
+def _choices(manifests: list[Path], kind: str) -> list[StudentChoice]:
     found = []
-    if SHIPPED_DIR.is_dir():
-        found += [StudentChoice(_safe_describe(m.parent, "shipped"), m.parent)
-                  for m in sorted(SHIPPED_DIR.rglob(MANIFEST))]
-    runs = runs_dir()
-    if runs.is_dir():
-        manifests = [m for m in runs.rglob(MANIFEST) if uploads_dir() not in m.parents]
-        found += [StudentChoice(_safe_describe(m.parent, "run"), m.parent)
-                  for m in sorted(manifests, key=lambda m: m.stat().st_mtime, reverse=True)]
-        if uploads_dir().is_dir():
-            found += [StudentChoice(_safe_describe(m.parent, "upload"), m.parent)
-                      for m in sorted(uploads_dir().glob(f"*/{MANIFEST}"))]
+    for path in manifests:
+        if any(part.startswith(".") for part in path.parent.parts[-2:]):
+            continue  # an export or upload being written (".tmp-...") or set aside
+        try:
+            manifest = Manifest.read(path.parent)
+        except (StudentError, OSError) as err:
+            log.warning("student list: skipped %s (%s)", path.parent, err)
+            continue
+        found.append(StudentChoice(_label(path.parent, kind, manifest), path.parent, manifest))
     return found
 
 
-def _safe_describe(folder: Path, kind: str) -> str:
-    # a broken manifest must not hide the other students; loading it later names the problem
-    try:
-        return _describe(folder, kind)
-    except (OSError, ValueError, AttributeError):
-        return f"{kind}: {folder.name} (unreadable manifest)"
+def discover_students() -> list[StudentChoice]:
+    """Every folder with a valid manifest.json: shipped students first, then runs (newest first), then uploads."""
+    found = _choices(sorted(SHIPPED_STUDENTS.rglob(MANIFEST)), "shipped") if SHIPPED_STUDENTS.is_dir() else []
+    runs = runs_dir()
+    if runs.is_dir():
+        manifests = [m for m in runs.rglob(MANIFEST) if uploads_dir() not in m.parents]
+        found += _choices(sorted(manifests, key=lambda m: m.stat().st_mtime, reverse=True), "run")
+        if uploads_dir().is_dir():
+            found += _choices(sorted(uploads_dir().glob(f"*/{MANIFEST}")), "upload")
+    return found
 
 
 def default_choice(teacher: str | None = None) -> str:
     """The app opens on the shipped phased student (the method's story); another teacher opens on its newest
     student; else the baseline."""
-    phased = SHIPPED_DIR / "phased"
-    if teacher in (None, "builtin"):
+    phased = SHIPPED_STUDENTS / "phased"
+    if teacher in (None, BUILTIN):
         return str(phased) if (phased / MANIFEST).is_file() else BASELINE
     own = picker_choices(teacher)[1:]
     return own[0][1] if own else BASELINE
 
 
-def teacher_of(folder: Path) -> str | None:
-    """The teacher a student folder's manifest names (None when unreadable: loading it names the problem)."""
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("teacher")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def picker_choices(teacher: str | None = None) -> list[tuple[str, str]]:
-    """The baseline and every student, or only the students of ``teacher`` (unreadable ones always show)."""
-    from pdmd.teachers import same_teacher
-
-    found = [c for c in discover_students()
-             if teacher is None or (t := teacher_of(c.folder)) is None or same_teacher(t, teacher)]
+    """The baseline and every student, or only the students of ``teacher``."""
+    found = [c for c in discover_students() if teacher is None or same_teacher(c.manifest.teacher, teacher)]
     return [(BASELINE_LABEL, BASELINE)] + [(c.label, str(c.folder)) for c in found]
 
 
-def resolve_student_folder(value: str) -> Path:
+def resolve_student_folder(value) -> Path:
     """The picker's value -> a student folder inside one of the app's own roots, or StudentError."""
-    if not value:
+    if not value or not isinstance(value, str) or len(value) > limits.MAX_NAME_CHARS:
         raise StudentError("pick a student (or the baseline)")
     folder = Path(value).resolve()
     if not any(root == folder or root in folder.parents for root in student_roots()):
-        raise StudentError(f"{value!r} is not one of the app's student folders")
+        raise StudentError("that is not one of the app's student folders")
     return folder
 
 
@@ -123,6 +119,8 @@ def sanitise(name: str, fallback: str = "student") -> str:
 def _check_upload_files(paths: list[Path]) -> tuple[Path, list[Path]]:
     if not paths:
         raise StudentError("no files uploaded: choose the student folder (manifest.json + phase_k/*.safetensors)")
+    if len(paths) > limits.MAX_UPLOAD_FILES:
+        raise StudentError(f"{len(paths)} files uploaded; the limit is {limits.MAX_UPLOAD_FILES}")
     manifests, weights, total = [], [], 0
     for path in paths:
         name = path.name
@@ -135,8 +133,8 @@ def _check_upload_files(paths: list[Path]) -> tuple[Path, list[Path]]:
         else:
             raise StudentError(f"{name} refused: only .safetensors files and one manifest.json are accepted")
         total += path.stat().st_size
-    if total > MAX_UPLOAD_BYTES:
-        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
+    if total > limits.MAX_UPLOAD_BYTES:
+        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is {limits.MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
     if len(manifests) != 1:
         raise StudentError(f"a student needs exactly one {MANIFEST}; the upload has {len(manifests)}")
     return manifests[0], weights
@@ -157,15 +155,24 @@ def _phase_of_weights(path: Path, phases: int) -> int:
 
 
 def import_upload(paths: list[str | Path]) -> Path:
-    """Copy an uploaded student into runs/uploads/<name>-<hash>/ in the standard layout and return it."""
+    """Check an uploaded student completely, then copy it into runs/uploads/<method>-<hash>/ in the standard
+    layout and return that folder; nothing is kept when a check fails. (The caller then loads it once, which
+    checks every LoRA shape against the teacher, and discards it if that fails.)"""
     manifest_path, weights = _check_upload_files([Path(p) for p in paths])
+    if manifest_path.stat().st_size > limits.MAX_MANIFEST_BYTES:
+        raise StudentError(f"{MANIFEST} is larger than {limits.MAX_MANIFEST_BYTES // 1024} KiB")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        data = json.loads(manifest_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise StudentError(f"{MANIFEST} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("phases"), list):
-        raise StudentError(f"{MANIFEST} has no 'phases' list")
-    phases = len(manifest["phases"])
+    try:
+        manifest = Manifest.from_dict(data)
+    except StudentError as err:
+        raise StudentError(f"{MANIFEST}: {err}") from None
+    if any(isinstance(entry, dict) for entry in manifest.phases):
+        raise StudentError("a phase with one file per network cannot be uploaded file by file: export the "
+                           "student (Export below) and import its files as a published LoRA instead")
+    phases = len(manifest.phases)
     by_phase = {}
     for path in weights:
         phase = _phase_of_weights(path, phases)
@@ -179,18 +186,32 @@ def import_upload(paths: list[str | Path]) -> Path:
     digest = hashlib.sha256()
     for path in [manifest_path, *(by_phase[k] for k in range(phases))]:
         digest.update(path.read_bytes())
-    folder = uploads_dir() / f"{sanitise(str(manifest.get('method', 'student')))}-{digest.hexdigest()[:10]}"
-    manifest["phases"] = [f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}" for k in range(phases)]
-    for k in range(phases):
-        (folder / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
-        (folder / manifest["phases"][k]).write_bytes(by_phase[k].read_bytes())
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    folder = uploads_dir() / f"{sanitise(manifest.method)}-{digest.hexdigest()[:10]}"
+    if (folder / MANIFEST).is_file():
+        return folder  # the same upload, accepted before
+    temporary = folder.with_name(f".tmp-{folder.name}")  # hidden from the picker until complete
     try:
-        read_manifest(folder)  # the library's own checks, before anyone picks it
-    except StudentError:
-        discard_upload(folder)
+        for k in range(phases):
+            (temporary / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(by_phase[k], temporary / phase_adapter(k) / LORA_WEIGHT_NAME)
+        Manifest.from_dict({**manifest.as_dict(), "phases": [f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}"
+                                                            for k in range(phases)]}).write(temporary)
+        temporary.replace(folder)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
         raise
+    prune_uploads()
     return folder
+
+
+def prune_uploads(keep: int | None = None) -> None:
+    """Keep the newest ``keep`` (MAX_UPLOADED_STUDENTS) uploaded students; older ones go, so anonymous uploads
+    cannot fill the disk."""
+    keep = limits.MAX_UPLOADED_STUDENTS if keep is None else keep
+    folders = sorted((p for p in uploads_dir().glob("*") if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in folders[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def import_published(paths: list[str | Path], teacher, teacher_name: str, schedule, strengths: list[float],
@@ -209,8 +230,11 @@ def import_published(paths: list[str | Path], teacher, teacher_name: str, schedu
         if path.suffix.lower() != ".safetensors":
             raise StudentError(f"{path.name} refused: only .safetensors LoRA files are accepted")
         total += path.stat().st_size
-    if total > MAX_PUBLISHED_BYTES:
-        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is {MAX_PUBLISHED_BYTES / 2**20:.0f} MiB")
+    if len(paths) > limits.MAX_PHASES:
+        raise StudentError(f"{len(paths)} files uploaded; a student has at most {limits.MAX_PHASES} phases")
+    if total > limits.MAX_PUBLISHED_BYTES:
+        raise StudentError(f"upload is {total / 2**20:.1f} MiB; the limit is "
+                           f"{limits.MAX_PUBLISHED_BYTES / 2**20:.0f} MiB")
     salt = json.dumps([teacher_name, schedule.as_dict(), cfg])
     folder = uploads_dir() / published_folder_name(paths, strengths, salt)
     if (folder / MANIFEST).is_file():
@@ -220,6 +244,7 @@ def import_published(paths: list[str | Path], teacher, teacher_name: str, schedu
     except Exception:
         discard_upload(folder)
         raise
+    prune_uploads()
     return folder
 
 

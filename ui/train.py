@@ -21,17 +21,19 @@ from PIL import Image
 from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.paths import SHIPPED_STUDENTS
+from pdmd.students.manifest import MANIFEST
 from pdmd.training import jobs
 from pdmd.training.config import ConfigError
-from pdmd.training.jobs import Gate, JobError, JobManager
-from ui.phases import error_markdown
+from pdmd.training.gate import Gate, GateClosed
+from pdmd.training.jobs import JobError, JobManager
+from ui.inputs import InputError, error_markdown, schedule_of
 
 POLL_SECONDS = 1.5
 PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
 LOG_LINES = 30
 DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "pdmd-app" / "students"
 METHOD_DEFAULT, FROM_PHASES, EDIT_HERE = "the method's own", "from the Phases tab", "edit here"
-USER_ERRORS = (JobError, ConfigError, ScheduleError)
+USER_ERRORS = (JobError, GateClosed, ConfigError, ScheduleError, InputError)
 
 
 def _shipped_default() -> dict:
@@ -44,7 +46,7 @@ def _shipped_default() -> dict:
 DEFAULT_CONFIG = _shipped_default()
 PRESETS = {
     # measured in docs/benchmarks.md: finishes well inside 5 minutes on 2 shared CPU cores with 1 thread
-    "quick demo": {**DEFAULT_CONFIG, "steps_per_phase": 150, "batch_size": 4, "fake_ratio": 2,
+    "quick demo": {**DEFAULT_CONFIG, "updates_per_phase": 150, "batch_size": 4, "fake_ratio": 2,
                    "lora": {"rank": 8, "alpha": 8}, "sample_every": 50, "checkpoint_every": 25},
     "default": DEFAULT_CONFIG,
 }
@@ -57,7 +59,7 @@ def preset_fields(name: str) -> list:
     """A preset as the form's values (method, schedule source and text, LoRA, steps, rates, batch, prompts)."""
     config = PRESETS[name]
     schedule = config_schedule(config)
-    steps = config["steps_per_phase"]
+    steps = config["updates_per_phase"]
     return [config["teacher"], config["method"], METHOD_DEFAULT if name == QUICK else EDIT_HERE,
             ", ".join(f"{b:g}" for b in schedule.boundaries), ", ".join(map(str, schedule.steps)),
             f"{schedule.shift:g}", config["lora"]["rank"], config["lora"]["alpha"],
@@ -71,7 +73,7 @@ def config_schedule(config: dict) -> PhaseSchedule:
 
 
 def form_config(preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, phases_schedule,
-                rank, alpha, steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+                rank, alpha, updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
                 sample_every, checkpoint_every) -> dict:
     """The form as a config dict; TrainConfig (in JobManager.submit) then checks every value."""
     if preset not in PRESETS:
@@ -81,15 +83,15 @@ def form_config(preset, teacher, method, schedule_source, boundaries, schedule_s
     if schedule_source == METHOD_DEFAULT:
         schedule = METHODS[method].schedule.as_dict()
     elif schedule_source == FROM_PHASES:
-        schedule = PhaseSchedule.from_dict(phases_schedule or {}).as_dict()
+        schedule = schedule_of(phases_schedule).as_dict()
     else:
         schedule = PhaseSchedule.parse(boundaries or "", schedule_steps or "", shift or "").as_dict()
-    steps = [s.strip() for s in str(steps_per_phase or "").split(",")]
+    steps = [s.strip() for s in str(updates_per_phase or "").split(",")]
     if not any(steps):
-        raise JobError("steps per phase is empty: give one number (every phase) or one per phase")
+        raise JobError("updates per phase is empty: give one number (every phase) or one per phase")
     prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
     return {**PRESETS[preset], "teacher": (teacher or "").strip(), "method": method, "schedule": schedule,
-            "steps_per_phase": steps, "lora": {"rank": rank, "alpha": alpha}, "lr_generator": lr_generator,
+            "updates_per_phase": steps, "lora": {"rank": rank, "alpha": alpha}, "lr_generator": lr_generator,
             "lr_fake": lr_fake, "batch_size": batch_size, "fake_ratio": fake_ratio, "sample_prompts": prompts,
             "sample_every": sample_every, "checkpoint_every": checkpoint_every}
 
@@ -185,7 +187,7 @@ def _duration(seconds: float) -> str:
 def progress_html(job: jobs.Job, rows: list[dict]) -> str:
     """A progress bar with step/total, phase, percentage and ETA, and the job's status and note."""
     percent = 100 * job.step / max(job.total, 1)
-    phase = f" · phase {rows[-1]['phase']}/{len(job.config['steps_per_phase'])}" if rows else ""
+    phase = f" · phase {rows[-1]['phase']}/{len(job.config['updates_per_phase'])}" if rows else ""
     eta = jobs.eta_seconds(job, rows)
     eta_text = f" · ETA {_duration(eta)}" if eta is not None else ""
     note = (f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{html.escape(job.error)}</pre>"
@@ -212,7 +214,7 @@ def enlarged(path: Path, height: int = 192) -> Image.Image:
 def student_download(job: jobs.Job) -> str:
     """The finished student as a zip (made once per finish), for the download button."""
     archive = DOWNLOAD_DIR / f"{job.name}-student.zip"
-    manifest = job.student / "manifest.json"
+    manifest = job.student / MANIFEST
     if not archive.is_file() or archive.stat().st_mtime < manifest.stat().st_mtime:
         jobs.zip_student(job, DOWNLOAD_DIR)
     return str(archive)
@@ -240,7 +242,7 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
         return ("<i>No job yet: pick a preset and press Start.</i>", keep, keep, keep, "", "", table, picker,
                 gr.update(visible=False), students_changed, seen)
 
-    rows = jobs.metrics(job.folder)
+    rows = job.run.metrics()
     fresh = seen.get("job") != job.id
     state = (job.id, job.status, job.step, job.error)
     progress = keep if not fresh and seen.get("state") == state else progress_html(job, rows)
@@ -249,13 +251,13 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
                  and (time.time() - seen.get("plotted_at", 0) > PLOT_EVERY_S or job.status != jobs.RUNNING)):
         plots = loss_frames(rows)
         seen.update(plotted=(job.id, job.step), plotted_at=time.time())
-    sample_path = job.folder / "samples" / "latest.png"
+    sample_path = job.run.latest_sample
     sample_mtime = sample_path.stat().st_mtime if sample_path.is_file() else None
     sample = keep if not fresh and seen.get("sample") == sample_mtime else (
         enlarged(sample_path) if sample_mtime else None)
-    log_path = job.folder / jobs.LOG_FILE
+    log_path = job.run.log_file
     log_size = log_path.stat().st_size if log_path.is_file() else 0
-    log = keep if not fresh and seen.get("log") == log_size else jobs.log_tail(job, LOG_LINES)
+    log = keep if not fresh and seen.get("log") == log_size else job.run.log_tail(LOG_LINES)
     command = keep if not fresh else f"```bash\n{jobs.display_command(job)}\n```"
     download = keep
     if fresh or seen.get("download") != (job.id, job.finished, job.ended):
@@ -290,7 +292,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
             with gr.Row():
                 rank = gr.Number(defaults[6], label="LoRA rank", precision=0, minimum=1)
                 alpha = gr.Number(defaults[7], label="LoRA alpha", minimum=0)
-                steps_per_phase = gr.Textbox(defaults[8], label="Training steps per phase",
+                updates_per_phase = gr.Textbox(defaults[8], label="Training updates per phase",
                                              info="one number, or one per phase: 100, 200", elem_id="train-steps")
             with gr.Row():
                 lr_generator = gr.Number(defaults[9], label="Generator learning rate", elem_id="train-lr")
@@ -330,10 +332,10 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                          label="Jobs", elem_id="train-jobs")
 
     fields = [preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, schedule_state, rank,
-              alpha, steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+              alpha, updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
               sample_every, checkpoint_every]
     preset_outputs = [teacher, method, schedule_source, boundaries, schedule_steps, shift, rank, alpha,
-                      steps_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
+                      updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
                       sample_every, checkpoint_every]
     preset.change(preset_fields, preset, preset_outputs)
     start.click(partial(on_start, manager, gate), [token, name, threads, *fields], [message, job],

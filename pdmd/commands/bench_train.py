@@ -43,7 +43,7 @@ def _measure_training(config_path: str, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(TrainConfig.from_yaml(config_path, output_dir=folder))
-        phase_starts = [sum(trainer.config.steps_per_phase[:k]) for k in range(len(trainer.config.steps_per_phase))]
+        phase_starts = [sum(trainer.config.updates_per_phase[:k]) for k in range(len(trainer.config.updates_per_phase))]
         per_phase = []
         for start in phase_starts:
             trainer.step = start
@@ -52,7 +52,7 @@ def _measure_training(config_path: str, steps: int) -> dict:
             for _ in range(steps):
                 trainer.train_step()
             per_phase.append((time.perf_counter() - started) / steps)
-        return {"seconds_per_step": per_phase, "steps_per_phase": list(trainer.config.steps_per_phase),
+        return {"seconds_per_step": per_phase, "updates_per_phase": list(trainer.config.updates_per_phase),
                 "peak_mb": _peak_mb()}
 
 
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pdmd.training.config import TrainConfig
 
-    shortest = min(TrainConfig.from_yaml(args.config).steps_per_phase)
+    shortest = min(TrainConfig.from_yaml(args.config).updates_per_phase)
     if args.steps + 1 > shortest:  # the timed steps would run on into the next phase
         print(f"bench-train: --steps {args.steps} plus one warm-up step exceeds the shortest phase of {args.config} "
               f"({shortest} steps)", file=sys.stderr)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
         "seconds_per_generator_step": [round(seconds, 4) for seconds in training["seconds_per_step"]],
         "estimated_training_minutes": round(
-            sum(n * seconds for n, seconds in zip(training["steps_per_phase"], training["seconds_per_step"])) / 60, 1),
+            sum(n * seconds for n, seconds in zip(training["updates_per_phase"], training["seconds_per_step"])) / 60, 1),
         "train_peak_mb": round(training["peak_mb"], 1), "teacher_inference_peak_mb": round(inference["peak_mb"], 1),
         "memory_ratio": round(training["peak_mb"] / inference["peak_mb"], 3),
     }))

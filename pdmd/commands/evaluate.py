@@ -13,7 +13,8 @@ from pdmd.builtin import scenes
 from pdmd.builtin.evaluate import eval_prompts, evaluate
 from pdmd.cli import non_negative_float, positive_float, positive_int
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.students.roles import StudentError, load_student
+from pdmd.students import StudentError
+from pdmd.students.folder import load_student
 from pdmd.teachers import TEACHERS, load_teacher
 
 

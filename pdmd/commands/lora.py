@@ -6,8 +6,9 @@ import sys
 
 from pdmd.cli import non_negative_float, positive_float, positive_int
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
+from pdmd.students import StudentError
 from pdmd.students.lora_formats import EXPORT_LAYOUTS, export_student, make_published_student
-from pdmd.students.roles import StudentError, read_manifest
+from pdmd.students.manifest import Manifest
 
 
 def add_arguments(parser) -> None:
@@ -49,7 +50,8 @@ def run(args) -> int:
     except (StudentError, ScheduleError, ValueError, OSError) as err:
         print(f"python -m pdmd lora {args.action}: error: {err}", file=sys.stderr)
         return 2
-    manifest = read_manifest(folder)
-    print(json.dumps({"out": str(folder), "schedule": manifest["schedule"], "experts": manifest.get("experts"),
-                      "strengths": manifest["published"]["strengths"]}))
+    manifest = Manifest.read(folder)
+    print(json.dumps({"out": str(folder), "schedule": manifest.schedule.as_dict(),
+                      "networks": list(manifest.networks) if manifest.networks else None,
+                      "strengths": manifest.published["strengths"]}))
     return 0

@@ -14,7 +14,9 @@ import torch
 from pdmd.cli import non_negative_float, positive_int
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
-from pdmd.students.roles import StudentError, load_student, read_manifest
+from pdmd.students import StudentError
+from pdmd.students.folder import load_student
+from pdmd.students.manifest import Manifest
 from pdmd.teachers import load_teacher
 
 
@@ -44,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     loading = {k: v for k, v in loading.items() if v not in (None, False)}
     try:
         if args.student:
-            manifest = read_manifest(args.student)  # the resolution it was distilled at, unless told otherwise
-            options = {**({} if args.teacher else manifest.get("teacher_options", {})), **loading}
-            student = load_student(args.student, load_teacher(args.teacher or manifest["teacher"], **options))
+            manifest = Manifest.read(args.student)  # the resolution it was distilled at, unless told otherwise
+            options = {**({} if args.teacher else manifest.teacher_options), **loading}
+            student = load_student(args.student, load_teacher(args.teacher or manifest.teacher, **options), manifest)
             teacher, schedule, cfg, experts = student.roles.teacher, student.schedule, student.cfg, student.experts
         else:
             teacher = load_teacher(args.teacher or "builtin", **loading)

@@ -5,14 +5,12 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 import torch
 
 from pdmd.cli import positive_int
-from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
-from pdmd.training.trainer import CHECKPOINT_DIR, Trainer, TrainingDiverged, write_status
+from pdmd.training.trainer import Trainer, TrainingDiverged
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,16 +35,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--from-student and --start-phase go together")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
         trainer = Trainer(config)
-        if args.resume:
-            found = checkpoints.resolve_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, args.resume)
-            if found is None:
-                print(f"no checkpoint in {Path(config.output_dir) / CHECKPOINT_DIR} yet: starting a new run",
-                      file=sys.stderr)
-            else:
-                trainer.load_checkpoint(found)
+        if args.resume and trainer.resume(args.resume, say=lambda line: print(line, file=sys.stderr)) is None:
+            print(f"no checkpoint in {trainer.run.checkpoints} yet: starting a new run", file=sys.stderr)
         if args.from_student and trainer.step == 0:  # a resumed run has already taken them
             trainer.start_from_student(args.from_student, args.start_phase)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # StudentError, CheckpointError too
         print(f"python -m pdmd train: error: {err}", file=sys.stderr)
         return 2
 
@@ -58,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.fit(args.max_steps, progress=not args.no_progress)
     except TrainingDiverged as err:  # the user's to fix (a learning rate), not a bug: no traceback
         if trainer.is_main:
-            write_status(trainer.run_dir, "failed", trainer.step, str(err))
+            trainer.run.write_status("failed", trainer.step, str(err))
         print(f"python -m pdmd train: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # a crash: say so in status.json, keep the traceback and a nonzero exit
         if trainer.is_main:
-            write_status(trainer.run_dir, "failed", trainer.step, f"{type(err).__name__}: {err}")
+            trainer.run.write_status("failed", trainer.step, f"{type(err).__name__}: {err}")
         raise
     if trainer.is_main:
         print(json.dumps(result))

@@ -1,6 +1,6 @@
 """``python -m pdmd train-teacher``: train the built-in teacher from scratch (or resume) on generated scenes.
 
-Flow matching (doc §1) with condition dropout for CFG, an EMA of the weights, atomic safetensors
+Flow matching (docs/method.md §1, Eq. (4)) with condition dropout for CFG, an EMA of the weights, atomic safetensors
 checkpoints in --run-dir, and after every checkpoint the EMA weights exported (fp16, diffusers format) to
 --out. Every step's batch, noise and timesteps come from a generator seeded by (seed, step), so a resumed
 run draws exactly what an uninterrupted one would have.

@@ -1,6 +1,6 @@
 """The distillation objective shared by every method and every model (the 2-D lab and image teachers).
 
-One code path, so comparisons are fair (doc §3-§5):
+One code path, so comparisons are fair (docs/method.md §6; the objective is §3-§5):
 - ``dmd``          one step from noise to x_0;
 - ``dmd-sgts``     4 steps, stochastic gradient truncation (grad only through a random exit step);
 - ``phased``       2 phases x 2 steps, one expert per phase, trained in order (Phased DMD);
@@ -47,9 +47,9 @@ def get_method(name: str, schedule: PhaseSchedule | None = None) -> Method:
 
 def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise: Tensor, cond=None,
             *, sgts: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
-    """§3.1 back-simulation: noise -> frozen experts 1..k-1 (no grad) -> expert k's own steps -> x_s, s = t_k.
+    """docs/method.md §5, Eq. (21): back-simulation: noise -> frozen experts 1..k-1 (no grad) -> expert k's own steps -> x_s, s = t_k.
 
-    With SGTS (§5) a random exit step j of the phase is drawn: the steps before it run without grad and
+    With SGTS (§5, Eq. (22)) a random exit step j of the phase is drawn: the steps before it run without grad and
     step j's prediction is projected straight to the phase end, so only step j carries gradient.
     Without SGTS the gradient flows through every step of the phase.
     """
@@ -70,7 +70,7 @@ def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise:
 
 
 def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generator | None = None):
-    """§3.2: t ~ T(s, 1) (nested interval) and x_t = alpha_{t|s} x_s + sigma_{t|s} eps."""
+    """docs/method.md §4, Eqs. (16)-(17): t ~ T(s, 1) (nested interval) and x_t = alpha_{t|s} x_s + sigma_{t|s} eps."""
     t = rf.sample_nested_timesteps(s, x_s.shape[0], shift, generator=generator).to(x_s.device, x_s.dtype)
     eps = torch.randn(x_s.shape, generator=generator).to(x_s.device, x_s.dtype)
     return t, eps, rf.subinterval_transition(x_s, eps, s, t)
@@ -78,29 +78,34 @@ def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generato
 
 def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, cond=None, uncond=None,
                    cfg: float = 1.0, *, combine: Combine = cfg_combine, shift: float = 1.0, gradient: str = "x0",
-                   generator: torch.Generator | None = None) -> Tensor:
-    """§3.3: the DMD loss of phase k whose gradient w.r.t. x_s is the distribution-matching direction.
+                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    """docs/method.md §3, Eqs. (12)-(14): the DMD loss of phase k, whose gradient w.r.t. x_s is the
+    distribution-matching direction, and its diagnostics (as DMD2 logs them): the DMD gradient's norm per
+    sample and the real/fake gap in x0-prediction, which shrinks as the generator matches the teacher.
 
-    The teacher uses CFG (by its own ``combine`` rule), the fake score none (§3.4). ``gradient`` picks the velocity form (w_{t|s}) or the
-    DMD2 x0-normalised form.
+    The teacher uses CFG (by its own ``combine`` rule), the fake score none (Eq. (15)). ``gradient`` picks the
+    velocity form (w_{t|s}) or the DMD2 x0-normalised form.
     """
+    if gradient not in ("x0", "velocity"):
+        raise ValueError(f"unknown DMD gradient form {gradient!r}; use 'x0' or 'velocity'")
     t, _, x_t = renoise(x_s.detach(), s, shift, generator)
     with torch.no_grad():
         v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg, combine)
         v_fake = fake(x_t, t, cond)
+        x0_real, x0_fake = rf.x0_from_velocity(x_t, t, v_real), rf.x0_from_velocity(x_t, t, v_fake)
         if gradient == "velocity":
             grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)
-        elif gradient == "x0":
-            grad = rf.dmd_gradient_x0(rf.x0_from_velocity(x_t, t, v_real), rf.x0_from_velocity(x_t, t, v_fake),
-                                      x_s)
         else:
-            raise ValueError(f"unknown DMD gradient form {gradient!r}; use 'x0' or 'velocity'")
-    return rf.dmd_loss(x_s, grad)
+            grad = rf.dmd_gradient_x0(x0_real, x0_fake, x_s)
+        diagnostics = {"dmd_gradient_norm": grad.flatten(1).norm(dim=1).mean().item(),
+                       "score_gap": (x0_real - x0_fake).abs().mean().item()}
+    return rf.dmd_loss(x_s, grad), diagnostics
 
 
 def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float = 1.0,
               generator: torch.Generator | None = None) -> Tensor:
-    """§4: score matching within the subinterval (s, 1) on generated x_s -- Eq. 13's clamped loss."""
+    """docs/method.md §4: score matching within the subinterval (s, 1) on generated x_s -- the clamped loss,
+    Eq. (20) (paper Eq. 13)."""
     x_s = x_s.detach()
     t, eps, x_t = renoise(x_s, s, shift, generator)
     return rf.subinterval_loss(fake(x_t, t, cond), x_s, eps, s, t)

@@ -20,7 +20,7 @@ Combine = Callable[[Tensor, Tensor, float], Tensor]  # (v_cond, v_uncond, cfg) -
 
 
 def cfg_combine(v_cond: Tensor, v_uncond: Tensor, cfg: float) -> Tensor:
-    """Classifier-free guidance: v = v_uncond + cfg * (v_cond - v_uncond)."""
+    """Classifier-free guidance, docs/method.md Eq. (6): v = v_uncond + cfg * (v_cond - v_uncond)."""
     return v_uncond + cfg * (v_cond - v_uncond)
 
 
@@ -41,7 +41,7 @@ def evaluations_per_step(uncond, cfg: float) -> int:
 def sample_euler(model: Velocity, x: Tensor, sigmas: Sequence[float], cond=None, *, uncond=None,
                  cfg: float = 1.0, combine: Combine = cfg_combine, callback: Callback | None = None,
                  step_offset: int = 0, phase: int = 0) -> Tensor:
-    """Euler from sigmas[0] to sigmas[-1]. ``callback`` gets one dict per step (k-diffusion keys:
+    """Euler steps (docs/method.md Eq. (5)) from sigmas[0] to sigmas[-1]. ``callback`` gets one dict per step (k-diffusion keys:
     i, sigma, sigma_next, x, denoised) plus ``phase`` and ``velocity``."""
     for i, (t, t_next) in enumerate(zip(sigmas, sigmas[1:])):
         t_batch = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
@@ -69,7 +69,7 @@ def phase_sigmas(schedule: PhaseSchedule, phase: int) -> tuple[float, ...]:
 def sample_phased(experts: Velocity | Sequence[Velocity], x: Tensor, schedule: PhaseSchedule, cond=None, *,
                   uncond=None, cfg: float = 1.0, combine: Combine = cfg_combine,
                   callback: Callback | None = None) -> PhasedSample:
-    """Doc §2: the student as a mixture of experts -- phase k's steps use expert k.
+    """docs/method.md §2, Eq. (11): the student as a mixture of experts -- phase k's steps use expert k.
 
     ``experts`` is one callable per phase, or a single callable for all of them (a teacher: with a one-phase
     schedule this is the plain N-step sampler). Returns the final sample, the state at every interior

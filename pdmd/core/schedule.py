@@ -1,4 +1,4 @@
-"""Phase schedules: K phases split t in [1, 0] at boundaries 1 = t_0 > t_1 > ... > t_K = 0 (doc §2).
+"""Phase schedules: K phases split t in [1, 0] at boundaries 1 = t_0 > t_1 > ... > t_K = 0 (docs/method.md §2, Eq. (9)).
 
 Boundaries are noise levels (sigma, after the shift), so every phase ends exactly on a boundary: expert k
 must land on samples of p(x_{t_k}). Inside a phase the steps are uniform in unshifted time and then
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from pdmd import limits
 from pdmd.core.rectified_flow import shift_time, unshift_time
 
 
@@ -92,8 +93,10 @@ class PhaseSchedule:
         steps = tuple(_step_count(n, k + 1) for k, n in enumerate(steps))
 
         shift = _number(self.shift, "shift")
-        if shift <= 0:
-            raise ScheduleError(f"shift {shift} must be greater than 0")
+        if not limits.MIN_SHIFT <= shift <= limits.MAX_SHIFT:  # beyond these the grid collapses onto 0 or 1
+            raise ScheduleError(f"shift {shift:g} must lie between {limits.MIN_SHIFT:g} and {limits.MAX_SHIFT:g}")
+        if sum(steps) > limits.MAX_SCHEDULE_STEPS:
+            raise ScheduleError(f"{sum(steps)} steps in all; a schedule has at most {limits.MAX_SCHEDULE_STEPS}")
 
         object.__setattr__(self, "boundaries", bounds)
         object.__setattr__(self, "steps", steps)
@@ -184,7 +187,7 @@ class PhaseSchedule:
 
     @property
     def boundary_log_snr(self) -> tuple[float, ...]:
-        """log SNR = log(alpha_t^2 / sigma_t^2) at every interior boundary."""
+        """log SNR = log(alpha_t^2 / sigma_t^2) at every interior boundary (docs/method.md Eq. (10))."""
         return tuple(2 * math.log((1 - t) / t) for t in self.boundaries)
 
     def phase_at(self, t: float) -> int:

@@ -32,16 +32,11 @@ from torch import Tensor, nn
 
 from pdmd.core.sampling import phase_sigmas
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.students.roles import (
-    LORA_WEIGHT_NAME,
-    MANIFEST,
-    MANIFEST_VERSION,
-    PICKLE_SUFFIXES,
-    StudentError,
-    phase_adapter,
-    networks_of_phase,
-    read_manifest,
-)
+from pdmd.limits import MAX_STRENGTH
+from pdmd.students import StudentError
+from pdmd.students.folder import LORA_WEIGHT_NAME, networks_of_phase
+from pdmd.students.manifest import MANIFEST, PICKLE_SUFFIXES, PUBLISHED, LoraSpec, Manifest
+from pdmd.students.roles import phase_adapter
 from pdmd.teachers.base import Teacher
 
 # family -> the diffusers LoRA loader mixin its pipeline inherits (and whose lora_state_dict converts)
@@ -50,9 +45,7 @@ LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "W
 FAMILIES = tuple(LOADERS)
 EXPORT_LAYOUTS = ("diffusers", "comfyui")
 TRANSFORMER_PREFIX = "transformer"
-PUBLISHED = "published"  # the manifest's method for students made from published LoRA files
 SHOWN_KEYS = 8
-MAX_STRENGTH = 4.0
 
 # Wan: diffusers module name -> original checkpoint name (what ComfyUI's Wan model and the published
 # Wan LoRAs use); the inverse of diffusers' _convert_non_diffusers_wan_lora_to_diffusers
@@ -263,7 +256,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
 
     For a two-network teacher each file goes into the network its phase runs on (Wan2.2-Lightning: the
     high-noise file as phase 1 into ``transformer``, the low-noise file as phase 2 into ``transformer_2``),
-    recorded in the manifest's ``experts``. Ranks are zero-padded to the largest, so one LoRA spec
+    recorded in the manifest's ``networks``. Ranks are zero-padded to the largest, so one LoRA spec
     (alpha = rank, scale 1) serves every phase exactly.
     """
     folder, files = Path(folder), [Path(f) for f in files]
@@ -291,17 +284,13 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
         save_file(padded, str(folder / phase_adapter(k) / LORA_WEIGHT_NAME),
                   metadata={"format": "pt", "pdmd_phase": phase_adapter(k)})
         phases.append(f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}")
-    manifest = {"version": MANIFEST_VERSION, "teacher": teacher_id or teacher.name, "family": teacher.family,
-                "method": PUBLISHED, "cfg": float(cfg), "steps_trained": 0, "schedule": schedule.as_dict(),
-                "phases": phases,
-                "lora": {"rank": rank, "alpha": float(rank), "target_modules": modules, "prefix": TRANSFORMER_PREFIX},
-                "published": {"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files],
-                              "layouts": layouts, "strengths": strengths}}
-    if teacher.options():
-        manifest["teacher_options"] = teacher.options()
-    if teacher.network_names:
-        manifest["experts"] = [name for name, _ in networks]
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    Manifest(teacher=teacher_id or teacher.name, family=teacher.family, method=PUBLISHED, student_cfg=float(cfg),
+             updates_trained=0, schedule=schedule, phases=tuple(phases),
+             lora=LoraSpec(rank, float(rank), tuple(modules)), lora_prefix=TRANSFORMER_PREFIX,
+             teacher_options=teacher.options(),
+             networks=tuple(name for name, _ in networks) if teacher.network_names else None,
+             published={"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files],
+                        "layouts": layouts, "strengths": strengths}).write(folder)
     return folder
 
 
@@ -345,28 +334,26 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     return out
 
 
-def student_phase_files(folder: str | Path) -> tuple[dict, list[list[tuple[str | None, Path]]]]:
-    """A student folder's manifest and, per phase, its (expert, file) pairs: expert None for a one-network
-    teacher; for a two-expert one the transformer each file belongs to (a phase across the switch has two)."""
+def student_phase_files(folder: str | Path) -> tuple[Manifest, list[list[tuple[str | None, Path]]]]:
+    """A student folder's manifest and, per phase, its (network, file) pairs: network None for a one-network
+    teacher; for a two-network one the transformer each file belongs to (a phase across the switch has two)."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    experts = manifest.get("experts")
+    manifest = Manifest.read(folder)
     phases = []
-    for k, entry in enumerate(manifest["phases"]):
-        files = entry if isinstance(entry, dict) else {(experts[k] if experts else None): entry}
+    for k in range(len(manifest.phases)):
         pairs = []
-        for expert, relative in files.items():
+        for network, relative in manifest.phase_files(k).items():
             path = (folder / relative).resolve()
             if folder.resolve() not in path.parents or path.suffix != ".safetensors" or not path.is_file():
                 raise LoraFormatError(f"{folder / MANIFEST}: phase {k + 1} file {relative!r} is not a .safetensors "
                                       "file inside the folder")
-            pairs.append((expert, path))
+            pairs.append((network, path))
         phases.append(pairs)
     return manifest, phases
 
 
 def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui") -> list[Path]:
-    """Write each phase of a student as one LoRA file per network, ``out/<student>-phase_k[-expert]-<layout>
+    """Write each phase of a student as one LoRA file per network, ``out/<student>-phase_k[-network]-<layout>
     .safetensors``, with the PEFT scale (alpha / rank) folded into lora_B, plus ``export.json`` saying which file
     is which phase and, for two-network Wan, which transformer it loads into."""
     from safetensors.torch import load_file
@@ -375,29 +362,28 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui")
         raise LoraFormatError(f"unknown export layout {layout!r}; choose {' or '.join(EXPORT_LAYOUTS)}")
     folder, out = Path(folder), Path(out)
     manifest, phases = student_phase_files(folder)
-    family = manifest.get("family")
+    family = manifest.family
     if family is None:
         raise LoraFormatError(f"{folder / MANIFEST} names no model family: only students of diffusers teachers "
                               f"({', '.join(FAMILIES)}) have a diffusers or ComfyUI counterpart")
     _check_family(family)
-    spec = manifest["lora"]
-    scale, prefix = float(spec["alpha"]) / int(spec["rank"]), f"{spec.get('prefix', 'unet')}."
+    scale, prefix = manifest.lora.alpha / manifest.lora.rank, f"{manifest.lora_prefix}."
     name = folder.parent.name if folder.name == "student" else folder.name
     out.mkdir(parents=True, exist_ok=True)
     written, described = [], []
     for k, pairs in enumerate(phases):
-        for expert, source in pairs:
+        for network, source in pairs:
             state = {key.removeprefix(prefix): (v * scale if ".lora_B." in key else v).contiguous()
                      for key, v in load_file(str(source)).items()}
             keys = comfyui_state(state, family) if layout == "comfyui" else \
                 {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
-            path = out / f"{name}-{phase_adapter(k)}{'-' + expert if len(pairs) > 1 else ''}-{layout}.safetensors"
+            path = out / f"{name}-{phase_adapter(k)}{'-' + network if len(pairs) > 1 else ''}-{layout}.safetensors"
             save_file(keys, str(path), metadata={"format": "pt", "pdmd_phase": phase_adapter(k), "pdmd_family": family})
             written.append(path)
-            described.append({"file": path.name, "phase": k + 1, **({"expert": expert} if expert else {})})
+            described.append({"file": path.name, "phase": k + 1, **({"network": network} if network else {})})
     (out / "export.json").write_text(json.dumps({
-        "student": name, "teacher": manifest["teacher"], "family": family, "layout": layout,
-        "schedule": manifest["schedule"], "cfg": manifest.get("cfg", 1.0), "phases": described,
-        "note": "load an 'expert': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
-        if any("expert" in d for d in described) else ""}, indent=2))
+        "student": name, "teacher": manifest.teacher, "family": family, "layout": layout,
+        "schedule": manifest.schedule.as_dict(), "cfg": manifest.student_cfg, "phases": described,
+        "note": "load a 'network': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
+        if any("network" in d for d in described) else ""}, indent=2))
     return written

@@ -1,43 +1,28 @@
-"""Roles on one frozen base (doc §2): PEFT named adapters ``phase_1 .. phase_K`` and ``fake`` on the teacher's
-network; the teacher itself is the base with adapters disabled. Memory: one base plus small adapters.
+"""Roles on one frozen base (docs/method.md §2): PEFT named adapters ``phase_1 .. phase_K`` and ``fake`` on the
+teacher's network; the teacher itself is the base with adapters disabled. Memory: one base plus small adapters.
 
-Also the student folder: one LoRA per phase in diffusers format plus ``manifest.json``. For a two-expert
-teacher (Wan 2.2 A14B) each phase's LoRA is saved for the transformer(s) its steps run on: one file,
-``transformer.``-prefixed as diffusers' ``load_lora_weights`` expects (``load_into_transformer_2=True`` for the
-low-noise expert), named in the manifest's ``experts``; a phase that straddles the experts' boundary gets one file
-per expert, ``phases[k]`` then mapping expert -> file.
+The roles also keep their own training state: every adapter's tensors, the experts' EMA, and the swap that puts
+the EMA weights in for an export (the trainer only drives them).
 """
 from __future__ import annotations
 
-import json
-import re
+import hashlib
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from diffusers import ModelMixin
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pdmd.core.sampling import phase_sigmas
-from pdmd.core.schedule import PhaseSchedule
+from pdmd.students import StudentError
+from pdmd.students.manifest import LoraSpec
 from pdmd.teachers.base import Teacher
 
 FAKE = "fake"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights records rank and alpha
 FOLD_BUDGET_BYTES = 2**30  # merged per-phase weight copies kept for inference (the built-in needs ~20 MB)
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}  # refused by name, never opened
-
-
-class StudentError(ValueError):
-    """A student folder that cannot be used; the message names the file and the problem."""
 
 
 def phase_adapter(phase: int) -> str:
@@ -45,15 +30,9 @@ def phase_adapter(phase: int) -> str:
     return f"phase_{phase + 1}"
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 16
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = ()  # empty: the teacher's own (Teacher.lora_target_modules)
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
-                          init_lora_weights=True)  # B = 0: every role starts equal to the teacher
+def peft_config(lora: LoraSpec) -> LoraConfig:
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                      init_lora_weights=True)  # B = 0: every role starts equal to the teacher
 
 
 def _first_parameter_dtype(model: ModelMixin) -> torch.dtype:
@@ -95,7 +74,7 @@ class Roles:
         with warnings.catch_warnings():  # several adapters on one model is the point here, not a mistake
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in adapters:
-                inject_adapter_in_model(lora.peft_config(), teacher.model, adapter_name=name)
+                inject_adapter_in_model(peft_config(lora), teacher.model, adapter_name=name)
         # where each LoRA wrapper sits, so folded inference can take it out of the network and put it back
         self._slots = [(teacher.model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], module)
                        for path, module in teacher.model.named_modules() if isinstance(module, BaseTunerLayer)]
@@ -107,6 +86,7 @@ class Roles:
         self._base_weights: dict[nn.Module, Tensor] = {}
         self._fold_cache: dict[str, dict[nn.Module, Tensor]] = {}  # adapter -> merged weight per layer
         self._folded: str | None = None
+        self.ema: dict[str, dict[str, Tensor]] = {}  # adapter -> its exponential moving average
         for param in self.parameters_of(*adapters):
             param.requires_grad_(False)
         self._activate(None)
@@ -177,7 +157,7 @@ class Roles:
                 if any(f".{name}." in n for name in names) and "lora_" in n]
 
     def reset(self, name: str) -> None:
-        """Re-initialise an adapter (the fake score at the start of each phase, doc §4)."""
+        """Re-initialise an adapter (the fake score at the start of each phase, docs/method.md §4)."""
         self._activate(None)
         self._fold_cache.pop(name, None)  # merged from the old weights
         for layer in self.layers:
@@ -207,184 +187,49 @@ class Roles:
             raise StudentError(f"LoRA keys match no module of the teacher: {unexpected[:8]}"
                                + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
 
+    # --- training state: what a checkpoint holds of the roles ----------------------------------------------
+    def tensors(self) -> dict[str, Tensor]:
+        """Every adapter's weights and the EMA, under ``adapter/<name>/...`` and ``ema/<name>/...``."""
+        tensors = {}
+        for name in self.adapters:
+            tensors.update({f"adapter/{name}/{k}": v for k, v in self.state_dict(name).items()})
+        for name, state in self.ema.items():
+            tensors.update({f"ema/{name}/{k}": v for k, v in state.items()})
+        return tensors
 
-# --- the student folder ---------------------------------------------------------------------------------
-def networks_of_phase(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
-    """The networks of a two-expert teacher that ``phase``'s sampling steps run on, in the teacher's order."""
-    if not teacher.network_names:
-        return ()
-    used = {teacher.network_at(t) for t in phase_sigmas(schedule, phase)[:-1]}
-    return tuple(name for name in teacher.network_names if name in used)
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of ``tensors`` (other keys, e.g. an optimizer's, are ignored)."""
+        for name in self.adapters:
+            self.load_state_dict(name, _under(tensors, f"adapter/{name}/"))
+        self.ema = {name: state for name in self.adapters if (state := _under(tensors, f"ema/{name}/"))}
 
+    def update_ema(self, name: str, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, for adapter ``name`` (starting from its weights)."""
+        current = self.state_dict(name)
+        previous = self.ema.get(name, current)
+        self.ema[name] = {k: decay * previous[k] + (1 - decay) * v for k, v in current.items()}
 
-def warn_about_shared_phases(teacher: Teacher, schedule: PhaseSchedule) -> None:
-    """A two-expert teacher's phase whose steps run on both experts is saved as one LoRA per expert; say so
-    before training, since published students (Wan2.2-Lightning) have one expert per phase."""
-    for k in range(schedule.num_phases):
-        used = networks_of_phase(teacher, schedule, k)
-        if len(used) > 1:
-            times = ", ".join(f"{t:.3g}" for t in phase_sigmas(schedule, k)[:-1])
-            warnings.warn(f"phase {k + 1} has steps at t = {times}, on both experts {' and '.join(used)} (a step "
-                          "runs on the expert of the t it starts from): its LoRA is saved for each; for one expert "
-                          "per phase, keep each phase's steps on one side of the switch", stacklevel=2)
-
-
-def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, manifest: dict, prefix: str | None = None) -> None:
-    """phase_k/pytorch_lora_weights.safetensors (diffusers layout: ``<prefix>.<module>.lora_A.weight``, with rank
-    and alpha in diffusers' metadata) and manifest.json with the schedule, method and training provenance."""
-    teacher = roles.teacher
-    prefix = prefix or teacher.lora_prefix
-    config = {f"{prefix}.r": roles.lora.rank, f"{prefix}.lora_alpha": roles.lora.alpha,
-              f"{prefix}.target_modules": list(roles.lora.target_modules)}
-
-    def write(relative: str, state: dict[str, Tensor], name: str) -> str:
-        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-        save_file({f"{prefix}.{key}": value.contiguous().cpu() for key, value in state.items()}, str(folder / relative),
-                  metadata={"format": "pt", "pdmd_phase": name, LORA_METADATA_KEY: json.dumps(config)})
-        return relative
-
-    phases, experts = [], []
-    for k in range(schedule.num_phases):
-        name = phase_adapter(k)
-        state = roles.state_dict(name)
-        if not teacher.network_names:
-            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", state, name))
-            continue
-        # the adapter lives in every expert; only those the phase runs on were trained (the rest stay B = 0)
-        used = networks_of_phase(teacher, schedule, k)
-        parts = {e: {key[len(e) + 1:]: v for key, v in state.items() if key.startswith(f"{e}.")} for e in used}
-        if len(used) == 1:
-            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", parts[used[0]], name))
-            experts.append(used[0])
-        else:
-            phases.append({e: write(f"{name}/{e}/{LORA_WEIGHT_NAME}", parts[e], name) for e in used})
-            experts.append(list(used))
-    full = {"version": MANIFEST_VERSION, **manifest, "schedule": schedule.as_dict(), "phases": phases,
-            "lora": {"rank": roles.lora.rank, "alpha": roles.lora.alpha,
-                     "target_modules": list(roles.lora.target_modules), "prefix": prefix}}
-    if teacher.family:
-        full["family"] = teacher.family
-    if teacher.options():
-        full["teacher_options"] = teacher.options()
-    if experts:
-        full["experts"] = experts
-    (folder / MANIFEST).write_text(json.dumps(full, indent=2))
-
-
-def read_manifest(folder: Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise StudentError(f"student folder {folder} does not exist")
-    if not path.is_file():
-        raise StudentError(f"{path} is missing: a student folder needs a manifest.json beside its LoRA files")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise StudentError(f"{path} is not valid JSON ({err})") from None
-    for key in ("teacher", "schedule", "phases", "lora"):
-        if key not in manifest:
-            raise StudentError(f"{path} has no {key!r} entry")
-    pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise StudentError(f"{folder} holds pickle files {pickles}; only .safetensors are loaded")
-    return manifest
-
-
-@dataclass
-class Student:
-    folder: Path
-    manifest: dict
-    schedule: PhaseSchedule
-    roles: Roles
-
-    @property
-    def experts(self):
-        """One inference velocity per phase, each run on its merged weights. Used outside ``sample``, they leave
-        the last phase's weights in the network: wrap the use in ``roles.active(None)`` if the same network
-        serves the plain teacher afterwards."""
-        return [self.roles.folded_velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
-
-    @property
-    def cfg(self) -> float:
-        return float(self.manifest.get("cfg", 1.0))
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int = 0, callback=None):
-        with self.roles.active(None):  # on exit the network holds the base weights again, not a merged phase
-            return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
-
-
-def load_student(folder: str | Path, teacher: Teacher | None = None) -> Student:
-    """Attach a student's per-phase LoRAs to ``teacher`` (whose network then carries the adapters); without
-    one, the teacher the manifest names is loaded (with the resolution it was distilled at)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if teacher is None:
-        from pdmd.teachers import load_teacher
-        teacher = load_teacher(manifest["teacher"], **manifest.get("teacher_options", {}))
-    schedule = PhaseSchedule.from_dict(manifest["schedule"])
-    if len(manifest["phases"]) != schedule.num_phases:
-        raise StudentError(f"{folder / MANIFEST} lists {len(manifest['phases'])} LoRA files for "
-                           f"{schedule.num_phases} phases")
-    roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], manifest_lora(manifest))
-    load_phases(roles, folder, manifest, range(schedule.num_phases))
-    return Student(folder, manifest, schedule, roles)
-
-
-def manifest_lora(manifest: dict) -> LoraSpec:
-    spec = manifest["lora"]
-    return LoraSpec(int(spec["rank"]), float(spec["alpha"]), tuple(spec["target_modules"]))
-
-
-def load_phases(roles: Roles, folder: Path, manifest: dict, phases) -> None:
-    """Load the student folder's LoRA of each 0-based phase in ``phases`` into adapter ``phase_k`` of ``roles``."""
-    prefix = re.escape(manifest["lora"].get("prefix", "unet")) + r"\."
-    all_files = _phase_files(folder, manifest, roles.teacher)
-    for k in phases:
-        state = {}
-        for expert, relative in all_files[k].items():
-            module = "" if expert is None else f"{expert}."
-            state.update({module + re.sub(f"^{prefix}", "", key): v
-                          for key, v in _read_lora(folder, relative, k).items()})
+    @contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones (for an export), the trained ones back on exit."""
+        live = {name: self.state_dict(name) for name in self.ema}
+        for name, state in self.ema.items():
+            self.load_state_dict(name, state)
         try:
-            roles.load_state_dict(phase_adapter(k), state)
-        except StudentError as error:
-            raise StudentError(f"{folder}, phase {k + 1} ({', '.join(all_files[k].values())}): {error}") from None
+            yield
+        finally:
+            for name, state in live.items():
+                self.load_state_dict(name, state)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every adapter's weights: equal on every rank of a run, and across an interrupted run."""
+        digest = hashlib.sha256()
+        for name in self.adapters:
+            for key, value in sorted(self.state_dict(name).items()):
+                digest.update(key.encode())
+                digest.update(value.float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
 
-def _phase_files(folder: Path, manifest: dict, teacher: Teacher) -> list[dict[str | None, str]]:
-    """Per phase, expert -> file (expert None for a single-network teacher), checked against the teacher."""
-    where = folder / MANIFEST
-    experts = manifest.get("experts")
-    if bool(experts) != bool(teacher.network_names):
-        raise StudentError(f"{where}: the student was made for a teacher with "
-                           f"{'two experts' if experts else 'one network'} but {teacher.name} has "
-                           f"{'experts ' + ', '.join(teacher.network_names) if teacher.network_names else 'one'}")
-    if experts is not None and len(experts) != len(manifest["phases"]):
-        raise StudentError(f"{where}: 'experts' must name the transformer(s) of each of the "
-                           f"{len(manifest['phases'])} phases")
-    result = []
-    for k, entry in enumerate(manifest["phases"]):
-        if not experts:
-            result.append({None: entry})
-            continue
-        files = entry if isinstance(entry, dict) else {experts[k]: entry}
-        unknown = [e for e in files if e not in teacher.network_names]
-        if unknown:
-            raise StudentError(f"{where}: phase {k + 1} names expert(s) {unknown}; {teacher.name} has "
-                               f"{', '.join(teacher.network_names)}")
-        result.append(files)
-    return result
-
-
-def _read_lora(folder: Path, relative: str, k: int) -> dict[str, Tensor]:
-    path = (folder / relative).resolve()
-    if folder.resolve() not in path.parents or path.suffix != ".safetensors":
-        raise StudentError(f"{folder / MANIFEST}: phase file {relative!r} must be a .safetensors inside the folder")
-    if not path.is_file():
-        raise StudentError(f"{path} is missing (phase {k + 1} of {folder})")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise StudentError(f"{path} is not a readable safetensors file ({err})") from None
+def _under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

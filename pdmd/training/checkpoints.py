@@ -72,8 +72,26 @@ def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read (cut short by a full disk, damaged on disk)."""
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+        int(meta["step"])
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+    return tensors, meta
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept, never deleted): ``.damaged-step-000500``."""
+    target = path.with_name(f".damaged-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
 
 
 def atomic_export(target: Path, write) -> None:

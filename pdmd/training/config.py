@@ -3,19 +3,24 @@ before any work with one message naming the field."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from pathlib import Path
 
 import yaml
 
+from pdmd import limits
 from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
-from pdmd.students.roles import LoraSpec
+from pdmd.students.manifest import LoraSpec
 
 
 class ConfigError(ValueError):
     """An invalid training config; the message names the field."""
+
+
+RENAMED = {"steps_per_phase": "updates_per_phase", "timestep_shift": "renoise_shift"}  # old key -> new key
 
 
 def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
@@ -39,7 +44,7 @@ class TrainConfig:
     method: str = "phased"
     schedule: PhaseSchedule = field(default_factory=lambda: METHODS["phased"].schedule)
     output_dir: str = "runs/student"
-    steps_per_phase: tuple[int, ...] = (200,)   # generator updates of each phase (one value: every phase)
+    updates_per_phase: tuple[int, ...] = (200,)   # generator updates of each phase (one value: every phase)
     batch_size: int = 8
     fake_ratio: int = 5                          # fake-score updates per generator update (paper, DMD2)
     lr_generator: float = 1e-4
@@ -47,10 +52,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0                       # 0 = off
-    teacher_cfg: float | None = None             # the real score's guidance (doc §3.4; None: the teacher's
+    teacher_cfg: float | None = None             # the real score's guidance (method.md Eq. (15); None: the teacher's
                                                  # default); the fake score uses none
     student_cfg: float = 1.0                     # guidance when sampling the student (CFG is distilled in)
-    timestep_shift: float = 1.0                  # shift of t ~ T(s, 1)
+    renoise_shift: float = 1.0                   # shift of the re-noising t ~ T(s, 1) (method.md Eq. 17)
     gradient: str = "x0"                         # DMD gradient form: "x0" (DMD2) or "velocity"
     lora: LoraSpec = field(default_factory=LoraSpec)
     prompts: tuple[str, ...] = ()                # distillation is data-free: prompts only
@@ -87,26 +92,31 @@ class TrainConfig:
         if not self.method.startswith("phased") and schedule.num_phases != 1:
             raise ConfigError(f"schedule has {schedule.num_phases} phases but method {self.method!r} "
                               "is single-phase; remove the boundaries or use a phased method")
-        steps = self.steps_per_phase
+        steps = self.updates_per_phase
         steps = (steps,) * schedule.num_phases if isinstance(steps, Real) else tuple(steps)
         if len(steps) == 1:
             steps *= schedule.num_phases
         if len(steps) != schedule.num_phases:
-            raise ConfigError(f"steps_per_phase {list(steps)} does not fit the schedule's "
+            raise ConfigError(f"updates_per_phase {list(steps)} does not fit the schedule's "
                               f"{schedule.num_phases} phases; give one value or one per phase")
-        steps = tuple(_positive(f"steps_per_phase[{k}]", n, integer=True) for k, n in enumerate(steps))
+        steps = tuple(_positive(f"updates_per_phase[{k}]", n, integer=True) for k, n in enumerate(steps))
         lora = self.lora if isinstance(self.lora, LoraSpec) else self._lora(self.lora)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         set_("schedule", schedule)
-        set_("steps_per_phase", steps)
+        set_("updates_per_phase", steps)
         set_("lora", lora)
         for name in ("batch_size", "fake_ratio", "sample_every", "checkpoint_every", "keep_checkpoints"):
             set_(name, _positive(name, getattr(self, name), integer=True))
-        for name in ("lr_generator", "lr_fake", "grad_clip", "timestep_shift"):
+        for name in ("lr_generator", "lr_fake", "grad_clip", "renoise_shift"):
             set_(name, _positive(name, getattr(self, name)))
         for name in ("weight_decay", "teacher_cfg", "student_cfg"):
             if getattr(self, name) is not None:
                 set_(name, _positive(name, getattr(self, name), allow_zero=True))
+        for name in ("teacher_cfg", "student_cfg"):
+            if getattr(self, name) is not None and getattr(self, name) > limits.MAX_CFG:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} must be at most {limits.MAX_CFG:g}")
+        set_("seed", _positive("seed", self.seed, integer=True, allow_zero=True))
+        set_("ema_decay", _positive("ema_decay", self.ema_decay, allow_zero=True))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
         if self.gradient not in ("x0", "velocity"):
@@ -154,12 +164,20 @@ class TrainConfig:
         return {k: v for k, v in options.items() if v not in (None, False)}
 
     @property
-    def total_steps(self) -> int:
-        return sum(self.steps_per_phase)
+    def total_updates(self) -> int:
+        return sum(self.updates_per_phase)
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> "TrainConfig":
         data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        old = sorted(k for k in RENAMED if k in data)
+        if old:
+            both = [k for k in old if RENAMED[k] in data]
+            if both:
+                raise ConfigError(f"{both[0]} and {RENAMED[both[0]]} are the same field: keep {RENAMED[both[0]]}")
+            warnings.warn(f"config keys {old} are now {[RENAMED[k] for k in old]}; the old names still load",
+                          FutureWarning, stacklevel=3)
+            data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -182,7 +200,7 @@ class TrainConfig:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["schedule"] = self.schedule.as_dict()
-        data["steps_per_phase"] = list(self.steps_per_phase)
+        data["updates_per_phase"] = list(self.updates_per_phase)
         data["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha}
         if self.lora.target_modules:
             data["lora"]["target_modules"] = list(self.lora.target_modules)

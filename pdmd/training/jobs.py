@@ -12,8 +12,6 @@ reused for another program is never mistaken for our trainer (nor killed).
 """
 from __future__ import annotations
 
-import contextlib
-import hmac
 import json
 import os
 import re
@@ -25,157 +23,37 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from pdmd.paths import ROOT, jobs_dir
-from pdmd.training import checkpoints
 from pdmd.training.config import TrainConfig
-from pdmd.training.trainer import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, STATUS_FILE, STUDENT_DIR
+from pdmd.training.job_table import (
+    ACTIVE,
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    STOPPED,
+    STOPPING,
+    Job,
+    JobTable,
+)
+from pdmd.training.processes import default_device, default_threads, is_alive, process_start_time
+from pdmd.training.run_folder import RunFolder
 
-SCHEMA_VERSION = 1
-DATABASE = "jobs.sqlite"
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "train.log"
 ERROR_LOG_LINES = 15
 LAUNCH_GRACE_S = 30  # a running job without a pid yet is being started by some app, not dead
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-QUEUED, RUNNING, STOPPING = "queued", "running", "stopping"
-FINISHED, STOPPED, INTERRUPTED, FAILED = "finished", "stopped", "interrupted", "failed"
-ACTIVE = (RUNNING, STOPPING)                   # a process exists (or did, until poll() looks)
 RESUMABLE = (STOPPED, INTERRUPTED, FAILED)
-ACTIONS = ("sample", "save")                   # the trainer's control.json actions besides stop
+ACTIONS = ("sample", "save")                   # requests to a running trainer besides stop
 
 
 class JobError(ValueError):
     """A request the job manager refuses; the message says why and what to do instead."""
-
-
-# --- the gate for public servers ---------------------------------------------------------------------------
-TRAINING_ENV, TOKEN_ENV = "PDMD_TRAINING", "PDMD_TRAIN_TOKEN"
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Who may start or stop jobs: everyone (``on``), nobody (``off``) or holders of a token (``token``).
-
-    ``PDMD_TRAINING`` picks the mode; unset, it is ``on`` except on a Hugging Face Space (``SPACE_ID`` set),
-    where a public page must not hand every visitor a CPU: there it is ``off``.
-    """
-    mode: str
-    token: str = ""
-    note: str = ""
-
-    @classmethod
-    def from_env(cls, env=None) -> "Gate":
-        env = os.environ if env is None else env
-        default = "off" if env.get("SPACE_ID") else "on"
-        mode = env.get(TRAINING_ENV, default).strip().lower() or default
-        token = env.get(TOKEN_ENV, "")
-        if mode not in ("on", "off", "token"):  # fail closed: a typo must not open a public server
-            return cls("off", note=f"{TRAINING_ENV}={mode!r} is not on, off or token, so training is off")
-        if mode == "token" and not token:
-            return cls("off", note=f"{TRAINING_ENV}=token but {TOKEN_ENV} is empty, so training is off")
-        return cls(mode, token)
-
-    def describe(self) -> str:
-        if self.mode == "on":
-            return "Training is **on**: anyone who can open this page can start and stop jobs."
-        if self.mode == "token":
-            return f"Training **needs the token** ({TOKEN_ENV}): enter it to start, stop or resume jobs."
-        return f"Training is **off** on this server ({self.note or TRAINING_ENV + '=off'}); past jobs stay visible."
-
-    def check(self, token) -> None:
-        if self.mode == "on":
-            return
-        if self.mode == "off":
-            raise JobError(f"training is turned off on this server ({self.note or TRAINING_ENV + '=off'})")
-        if not hmac.compare_digest(str(token or "").encode(), self.token.encode()):
-            raise JobError("wrong or missing training token: ask the server's owner for it")
-
-
-# --- processes ---------------------------------------------------------------------------------------------
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a live process (clock ticks since boot); None if gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def is_alive(pid: int | None, started: int | None) -> bool:
-    return bool(pid) and started is not None and process_start_time(pid) == started
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def default_threads() -> int:
-    """Torch threads of a job: 1 unless PDMD_TRAIN_THREADS says otherwise -- on a 2-core host one core
-    trains and the other keeps the app answering."""
-    try:
-        return max(1, int(os.environ.get("PDMD_TRAIN_THREADS", "1")))
-    except ValueError:
-        return 1
-
-
-# --- the table ---------------------------------------------------------------------------------------------
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    config TEXT NOT NULL,              -- the validated TrainConfig as JSON
-    status TEXT NOT NULL,
-    device TEXT NOT NULL,
-    threads INTEGER NOT NULL,
-    resume INTEGER NOT NULL DEFAULT 0, -- the next launch passes --resume latest
-    requested TEXT,                    -- 'stop' or 'kill' once a person asked: tells stopped from crashed
-    pid INTEGER,
-    pid_started INTEGER,               -- /proc start time of pid: a reused pid is not our trainer
-    created REAL NOT NULL,
-    started REAL,
-    ended REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total INTEGER NOT NULL,
-    error TEXT
-)"""
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    name: str
-    config: dict
-    status: str
-    device: str
-    threads: int
-    resume: bool
-    requested: str | None
-    pid: int | None
-    pid_started: int | None
-    created: float
-    started: float | None
-    ended: float | None
-    step: int
-    total: int
-    error: str | None
-    folder: Path
-
-    @property
-    def finished(self) -> bool:
-        return self.status == FINISHED
-
-    @property
-    def student(self) -> Path:
-        return self.folder / STUDENT_DIR
 
 
 class JobManager:
@@ -188,25 +66,12 @@ class JobManager:
         self._lock = threading.RLock()
         self._supervisor: threading.Thread | None = None
         self._halt = threading.Event()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers (every browser's timer) never wait for the writer
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JobError(f"{self.root / DATABASE} has schema {version}; this pdmd knows {SCHEMA_VERSION}")
-            db.execute(SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.table = JobTable(self.root, self.device)
         self.poll()  # recovery: jobs whose process died with the previous app, and the queue
 
     # --- storage -------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def _connect(self):
-        """A short-lived connection (autocommit): any thread may call, none holds the file open."""
-        db = sqlite3.connect(self.root / DATABASE, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
+        return self.table.connect()
 
     def _job(self, row: sqlite3.Row) -> Job:
         data = dict(row)
@@ -255,11 +120,11 @@ class JobManager:
             if db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone() or folder.exists():
                 raise JobError(f"a job named {name!r} already exists: resume it, or pick another name")
             folder.mkdir(parents=True)
-            (folder / CONFIG_FILE).write_text(yaml.safe_dump(validated.as_dict(), sort_keys=False))
+            RunFolder(folder).config_file.write_text(yaml.safe_dump(validated.as_dict(), sort_keys=False))
             cursor = db.execute(
                 "INSERT INTO jobs (name, config, status, device, threads, created, total) VALUES (?,?,?,?,?,?,?)",
                 (name, json.dumps(validated.as_dict()), QUEUED, self.device, threads, time.time(),
-                 validated.total_steps))
+                 validated.total_updates))
             job_id = cursor.lastrowid
         self.poll()
         return self.get(job_id)
@@ -283,7 +148,7 @@ class JobManager:
                 os.killpg(job.pid, signal.SIGKILL)  # start_new_session made the trainer its group's leader
             else:
                 self._update(job.id, requested="stop", status=STOPPING)
-                write_control(job.folder, "stop")
+                job.run.request("stop")
                 os.kill(job.pid, signal.SIGTERM)
         return self.get(job.id)
 
@@ -305,7 +170,7 @@ class JobManager:
         job = self.get(job_id)
         if job.status != RUNNING:
             raise JobError(f"job {job.name!r} is {job.status}: {action} needs a running job")
-        write_control(job.folder, action)
+        job.run.request(action)
         return job
 
     def resume(self, job_id) -> Job:
@@ -362,7 +227,7 @@ class JobManager:
             return  # another app claimed it a moment ago and is starting its process
         else:  # started by an earlier app: only /proc can tell
             code, alive = None, is_alive(job.pid, job.pid_started)
-        step = last_step(job.folder) or job.step
+        step = job.run.last_step() or job.step
         if alive:
             if step != job.step:
                 self._update(job.id, step=step)
@@ -373,18 +238,14 @@ class JobManager:
 
     def _ending(self, job: Job, code: int | None) -> tuple[str, str | None]:
         """The status a job ends in: the trainer's own word (status.json) first, then the exit code."""
-        try:
-            said = json.loads((job.folder / STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            said = {}
-        state = said.get("state") if isinstance(said, dict) else None
+        state = job.run.status().get("state")
         if state == FINISHED:
             return FINISHED, None
         if state == STOPPED:
             return STOPPED, None
         if job.requested == "kill":
-            return STOPPED, f"force-stopped at step {last_step(job.folder)}; resume continues from the latest checkpoint"
-        tail = log_tail(job, ERROR_LOG_LINES)
+            return STOPPED, f"force-stopped at step {job.run.last_step()}; resume continues from the latest checkpoint"
+        tail = job.run.log_tail(ERROR_LOG_LINES)
         if state == FAILED or (code is not None and code > 0):
             return FAILED, tail or f"the trainer exited with code {code}"
         if job.requested == "stop":  # SIGTERM arrived before the trainer could catch it (still loading)
@@ -395,14 +256,13 @@ class JobManager:
         return INTERRUPTED, f"the trainer process {how} (app restart, out of memory or a kill?); resume it"
 
     def _launch(self, job: Job) -> None:
-        for stale in (CONTROL_FILE, STATUS_FILE):  # an old stop request must not stop the new process
-            (job.folder / stale).unlink(missing_ok=True)
+        job.run.clear_messages()  # an old stop request must not stop the new process
         argv = command(job, self.python)
         env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1"}
         try:
-            with open(job.folder / LOG_FILE, "a") as log:
+            with open(job.run.log_file, "a") as log:
                 log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {display_command(job)}\n")
                 log.flush()
                 # a session of its own: the app's Ctrl+C does not reach it; force stop kills its whole group
@@ -412,9 +272,10 @@ class JobManager:
             self._update(job.id, status=FAILED, ended=time.time(), error=f"could not start the trainer: {err}")
             return
         self._processes[job.id] = process
+        job.run.write_process(process.pid, process_start_time(process.pid), self.device, job.threads)
         self._update(job.id, status=RUNNING, pid=process.pid, pid_started=process_start_time(process.pid),
                      started=time.time(), ended=None, requested=None, error=None,
-                     step=last_step(job.folder) or 0)
+                     step=job.run.last_step() or 0)
 
     # --- the supervisor ------------------------------------------------------------------------------------
     def start_supervisor(self, interval: float = 1.0) -> None:
@@ -449,7 +310,7 @@ def check_name(name) -> str:
 
 def command(job: Job, python: str = sys.executable) -> list[str]:
     """Exactly what the job runs: the CLI's ``python -m pdmd train``."""
-    argv = [python, "-m", "pdmd", "train", "--config", str(job.folder / CONFIG_FILE),
+    argv = [python, "-m", "pdmd", "train", "--config", str(job.run.config_file),
             "--output-dir", str(job.folder), "--no-progress", "--threads", str(job.threads)]
     return argv + (["--resume", "latest"] if job.resume else [])
 
@@ -467,55 +328,8 @@ def _relative(arg: str) -> str:
         return arg
 
 
-def write_control(folder: Path, action: str) -> None:
-    temporary = folder / f".tmp-{CONTROL_FILE}"  # renamed into place: the trainer never reads half a file
-    temporary.write_text(json.dumps({"action": action}))
-    os.replace(temporary, folder / CONTROL_FILE)
-
-
 def latest_checkpoint(job: Job) -> Path | None:
-    return checkpoints.resolve_checkpoint(job.folder / CHECKPOINT_DIR, "latest")
-
-
-def metrics(folder: Path) -> list[dict]:
-    """The run's metrics rows, one per step; a step logged twice (re-run after a resume) keeps its last row."""
-    rows: dict[int, dict] = {}
-    try:
-        lines = (folder / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-            rows[int(row["step"])] = row
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    return [rows[k] for k in sorted(rows)]
-
-
-def last_step(folder: Path) -> int | None:
-    """The newest logged step, read from the end of metrics.jsonl (it can grow long)."""
-    path = folder / METRICS_FILE
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 4096))
-            lines = handle.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-def log_tail(job: Job, lines: int = 40) -> str:
-    try:
-        with (job.folder / LOG_FILE).open(errors="replace") as handle:
-            return "".join(deque(handle, maxlen=lines)).rstrip()
-    except OSError:
-        return ""
+    return job.run.latest_checkpoint()
 
 
 def eta_seconds(job: Job, rows: list[dict]) -> float | None:
@@ -528,7 +342,7 @@ def eta_seconds(job: Job, rows: list[dict]) -> float | None:
 
 def zip_student(job: Job, folder: Path) -> Path:
     """``<folder>/<name>-student.zip`` of a finished job's student folder."""
-    if not job.finished or not (job.student / "manifest.json").is_file():
+    if not job.finished or not job.run.has_student():
         raise JobError(f"job {job.name!r} is {job.status}: only a finished job has a student to download")
     folder.mkdir(parents=True, exist_ok=True)
     return Path(shutil.make_archive(str(folder / f"{job.name}-student"), "zip", job.student))

@@ -1,16 +1,14 @@
-"""``python -m pdmd train --config FILE``: LoRA phased distillation on one device or many (accelerate).
+"""LoRA phased distillation on one device or many (accelerate); ``python -m pdmd train`` runs it.
 
-Phases are trained in order (doc §2): expert k's adapter learns while experts 1..k-1 stay frozen, a fresh fake
-adapter is fitted to the generator's x_s with the subinterval loss, and the teacher is the base with adapters
-disabled. Randomness of step n is a pure function of (seed, rank, n), so a resumed run repeats exactly what an
-uninterrupted one would have done; checkpoints hold adapters, optimisers, EMA and the step.
+Phases are trained in order (docs/method.md §2): expert k's adapter learns while experts 1..k-1 stay frozen, a
+fresh fake adapter is fitted to the generator's x_s with the subinterval loss (§4), and the teacher is the base
+with adapters disabled. Randomness of update n is a pure function of (seed, rank, n), so a resumed run repeats
+exactly what an uninterrupted one would have done; checkpoints hold adapters, optimizers, EMA and the step.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,28 +17,15 @@ from torch import Tensor
 
 from pdmd.core import distill
 from pdmd.core.sampling import phase_sigmas
-from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import as_stills, save_png
-from pdmd.students.roles import (
-    FAKE,
-    Roles,
-    StudentError,
-    load_phases,
-    manifest_lora,
-    phase_adapter,
-    read_manifest,
-    save_student,
-    warn_about_shared_phases,
-)
+from pdmd.students import StudentError
+from pdmd.students.folder import load_phases, save_student, warn_about_shared_phases
+from pdmd.students.manifest import Manifest
+from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.teachers import same_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
-
-CHECKPOINT_DIR = "checkpoints"
-STUDENT_DIR = "student"
-METRICS_FILE = "metrics.jsonl"
-CONTROL_FILE = "control.json"   # {"action": "stop" | "sample" | "save"}: the job manager talks through it
-STATUS_FILE = "status.json"     # how the last process ended: {"state": finished|stopped|failed, "step", "error"}
+from pdmd.training.run_folder import RunFolder
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,12 +49,12 @@ def _step_generator(config: TrainConfig, rank: int, step: int) -> torch.Generato
 
 
 def _phase_of(config: TrainConfig, step: int) -> tuple[int, int]:
-    """(phase, step within the phase) of global generator step ``step``."""
-    for phase, n in enumerate(config.steps_per_phase):
+    """(phase, update within the phase) of global generator update ``step``."""
+    for phase, n in enumerate(config.updates_per_phase):
         if step < n:
             return phase, step
         step -= n
-    return len(config.steps_per_phase) - 1, config.steps_per_phase[-1]
+    return len(config.updates_per_phase) - 1, config.updates_per_phase[-1]
 
 
 class Trainer:
@@ -84,7 +69,7 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             log_with="tensorboard" if config.report_to == "tensorboard" else None,
             project_dir=config.output_dir)
-        self.run_dir = Path(config.output_dir)
+        self.run = RunFolder(config.output_dir)
         self.method = distill.get_method(config.method, config.schedule)
         self.schedule = config.schedule
         self.teacher = teacher or load_teacher(config.teacher, device=self.accelerator.device,
@@ -110,7 +95,6 @@ class Trainer:
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
         self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
-        self.ema: dict[str, Tensor] = {}
         self.optimizers = None
         self.optimizer_phase = -1
         self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
@@ -133,26 +117,24 @@ class Trainer:
             trainable = name in (phase_adapter(phase), FAKE)
             for param in self.roles.parameters_of(name):
                 param.requires_grad_(trainable)
-        if fresh:  # doc §4: the fake score restarts from the teacher in every phase (seeded: resumable)
+        if fresh:  # docs/method.md §4: the fake score restarts from the teacher in every phase (seeded: resumable)
             torch.manual_seed(self.config.seed * 1_000_003 + phase)
             self.roles.reset(FAKE)
         self._build_optimizers(phase)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        tensors = {}
-        for name in self.roles.adapters:
-            tensors.update({f"adapter/{name}/{k}": v for k, v in self.roles.state_dict(name).items()})
+        """The roles' tensors (adapters, EMA) and the optimizers' states."""
+        tensors = self.roles.tensors()
         for role, optimizer in self.optimizers.items():
             tensors.update({f"optimizer/{role}/{k}": v for k, v in
                             checkpoints.optimizer_tensors(optimizer.optimizer).items()})
-        tensors.update({f"ema/{k}": v for k, v in self.ema.items()})
         return tensors
 
     def save_checkpoint(self) -> Path | None:
         if not self.is_main:
             return None
         phase, _ = _phase_of(self.config, self.step)
-        return checkpoints.save_checkpoint(self.run_dir / CHECKPOINT_DIR, self.step, self.state_tensors(),
+        return checkpoints.save_checkpoint(self.run.checkpoints, self.step, self.state_tensors(),
                                            {"phase": phase, "config": self.config.as_dict(),
                                             "phases_from": self.phases_from},
                                            keep=self.config.keep_checkpoints)
@@ -161,10 +143,7 @@ class Trainer:
         tensors, meta = checkpoints.load_checkpoint(path)
         self.step = int(meta["step"])
         self.phases_from = meta.get("phases_from")
-        for name in self.roles.adapters:
-            prefix = f"adapter/{name}/"
-            self.roles.load_state_dict(name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
+        self.roles.load_tensors(tensors)
         phase, step_in_phase = _phase_of(self.config, self.step)
         if step_in_phase == 0:
             return  # a phase boundary: the next step starts the new phase fresh, as an unbroken run would
@@ -175,34 +154,49 @@ class Trainer:
             if state:
                 checkpoints.load_optimizer_tensors(optimizer.optimizer, state)
 
+    def resume(self, which: str = "latest", say=print) -> Path | None:
+        """Load checkpoint ``which`` (a folder), or with "latest" the newest one that loads: a damaged one is
+        set aside with one line saying so, and the one before it is used. None: no checkpoint yet."""
+        if which != "latest":
+            path = checkpoints.resolve_checkpoint(self.run.checkpoints, which)
+            self.load_checkpoint(path)
+            return path
+        for path in reversed(checkpoints.list_checkpoints(self.run.checkpoints)):
+            try:
+                self.load_checkpoint(path)
+                return path
+            except checkpoints.CheckpointError as err:
+                say(f"{err}; set aside as {checkpoints.set_aside(path).name}, trying the one before it")
+        return None
+
     def start_from_student(self, folder: str | Path, start_phase: int) -> None:
         """Take experts 1..start_phase-1 from a finished student and train from phase ``start_phase`` (1-based)
-        on, as an unbroken run of this config would from that phase boundary (doc §2: a later phase can be
+        on, as an unbroken run of this config would from that phase boundary (docs/method.md §2: a later phase can be
         retrained without changing what earlier phases decided). Their sampling steps must be this schedule's."""
         folder = Path(folder)
         if not 2 <= start_phase <= self.schedule.num_phases:
             raise ConfigError(f"--start-phase {start_phase}: the schedule has phases 1..{self.schedule.num_phases} "
                               "and phase 1 has no earlier expert to keep; give 2 or more")
-        manifest = read_manifest(folder)
+        manifest = Manifest.read(folder)
         kept = range(start_phase - 1)
-        if not same_teacher(manifest["teacher"], self.config.teacher):
-            raise StudentError(f"{folder} is a student of {manifest['teacher']!r}, this config's teacher is "
+        if not same_teacher(manifest.teacher, self.config.teacher):
+            raise StudentError(f"{folder} is a student of {manifest.teacher!r}, this config's teacher is "
                                f"{self.config.teacher!r}")
-        theirs = PhaseSchedule.from_dict(manifest["schedule"])
+        theirs = manifest.schedule
         for k in kept:
             if k >= theirs.num_phases or phase_sigmas(theirs, k) != phase_sigmas(self.schedule, k):
                 raise StudentError(f"{folder}: its phase {k + 1} does not sample the timesteps of this config's "
                                    f"phase {k + 1} ({theirs.describe()} vs {self.schedule.describe()})")
-        lora = manifest_lora(manifest)
+        lora = manifest.lora
         if (lora.rank, lora.alpha, set(lora.target_modules)) != (
                 self.roles.lora.rank, self.roles.lora.alpha, set(self.roles.lora.target_modules)):
             raise StudentError(f"{folder}: its LoRA (rank {lora.rank}, alpha {lora.alpha:g}) differs from this "
                                f"config's (rank {self.roles.lora.rank}, alpha {self.roles.lora.alpha:g})")
         load_phases(self.roles, folder, manifest, kept)
-        self.step = sum(self.config.steps_per_phase[: start_phase - 1])
+        self.step = sum(self.config.updates_per_phase[: start_phase - 1])
         self.phases_from = {"student": str(folder), "phases": [k + 1 for k in kept]}
 
-    # --- one generator step ------------------------------------------------------------------------------
+    # --- one generator update ----------------------------------------------------------------------------
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """All-reduce the adapter gradients (only they train, so this is all DDP would do)."""
         if self.accelerator.num_processes == 1:
@@ -231,80 +225,75 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def _batch(self, generator: torch.Generator):
+        """Noise and the conditioning of ``batch_size`` prompts drawn from the run's list."""
+        c = self.config
+        index = torch.randint(len(self.prompts), (c.batch_size,), generator=generator)
+        noise = torch.randn((c.batch_size, *self.teacher.latent_shape), generator=generator)
+        return noise.to(self.accelerator.device), select(self.cond, index), select(self.uncond, index)
+
+    @contextlib.contextmanager
+    def _checkpointed_rollout(self):
+        """``gradient_checkpointing: rollout``: checkpoint the generator's multi-step graph (the memory peak)
+        only; the backward pass recomputes whatever was checkpointed in the forward, flag or not."""
+        if self.config.gradient_checkpointing != "rollout":
+            yield
+            return
+        self.teacher.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            self.teacher.enable_gradient_checkpointing(False)
+
     def train_step(self) -> dict:
+        """One generator update of the current phase k (docs/method.md §5): ``fake_ratio`` updates of the fake
+        score on fresh rollouts (§4, Eq. (20)), then one DMD update of expert k on a rollout that carries its
+        gradient (§3, Eqs. (12)-(14))."""
         c, phase = self.config, _phase_of(self.config, self.step)[0]
         if self.optimizer_phase != phase:
             self._start_phase(phase, fresh=True)
         generator = _step_generator(c, self.accelerator.process_index, self.step)
-        device = self.accelerator.device
-
-        def batch():
-            index = torch.randint(len(self.prompts), (c.batch_size,), generator=generator)
-            noise = torch.randn((c.batch_size, *self.teacher.latent_shape), generator=generator)
-            return noise.to(device), select(self.cond, index), select(self.uncond, index)
-
         started = time.perf_counter()
+
         fake_losses = []
         for _ in range(c.fake_ratio):
-            noise, cond, _ = batch()
+            noise, cond, _ = self._batch(generator)
             with torch.no_grad(), self.accelerator.autocast():
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                          sgts=self.method.sgts, generator=generator)
             with self.accelerator.autocast():
-                loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.timestep_shift, generator=generator)
+                loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.renoise_shift, generator=generator)
             self._update("fake", FAKE, loss)
             fake_losses.append(loss.item())
-        noise, cond, uncond = batch()
-        rollout_only = c.gradient_checkpointing == "rollout"
-        if rollout_only:  # the backward pass recomputes whatever was checkpointed in the forward, flag or not
-            self.teacher.enable_gradient_checkpointing()
-        with self.accelerator.autocast():
+
+        noise, cond, uncond = self._batch(generator)
+        with self._checkpointed_rollout(), self.accelerator.autocast():
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
-        if rollout_only:
-            self.teacher.enable_gradient_checkpointing(False)
         with self.accelerator.autocast():
-            loss = distill.generator_loss(x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg,
-                                          combine=self.teacher.combine_guidance,
-                                          shift=c.timestep_shift, gradient=c.gradient, generator=generator)
+            loss, diagnostics = distill.generator_loss(
+                x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg, combine=self.teacher.combine_guidance,
+                shift=c.renoise_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         if c.ema_decay:
-            self._update_ema(phase)
+            self.roles.update_ema(phase_adapter(phase), c.ema_decay)
         self.step += 1
-        seconds = time.perf_counter() - started
-        return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
-                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
-                "it_per_s": 1.0 / seconds, "memory_mb": _peak_memory_mb(device)}
 
-    def _update_ema(self, phase: int) -> None:
-        name = phase_adapter(phase)
-        for key, value in self.roles.state_dict(name).items():
-            ema_key = f"{name}/{key}"
-            previous = self.ema.get(ema_key, value)
-            self.ema[ema_key] = self.config.ema_decay * previous + (1 - self.config.ema_decay) * value
+        return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
+                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm, **diagnostics,
+                "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
 
     # --- outputs -----------------------------------------------------------------------------------------
     def export_student(self) -> Path:
         """The student folder: EMA weights when EMA is on, else the trained adapters."""
-        target = self.run_dir / STUDENT_DIR
-        if self.ema:
-            live = {name: self.roles.state_dict(name) for name in self.roles.adapters}
-            for name in live:
-                prefix = f"{name}/"
-                ema = {k[len(prefix):]: v for k, v in self.ema.items() if k.startswith(prefix)}
-                if ema:
-                    self.roles.load_state_dict(name, ema)
-        manifest = {"teacher": self.config.teacher, "method": self.config.method, "cfg": self.config.student_cfg,
-                    "teacher_cfg": self.teacher_cfg, "steps_trained": self.step,
-                    "steps_per_phase": list(self.config.steps_per_phase), "ema_decay": self.config.ema_decay,
-                    "seed": self.config.seed}
-        if self.phases_from:
-            manifest["phases_from"] = self.phases_from
-        checkpoints.atomic_export(target, lambda folder: save_student(folder, self.roles, self.schedule, manifest))
-        if self.ema:
-            for name, state in live.items():
-                self.roles.load_state_dict(name, state)
-        return target
+        c = self.config
+        provenance = dict(teacher=c.teacher, method=c.method, student_cfg=c.student_cfg, teacher_cfg=self.teacher_cfg,
+                          updates_trained=self.step, updates_per_phase=c.updates_per_phase, ema_decay=c.ema_decay,
+                          seed=c.seed, phases_from=self.phases_from)
+        with self.roles.ema_weights():
+            checkpoints.atomic_export(self.run.student,
+                                      lambda folder: save_student(folder, self.roles, self.schedule, **provenance))
+        return self.run.student
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
@@ -312,28 +301,13 @@ class Trainer:
         result = self.teacher.sample(prompts, self.config.seed, self.schedule, self.config.student_cfg,
                                      self.experts)
         images = as_stills(self.teacher.decode(result.sample))
-        save_png(images, self.run_dir / "samples" / "latest.png")
-        return save_png(images, self.run_dir / "samples" / f"step-{self.step:06d}.png")
-
-    def adapter_fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name in self.roles.adapters:
-            for key, value in sorted(self.roles.state_dict(name).items()):
-                digest.update(key.encode())
-                digest.update(value.float().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        save_png(images, self.run.latest_sample)
+        return save_png(images, self.run.sample_file(self.step))
 
     # --- the loop ----------------------------------------------------------------------------------------
     def _control(self) -> str | None:
         """The job manager's request, read by the main process and shared with every rank."""
-        action = None
-        path = self.run_dir / CONTROL_FILE
-        if self.is_main and path.is_file():
-            try:
-                action = json.loads(path.read_text()).get("action")
-            except (ValueError, AttributeError):
-                action = None
-            path.unlink(missing_ok=True)
+        action = self.run.take_request() if self.is_main else None
         if self.is_main and self.stop_requested:
             action = "stop"
         if self.accelerator.num_processes > 1:
@@ -345,25 +319,24 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        end = c.total_steps if max_steps is None else min(c.total_steps, max_steps)
+        end = c.total_updates if max_steps is None else min(c.total_updates, max_steps)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(c.as_dict(), indent=2))
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            (self.run.path / "config.json").write_text(json.dumps(c.as_dict(), indent=2))
         if c.report_to == "tensorboard":
             self.accelerator.init_trackers("pdmd")
-        bar = tqdm(total=c.total_steps, initial=self.step, disable=not (progress and self.is_main),
+        bar = tqdm(total=c.total_updates, initial=self.step, disable=not (progress and self.is_main),
                    desc="distilling", dynamic_ncols=True)
         stopped = False
         # only the main process logs; the others hold a null context and never write
-        with open(self.run_dir / METRICS_FILE, "a") if self.is_main else contextlib.nullcontext() as log:
+        with open(self.run.metrics_file, "a") if self.is_main else contextlib.nullcontext() as log:
             while self.step < end:
                 row = self.train_step()
                 bar.update(1)
                 bar.set_postfix(phase=row["phase"], g=f"{row['loss_generator']:.3g}", f=f"{row['loss_fake']:.3g}")
                 action = self._control()
                 if self.is_main:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    self.run.append_metrics(log, row)
                     if c.report_to == "tensorboard":
                         self.accelerator.log(row, step=self.step)
                     if self.step % c.sample_every == 0 or action == "sample":
@@ -374,27 +347,18 @@ class Trainer:
                     stopped = True
                     break
         bar.close()
-        finished = self.step >= c.total_steps
+        finished = self.step >= c.total_updates
         if self.is_main and finished:
             self.export_student()
         if self.is_main:
-            write_status(self.run_dir, "finished" if finished else "stopped", self.step)
-        fingerprint = self.adapter_fingerprint()
-        (self.run_dir / f"rank-{self.accelerator.process_index}.json").write_text(
-            json.dumps({"step": self.step, "adapters_sha256": fingerprint}))
+            self.run.write_status("finished" if finished else "stopped", self.step)
+        (self.run.path / f"rank-{self.accelerator.process_index}.json").write_text(
+            json.dumps({"step": self.step, "adapters_sha256": self.roles.fingerprint()}))
         self.accelerator.wait_for_everyone()
         if c.report_to == "tensorboard":
             self.accelerator.end_training()
         return {"step": self.step, "finished": finished, "stopped": stopped,
-                "student": str(self.run_dir / STUDENT_DIR) if finished else None}
-
-
-def write_status(run_dir: Path, state: str, step: int, error: str | None = None) -> None:
-    """Atomically record how this process ends, so a job manager that restarted can tell stopped from killed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = run_dir / f".tmp-{STATUS_FILE}"
-    temporary.write_text(json.dumps({"state": state, "step": step, "error": error}))
-    os.replace(temporary, run_dir / STATUS_FILE)
+                "student": str(self.run.student) if finished else None}
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -1,0 +1,158 @@
+"""What one comparison computes: the teacher's own grid split at the student's boundaries, a side sampled with
+its NFE, wall time and boundary states, the boundary strip and the downloadable comparison PNG."""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from torch import Tensor
+
+from pdmd.core.rectified_flow import unshift_time
+from pdmd.core.schedule import PhaseSchedule
+from pdmd.media import save_video
+from pdmd.students.manifest import Manifest
+from pdmd.teachers import same_teacher
+from pdmd.teachers.base import Teacher
+from ui import images, students
+from ui.inputs import InputError, schedule_of
+from ui.models import ModelStore
+from ui.teacher_picker import teacher_pick
+
+AS_TRAINED, FROM_PHASES = "as trained", "from the Phases tab"
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "pdmd-app"
+
+
+def teacher_schedule(steps: int, shift: float, boundaries: tuple[float, ...]) -> PhaseSchedule:
+    """The teacher's own N-step grid, split at the student's boundaries so the teacher has a state at each
+    boundary t: steps go to phases in proportion to their length in unshifted time (largest remainder)."""
+    if steps < len(boundaries) + 1:
+        raise InputError(f"teacher steps {steps} must be at least {len(boundaries) + 1} "
+                         "so that every student boundary is a teacher step")
+    edges = [unshift_time(t, shift) for t in (1.0, *boundaries, 0.0)]
+    shares = [(top - bottom) * steps for top, bottom in zip(edges, edges[1:])]
+    counts = [max(1, math.floor(s)) for s in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda k: shares[k] - math.floor(shares[k]), reverse=True)
+    for k in by_remainder[: max(0, steps - sum(counts))]:
+        counts[k] += 1
+    while sum(counts) > steps:  # phases raised to one step are paid for by the longest
+        counts[counts.index(max(counts))] -= 1
+    return PhaseSchedule(tuple(boundaries), tuple(counts), shift)
+
+
+def still(picture: Tensor, size: int = images.DISPLAY_SIZE) -> Image.Image:
+    """An image (3, H, W), or a video's first frame (F, 3, H, W), for display: small outputs enlarged to
+    ``size``, large ones kept at their own size."""
+    frame = picture[0] if picture.dim() == 4 else picture
+    return images.to_pil(frame, max(size, *frame.shape[-2:]) if size == images.DISPLAY_SIZE else size)
+
+
+def shown(picture: Tensor, label: str) -> Image.Image | str:
+    """What the Compare image box shows: the image, or for a video an animated GIF (its file path)."""
+    if picture.dim() == 3:
+        return still(picture)
+    factor = max(1, images.DISPLAY_SIZE // max(picture.shape[-2:]))  # tiny videos enlarged, pixels kept crisp
+    picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    path = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}.gif"
+    return str(save_video(picture[None], path))
+
+
+@dataclass
+class BoundaryState:
+    t: float
+    state: Image.Image     # x_t decoded
+    denoised: Image.Image  # the model's x_0 prediction from x_t
+
+
+def sample_side(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg: float,
+                experts=None, on_step=None):
+    """Images, NFE, wall seconds (sampling + decoding) and the state at every interior boundary."""
+    captured = {}
+
+    def record(step: dict):
+        for t in schedule.boundaries:
+            if math.isclose(step["sigma"], t, abs_tol=1e-9):
+                captured[t] = (step["x"][:1], step["denoised"][:1])
+        if on_step is not None:
+            on_step(step["i"] + 1, schedule.nfe)
+
+    start = time.perf_counter()
+    result = teacher.sample(prompts, seed, schedule, cfg, experts, callback=record)
+    pictures = teacher.decode(result.sample)
+    seconds = time.perf_counter() - start
+    states = [BoundaryState(t, still(teacher.decode(x)[0], images.TILE_SIZE),
+                            still(teacher.decode(d)[0], images.TILE_SIZE)) for t, (x, d) in captured.items()]
+    return pictures, result.nfe, seconds, states
+
+
+def student_schedule(student_schedule_: PhaseSchedule, source: str, phases_schedule: dict | None) -> PhaseSchedule:
+    if source != FROM_PHASES:
+        return student_schedule_
+    schedule = schedule_of(phases_schedule)
+    if schedule.num_phases != student_schedule_.num_phases:
+        raise InputError(f"the Phases tab's schedule has {schedule.num_phases} phase(s) but this student has "
+                         f"{student_schedule_.num_phases} expert(s); pick a matching schedule or 'as trained'")
+    return schedule
+
+
+def student_of(store: ModelStore, value: str, teacher_name: str) -> tuple[Path, Manifest]:
+    """The picked student's folder and manifest; it must be a student of the picked teacher."""
+    folder = students.resolve_student_folder(value)
+    manifest = store.manifest(folder)
+    if not same_teacher(manifest.teacher, teacher_name):
+        raise InputError(f"{students.student_name(folder)} is a student of {manifest.teacher!r}, not of the "
+                         f"selected teacher {teacher_name!r}: load its teacher first")
+    return folder, manifest
+
+
+def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: str, source: str,
+                     phases_schedule: dict | None, teacher_cfg: float, teacher=None):
+    """Sample the picked student (or the baseline); returns (label, schedule, sample_side's result, the
+    teacher state the teacher side must use: the student's own teacher at its resolution)."""
+    name, options = teacher_pick(teacher)
+    if value == students.BASELINE:
+        schedule = schedule_of(phases_schedule)
+        entry = store.loaded_teacher(name, options)
+        with entry.lock:
+            side = sample_side(entry.teacher, prompts, seed, schedule, teacher_cfg)
+        return "Baseline (teacher, no distillation)", schedule, side, {"name": name, "options": options}
+    folder, manifest = student_of(store, value, name)
+    loaded = store.student(folder)
+    schedule = student_schedule(loaded.student.schedule, source, phases_schedule)
+    # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
+    # teacher shares that network with its student, so it must be the plain teacher again afterwards
+    with loaded.lock, loaded.student.roles.active(None):
+        side = sample_side(loaded.student.roles.teacher, prompts, seed, schedule, loaded.student.cfg,
+                           loaded.student.experts)
+    own = {"name": manifest.teacher, "options": manifest.teacher_options}
+    return f"Student {students.student_name(folder)}", schedule, side, own
+
+
+def boundary_strip(student_run: dict, teacher_run: dict) -> Image.Image:
+    """Student x_t and x_0-prediction at each boundary over the teacher's at the same t."""
+    if not student_run["states"]:
+        return images.text_block(["One-phase schedule: no interior boundary to compare."], 520)
+    by_t = {s.t: s for s in teacher_run["states"]}
+    rows = [(f"boundary t = {s.t:g}", [s.state, s.denoised, by_t[s.t].state, by_t[s.t].denoised])
+            for s in student_run["states"]]
+    return images.labelled_grid(rows, ["student x_t", "student x0 pred.", "teacher x_t", "teacher x0 pred."])
+
+
+def comparison_png(student_run: dict, teacher_run: dict) -> str:
+    """One labelled PNG for slides: prompt and seed, each side with its NFE and time, the speed-up."""
+    speedup = teacher_run["seconds"] / max(student_run["seconds"], 1e-9)
+    sides = [images.captioned(side["image"], [side["label"], f"NFE {side['nfe']}, {side['seconds']:.2f} s"])
+             for side in (teacher_run, student_run)]
+    body = images.stack_horizontally(sides, gap=16)
+    header = images.text_block([f"\"{student_run['prompt']}\"  seed {student_run['seed']}"], body.width, 17)
+    footer = images.text_block([f"speed-up {speedup:.1f}x  ·  Phased DMD Studio"], body.width)
+    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    path = DOWNLOAD_DIR / f"comparison-seed{student_run['seed']}-{uuid.uuid4().hex[:8]}.png"
+    images.stack_vertically([header, body, footer]).save(path)
+    return str(path)
+

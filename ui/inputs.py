@@ -1,0 +1,115 @@
+"""Form values and API arguments into checked values, and errors into one visible line: every tab's handlers
+use these, so a value posted straight to the API meets the same checks as one typed into the page."""
+from __future__ import annotations
+
+import html
+import math
+import random
+import tempfile
+from pathlib import Path
+
+from pdmd import limits
+from pdmd.builtin.scenes import PromptError, parse_prompt
+from pdmd.core.schedule import PhaseSchedule, ScheduleError
+from pdmd.paths import ROOT, runs_dir
+from pdmd.students import StudentError
+from pdmd.teachers import BUILTIN
+from pdmd.teachers.base import TeacherError
+
+
+class InputError(ValueError):
+    """A form value the app cannot use; the message says which and why."""
+
+
+USER_ERRORS = (InputError, StudentError, ScheduleError, PromptError, TeacherError)
+
+
+def redact(message: str) -> str:
+    """A message without this server's folders: a visitor learns which file, never where it lives."""
+    places = {str(runs_dir()): "runs", str(ROOT): ".", tempfile.gettempdir(): "<tmp>", str(Path.home()): "~"}
+    for place, shown in sorted(places.items(), key=lambda item: -len(item[0])):  # the longest first
+        message = message.replace(place, shown)
+    return message
+
+
+def error_markdown(message: str) -> str:
+    return f"<div class='pdmd-error'>⚠️ {html.escape(redact(str(message)), quote=False)[:2000]}</div>"
+
+
+def text(value, what: str, limit: int = limits.MAX_PROMPT_CHARS) -> str:
+    """A text field's value: a string of at most ``limit`` characters."""
+    value = "" if value is None else str(value) if isinstance(value, (int, float)) else value
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be text")
+    if len(value) > limit:
+        raise InputError(f"{what} is {len(value)} characters long; the limit is {limit}")
+    return value
+
+
+def bounded_schedule(schedule: PhaseSchedule) -> PhaseSchedule:
+    """A schedule this server samples with: at most MAX_PHASES phases and MAX_PHASES_TAB_STEPS steps."""
+    if schedule.num_phases > limits.MAX_PHASES or schedule.nfe > limits.MAX_PHASES_TAB_STEPS:
+        raise InputError(f"the schedule has {schedule.num_phases} phase(s) and {schedule.nfe} steps; this server "
+                         f"samples at most {limits.MAX_PHASES} phases and {limits.MAX_PHASES_TAB_STEPS} steps")
+    return schedule
+
+
+def schedule_of(state) -> PhaseSchedule:
+    """The Phases tab's schedule (a dict) as a bounded PhaseSchedule."""
+    return bounded_schedule(PhaseSchedule.from_dict(state or {}))
+
+
+def bounded_number(value, what: str, low: float, high: float, whole: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise InputError(f"{what} {value!r} must lie between {low:g} and {high:g}")
+    if whole and number != int(number):
+        raise InputError(f"{what} {value!r} must be a whole number")
+    return int(number) if whole else number
+
+
+def check_prompt(prompt, teacher_name: str = BUILTIN) -> tuple[str, str]:
+    """The prompt, stripped, and (for the built-in teacher, which knows a small grammar) a note listing words
+    it does not know and ignores."""
+    prompt = text(prompt, "the prompt").strip()
+    if not prompt:
+        raise InputError("the prompt is empty: describe a scene, e.g. 'a red star on a dark background'")
+    if teacher_name != BUILTIN:
+        return prompt, ""
+    unknown = parse_prompt(prompt).unknown  # raises PromptError for "a red blue star"
+    return prompt, (f"Unknown word(s) ignored: {', '.join(unknown)}." if unknown else "")
+
+
+def resolve_seed(seed, randomise: bool) -> int:
+    if randomise:
+        return random_seed()
+    return bounded_number(seed, "seed", 0, limits.MAX_SEED, whole=True)
+
+
+def load_options(height, width, frames) -> dict:
+    """Resolution and frame count for loading a teacher; blank or 0 = the pipeline's own default."""
+    options = {}
+    for key, value, high in (("height", height, limits.MAX_SIDE), ("width", width, limits.MAX_SIDE),
+                             ("num_frames", frames, limits.MAX_FRAMES)):
+        if value not in (None, "", 0):
+            options[key] = bounded_number(value, key.replace("num_", ""), 1, high, whole=True)
+    return options
+
+
+def parse_strengths(text_value, phases: int) -> list[float]:
+    """'1, 0.8' -> one LoRA strength per phase; blank = 1 for every phase."""
+    parts = [p for p in text(text_value, "strengths", 200).replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        return [1.0] * phases
+    if len(parts) != phases:
+        raise InputError(f"{len(parts)} strength(s) for {phases} phase(s): give one per phase, e.g. "
+                         f"'{', '.join(['1'] * phases)}'")
+    return [bounded_number(p.strip(), "strength", 0, limits.MAX_STRENGTH) for p in parts]
+
+
+
+def random_seed() -> int:
+    return random.randint(0, limits.MAX_SEED)

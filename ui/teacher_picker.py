@@ -1,0 +1,55 @@
+"""The teacher picker: the built-in teacher, a loaded one, or a diffusers pipeline folder / Hub id typed in."""
+from __future__ import annotations
+
+import gradio as gr
+
+from pdmd.limits import MAX_TEACHER_STEPS
+from pdmd.students import StudentError
+from pdmd.teachers import BUILTIN, teacher_key
+from pdmd.teachers.base import TeacherError
+from ui import students
+from ui.inputs import InputError, error_markdown, load_options
+from ui.models import ModelStore
+
+# offered in the teacher picker besides 'builtin' and the teachers already loaded (each loads from the Hub, or
+# from a local folder typed into the box next to the picker)
+SUGGESTED_TEACHERS = ("stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev",
+                      "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Qwen/Qwen-Image")
+LOAD_ERRORS = (TeacherError, StudentError, OSError, RuntimeError)  # a folder of any kind can be typed in
+
+
+def teacher_pick(value) -> tuple[str, dict]:
+    """The teacher state -- ``{"name", "options"}``, or a bare name -- as (name, load options)."""
+    if isinstance(value, dict):
+        return value.get("name") or BUILTIN, dict(value.get("options") or {})
+    return value or BUILTIN, {}
+
+
+def teacher_choices(store: ModelStore) -> list[str]:
+    return list(dict.fromkeys([BUILTIN, *store.loaded_teachers(), *SUGGESTED_TEACHERS]))
+
+
+def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, frames=None):
+    """Outputs: the teacher state, status, the student picker (that teacher's students), teacher steps and CFG
+    sliders (its own defaults), the teacher picker (now listing it). A typed folder or Hub id wins over the
+    picker."""
+    name = (typed or "").strip() or picked or BUILTIN
+    try:
+        options = load_options(height, width, frames)
+        teacher = store.teacher(name, options)
+    except (InputError, *LOAD_ERRORS) as err:
+        return (gr.skip(),) + (error_markdown(f"Teacher not loaded: {err}"),) + (gr.skip(),) * 4
+    name = teacher_key(name)[0]  # a folder by its full path, as the picker lists it
+    size = teacher.options()
+    kind = ("built-in 32×32 scenes" if teacher.family is None else
+            f"{teacher.family}, {'video' if teacher.is_video else 'images'} {size['height']}×{size['width']}"
+            + (f", {size['num_frames']} frames" if "num_frames" in size else ""))
+    experts = f"; experts {', '.join(teacher.network_names)}" if teacher.network_names else ""
+    status = (f"✓ Teacher **{name}** ({kind}{experts}): {teacher.default_steps} steps, CFG "
+              f"{teacher.default_cfg:g} by default.")
+    choices = students.picker_choices(name)
+    return ({"name": name, "options": options}, status,
+            gr.update(choices=choices, value=students.default_choice(name)),
+            gr.update(value=min(teacher.default_steps, MAX_TEACHER_STEPS)), gr.update(value=teacher.default_cfg),
+            gr.update(choices=teacher_choices(store), value=name))
+
