@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_UPLOAD_BYTES
-from ui.app import CSS, allowed_paths, build_app
+from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_QUEUE, MAX_UPLOAD_BYTES
+from ui.app import CSS, blocked_paths, build_app
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,9 +19,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    build_app().queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS,
-                               allowed_paths=allowed_paths(),
-                               max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
+    # a bounded queue: beyond MAX_QUEUE waiting requests a visitor is told the server is busy
+    build_app().queue(max_size=MAX_QUEUE).launch(
+        server_name=args.host, server_port=args.port, share=False, css=CSS, blocked_paths=blocked_paths(),
+        max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from pdmd import limits
+
 # command name -> (module, one-line help)
 COMMANDS = {
     "lab": ("pdmd.commands.lab", "2-D Gaussian-mixture lab: distil with every method and measure diversity"),
@@ -27,6 +29,41 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed, a whole number from 0 to 2**31 - 1 (what torch.Generator and the app accept)."""
+    value = non_negative_int(text)
+    if value > limits.MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_SEED}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
+def pixels(text: str) -> int:
+    """argparse type: a height or width, 1 .. MAX_SIDE."""
+    value = positive_int(text)
+    if value > limits.MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_SIDE} pixels")
+    return value
+
+
+def frames(text: str) -> int:
+    """argparse type: a video's frame count, 1 .. MAX_FRAMES."""
+    value = positive_int(text)
+    if value > limits.MAX_FRAMES:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_FRAMES} frames")
     return value
 
 

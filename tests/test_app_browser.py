@@ -51,8 +51,13 @@ def wait_until_serving(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
+def app_runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_runs):
+    runs = app_runs
     make_student(runs / "tiny" / "student")
     port = free_port()
     log = runs / "app.log"
@@ -158,3 +163,18 @@ def test_lab_draws_its_plot(page):
     playwright.expect(page.locator("#lab-plot img")).to_be_visible(timeout=90_000)
     playwright.expect(page.locator("#lab-status")).to_contain_text("method(s)")
     screenshot(page, "lab")
+
+
+def test_the_file_route_serves_nothing_of_the_runs_or_the_repository(app_url, app_runs):
+    from urllib.error import HTTPError
+
+    (app_runs / "jobs" / "x" ).mkdir(parents=True, exist_ok=True)
+    (app_runs / "jobs" / "x" / "train.log").write_text("secret")
+    refused = [app_runs / "jobs" / "jobs.sqlite", app_runs / "jobs" / "x" / "train.log",
+               app_runs / "tiny" / "student" / "manifest.json", ROOT / "app.py", ROOT / "assets" / "students" /
+               "phased" / "config.yaml", Path("/etc/passwd")]
+    assert (app_runs / "jobs" / "jobs.sqlite").is_file()
+    for path in refused:
+        with pytest.raises(HTTPError) as answer:
+            urllib.request.urlopen(f"{app_url}gradio_api/file={path}", timeout=10)
+        assert answer.value.code == 403, path

@@ -186,3 +186,34 @@ def test_the_gate():
             gate.check(wrong)
     assert Gate.from_env({"PDMD_TRAINING": "token"}).mode == "off"  # no token configured: closed
     assert "is not on, off or token" in Gate.from_env({"PDMD_TRAINING": "yes"}).describe()
+
+
+def _adopted(manager: JobManager, name: str):
+    return next(job for job in manager.jobs() if job.name == name)
+
+
+def test_a_damaged_or_deleted_jobs_table_is_rebuilt_with_the_running_trainer_adopted(manager, tmp_path):
+    finished = wait_for(manager, manager.submit("short", tiny()).id, lambda j: j.finished, "finished")
+    running = wait_for(manager, manager.submit("long", LONG).id, lambda j: j.step >= 1, "made progress")
+    assert running.status == RUNNING and finished.finished
+    database = tmp_path / "jobs" / "jobs.sqlite"
+
+    # deleted while the app runs: the next poll rebuilds the table; the trainer is still ours
+    for path in tmp_path.glob("jobs/jobs.sqlite*"):
+        path.unlink()
+    manager.poll()
+    assert "no jobs table" in manager.table.notice and "2 job(s) rebuilt" in manager.table.notice
+    assert _adopted(manager, "long").status == RUNNING and _adopted(manager, "long").pid == running.pid
+    assert _adopted(manager, "short").status == FINISHED
+
+    # damaged, then the app restarts: it starts, moves the file aside, adopts the trainer, starts nothing beside it
+    for path in tmp_path.glob("jobs/jobs.sqlite-*"):
+        path.unlink()
+    database.write_bytes(b"not a database " * 1000)
+    restarted = JobManager(tmp_path / "jobs", device="cpu")
+    assert "damaged" in restarted.table.notice and "moved aside" in restarted.table.notice
+    assert list(tmp_path.glob("jobs/jobs.sqlite.damaged-*"))  # kept for a person to look at
+    adopted = _adopted(restarted, "long")
+    assert adopted.status == RUNNING and adopted.pid == running.pid
+    assert restarted.submit("another", tiny()).status == QUEUED  # one job per device, even after the loss
+    restarted.stop(adopted.id, force=True)

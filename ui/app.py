@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pdmd import limits
 from pdmd.core.schedule import PRESETS
-from pdmd.paths import SHIPPED_STUDENTS, runs_dir
+from pdmd.paths import ROOT, runs_dir
 from pdmd.training.gate import Gate
 from pdmd.training.jobs import JobManager
 from ui.compare import build_compare_tab
+from ui.comparison import clean_downloads
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
 from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
@@ -25,7 +27,9 @@ def build_app(store: ModelStore | None = None, manager: JobManager | None = None
     store = store or ModelStore(other_teachers=gate.mode == "on")  # a public server loads only its own teacher
     manager = manager or JobManager()  # recovers the jobs a previous app left running
     manager.start_supervisor()
-    with gr.Blocks(title=TITLE) as app:
+    clean_downloads()
+    # gradio's cache (every image and file a handler returned) is emptied of files older than an hour, hourly
+    with gr.Blocks(title=TITLE, delete_cache=(limits.DOWNLOAD_MAX_AGE_S, limits.DOWNLOAD_MAX_AGE_S)) as app:
         gr.Markdown(INTRO)
         schedule_state = gr.State(PRESETS[DEFAULT_PRESET].as_dict())
         students_changed = gr.State(0)  # the Train tab bumps it when a job finishes: Compare re-lists students
@@ -43,6 +47,9 @@ def build_app(store: ModelStore | None = None, manager: JobManager | None = None
     return app
 
 
-def allowed_paths() -> list[str]:
-    """The only folders gradio may serve files from besides its own cache: shipped students and runs."""
-    return [str(SHIPPED_STUDENTS), str(runs_dir())]
+def blocked_paths() -> list[str]:
+    """Folders gradio must never serve a file from, whatever a request asks: the runs (jobs.sqlite, logs,
+    configs, checkpoints, other visitors' uploads) and the repository. What a visitor needs -- sample images,
+    the comparison PNG, a student zip -- reaches gradio's own cache as a handler's output, and only from there
+    is it served."""
+    return [str(runs_dir()), str(ROOT)]

@@ -37,6 +37,7 @@ from ui.models import ModelStore
 from ui.student_files import on_export_student, on_import_published, on_upload
 from ui.teacher_picker import on_load_teacher, teacher_choices, teacher_pick
 
+STUDENT_SLOTS = 2  # student samples at once: each takes a fraction of a second on 2 cores
 EXAMPLES = [
     ["a red star on a dark background", 0],
     ["a blue circle on a light background", 7],
@@ -185,7 +186,9 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                 refresh = gr.Button("↻", scale=0, min_width=40)
             source = gr.Radio([AS_TRAINED, FROM_PHASES], value=AS_TRAINED, label="Student schedule")
             schedule_info = gr.Markdown(elem_id="compare-schedule")
-            run_button = gr.Button("Run comparison", variant="primary", elem_id="compare-run")
+            with gr.Row():
+                run_button = gr.Button("Run comparison", variant="primary", elem_id="compare-run", scale=3)
+                cancel_button = gr.Button("Stop", elem_id="compare-cancel", scale=1, min_width=60)
             status = gr.Markdown(elem_id="compare-status")
             examples = gr.Examples(EXAMPLES, [prompt, seed], label="One-click examples")
         with gr.Column(scale=3):
@@ -235,28 +238,35 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     run_state = student_outputs[-1]
     teacher_outputs = [teacher_image, teacher_caption, summary, strip, download, status]
 
+    # Concurrency: a student image (a fraction of a second) never waits behind another visitor's teacher run:
+    # each side has its own group; the slow ones (teacher, diversity, loading) share one slot.
     def chain(event, api: bool):
-        event.then(partial(on_compare_student, store), student_inputs, student_outputs,
-                   api_name="compare_student" if api else False).then(
+        return event.then(partial(on_compare_student, store), student_inputs, student_outputs,
+                          api_name="compare_student" if api else False, concurrency_id="student",
+                          concurrency_limit=STUDENT_SLOTS).then(
             partial(on_compare_teacher, store), [run_state, steps, cfg], teacher_outputs,
-            api_name="compare_teacher" if api else False)
+            api_name="compare_teacher" if api else False, concurrency_id="teacher", concurrency_limit=1)
 
-    chain(run_button.click(lambda: "Running the student…", None, status, queue=False), api=True)
-    chain(examples.load_input_event.then(lambda: False, None, randomise), api=False)
+    teacher_runs = [chain(run_button.click(lambda: "Running the student…", None, status, queue=False), api=True),
+                    chain(examples.load_input_event.then(lambda: False, None, randomise), api=False)]
 
     describe_inputs = [picker, source, schedule_state]
     for trigger in (picker.change, source.change, schedule_state.change):
         trigger(partial(describe_student, store), describe_inputs, schedule_info, show_progress="hidden")
     gr.on([refresh.click, *refresh_on], on_refresh_students, [picker, teacher_state], picker)
-    upload.upload(partial(on_upload, store), upload, [picker, upload_status])
-    diversity_button.click(partial(on_diversity, store),
-                           [prompt, seed, count, picker, source, schedule_state, steps, cfg, teacher_state],
-                           [teacher_grid, student_grid, diversity_text])
+    upload.upload(partial(on_upload, store), upload, [picker, upload_status], concurrency_id="files")
+    teacher_runs.append(diversity_button.click(
+        partial(on_diversity, store), [prompt, seed, count, picker, source, schedule_state, steps, cfg, teacher_state],
+        [teacher_grid, student_grid, diversity_text], concurrency_id="teacher", concurrency_limit=1))
     load_button.click(lambda: "Loading the teacher (a large model takes minutes)…", None, teacher_status,
                       queue=False).then(partial(on_load_teacher, store),
                                         [teacher_picker, teacher_path, height, width, frames],
-                                        [teacher_state, teacher_status, picker, steps, cfg, teacher_picker])
-    export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state], [export_file, export_status])
+                                        [teacher_state, teacher_status, picker, steps, cfg, teacher_picker],
+                                        concurrency_id="teacher", concurrency_limit=1)
+    export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state],
+                        [export_file, export_status], concurrency_id="files")
     import_button.click(partial(on_import_published, store),
                         [published, teacher_state, strengths, schedule_state, published_cfg],
-                        [picker, published_status])
+                        [picker, published_status], concurrency_id="files", concurrency_limit=1)
+    # a visitor's long request can be stopped; the slot goes to the next one
+    cancel_button.click(lambda: "Stopped.", None, status, cancels=teacher_runs, queue=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
+from pdmd import limits
 from pdmd.core.rectified_flow import unshift_time
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import save_video
@@ -25,6 +26,18 @@ from ui.teacher_picker import teacher_pick
 
 AS_TRAINED, FROM_PHASES = "as trained", "from the Phases tab"
 DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "pdmd-app"
+
+
+def clean_downloads(max_age_s: float = limits.DOWNLOAD_MAX_AGE_S) -> None:
+    """Remove the app's temporary outputs (comparison PNGs, GIFs, zips) older than ``max_age_s``: called at
+    start and whenever a new one is written, so they never pile up."""
+    cutoff = time.time() - max_age_s
+    for path in DOWNLOAD_DIR.rglob("*") if DOWNLOAD_DIR.is_dir() else ():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass  # another request removed it first
 
 
 def teacher_schedule(steps: int, shift: float, boundaries: tuple[float, ...]) -> PhaseSchedule:
@@ -57,6 +70,7 @@ def shown(picture: Tensor, label: str) -> Image.Image | str:
         return still(picture)
     factor = max(1, images.DISPLAY_SIZE // max(picture.shape[-2:]))  # tiny videos enlarged, pixels kept crisp
     picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+    clean_downloads()
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
     path = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}.gif"
     return str(save_video(picture[None], path))
@@ -151,6 +165,7 @@ def comparison_png(student_run: dict, teacher_run: dict) -> str:
     body = images.stack_horizontally(sides, gap=16)
     header = images.text_block([f"\"{student_run['prompt']}\"  seed {student_run['seed']}"], body.width, 17)
     footer = images.text_block([f"speed-up {speedup:.1f}x  ·  Phased DMD Studio"], body.width)
+    clean_downloads()
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
     path = DOWNLOAD_DIR / f"comparison-seed{student_run['seed']}-{uuid.uuid4().hex[:8]}.png"
     images.stack_vertically([header, body, footer]).save(path)

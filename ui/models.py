@@ -77,7 +77,7 @@ class ModelStore:
                 return self._teachers[key]
             if not self.other_teachers and key[0] != default:
                 raise TeacherError(f"loading teachers other than {self.default_teacher!r} is turned off on "
-                                   f"this public server; run the app yourself to use {key[0]}")
+                                   "this public server; run the app yourself to load others")
             if key[0] != default:
                 self._drop_big_teachers()
             else:
@@ -110,7 +110,7 @@ class ModelStore:
         entries = list(dict.fromkeys(e for k, e in self._teachers.items() if k[0] == default[0]))
         plain = self._teachers.get(default)
         others = [e for e in entries if e is not plain]
-        for stale in others[: max(0, len(entries) - self.default_copies)]:
+        for stale in others[: max(0, len(entries) + 1 - self.default_copies)]:  # + 1: the one about to load
             self._forget_teacher(stale)
 
     def _forget_teacher(self, entry: LoadedTeacher) -> None:

@@ -12,7 +12,7 @@ from pdmd.core.schedule import ScheduleError
 from pdmd.students import lora_formats
 from pdmd.teachers import BUILTIN, teacher_key
 from ui import students
-from ui.comparison import DOWNLOAD_DIR, student_of
+from ui.comparison import DOWNLOAD_DIR, clean_downloads, student_of
 from ui.inputs import USER_ERRORS, InputError, bounded_number, error_markdown, parse_strengths, schedule_of
 from ui.models import ModelStore
 from ui.teacher_picker import LOAD_ERRORS, teacher_pick
@@ -63,6 +63,7 @@ def on_export_student(store: ModelStore, student_value, layout, teacher=BUILTIN)
         if student_value == students.BASELINE:
             raise InputError("pick a student to export (the baseline is the teacher itself)")
         folder, _ = student_of(store, student_value, teacher_pick(teacher)[0])
+        clean_downloads()
         target = DOWNLOAD_DIR / f"{students.sanitise(students.student_name(folder))}-{layout}-{uuid.uuid4().hex[:8]}"
         written = lora_formats.export_student(folder, target, layout)
     except USER_ERRORS as err:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -26,12 +25,13 @@ from pdmd.training import jobs
 from pdmd.training.config import ConfigError
 from pdmd.training.gate import Gate, GateClosed
 from pdmd.training.jobs import JobError, JobManager
+from ui import comparison
 from ui.inputs import InputError, error_markdown, schedule_of
 
 POLL_SECONDS = 1.5
 PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
 LOG_LINES = 30
-DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "pdmd-app" / "students"
+DOWNLOAD_DIR = comparison.DOWNLOAD_DIR / "students"  # cleaned with the rest of the app's downloads
 METHOD_DEFAULT, FROM_PHASES, EDIT_HERE = "the method's own", "from the Phases tab", "edit here"
 USER_ERRORS = (JobError, GateClosed, ConfigError, ScheduleError, InputError)
 

@@ -11,7 +11,7 @@ import torch
 
 from pdmd.builtin import scenes
 from pdmd.builtin.evaluate import eval_prompts, evaluate
-from pdmd.cli import non_negative_float, positive_float, positive_int
+from pdmd.cli import non_negative_float, positive_float, positive_int, seed
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import StudentError
 from pdmd.students.folder import load_student
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the model's)")
     parser.add_argument("--cfg", type=non_negative_float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--shift", type=positive_float, default=None, help="timestep shift (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--prompts", type=positive_int, default=12, help="how many standard eval prompts")
     parser.add_argument("--prompt", type=_prompt, action="append", default=None,
                         help="evaluate this prompt instead of the standard set (repeatable)")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from pdmd.cli import positive_int
+from pdmd.cli import positive_int, seed
 from pdmd.lab import METHOD_CHOICES, LabConfig, Mixture, plot, run_lab
 
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples drawn per method for the metrics")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 avoids contention with other jobs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw data, teacher and every method side by side")
 

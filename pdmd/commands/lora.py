@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pdmd.cli import non_negative_float, positive_float, positive_int
+from pdmd.cli import frames, non_negative_float, pixels, positive_float
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
 from pdmd.students.lora_formats import EXPORT_LAYOUTS, export_student, make_published_student
@@ -23,9 +23,9 @@ def add_arguments(parser) -> None:
     made.add_argument("--shift", type=positive_float, help="timestep shift (default: the teacher's)")
     made.add_argument("--cfg", type=non_negative_float, default=1.0, help="student CFG (Lightning: 1)")
     made.add_argument("--out", required=True, help="the student folder to write")
-    made.add_argument("--height", type=positive_int)
-    made.add_argument("--width", type=positive_int)
-    made.add_argument("--frames", type=positive_int, help="video frames (Wan)")
+    made.add_argument("--height", type=pixels)
+    made.add_argument("--width", type=pixels)
+    made.add_argument("--frames", type=frames, help="video frames (Wan)")
     out = sub.add_parser("export", help="a student's per-phase LoRAs as diffusers or ComfyUI files")
     out.add_argument("--student", required=True, help="student folder (manifest.json + one LoRA per phase)")
     out.add_argument("--layout", choices=EXPORT_LAYOUTS, default="comfyui")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pdmd.cli import non_negative_float, positive_int
+from pdmd.cli import frames, non_negative_float, pixels, positive_int, seed
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
 from pdmd.students import StudentError
@@ -25,15 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'builtin', a diffusers pipeline folder or a Hub id (default: the student's, else builtin)")
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
     parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
     parser.add_argument("--out", required=True, help="output .png (a video teacher: .mp4 or .gif too)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="teacher weights (default: bf16 on CUDA)")
     parser.add_argument("--offload", action="store_true", help="keep text encoders and VAE on the CPU")
-    parser.add_argument("--height", type=positive_int, help="pixels (default: the pipeline's)")
-    parser.add_argument("--width", type=positive_int, help="pixels (default: the pipeline's)")
-    parser.add_argument("--frames", type=positive_int, help="video frames (Wan; default: the pipeline's)")
+    parser.add_argument("--height", type=pixels, help="pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=pixels, help="pixels (default: the pipeline's)")
+    parser.add_argument("--frames", type=frames, help="video frames (Wan; default: the pipeline's)")
 
 
 def run(args: argparse.Namespace) -> int:

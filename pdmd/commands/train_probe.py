@@ -15,6 +15,7 @@ from torch.nn.functional import cross_entropy, mse_loss
 
 from pdmd.builtin import scenes
 from pdmd.builtin.metrics import HEADS, PROBE_DIR, Probe, geometry_targets, probe_outputs, save_probe
+from pdmd.cli import seed
 
 # Training batches use seeds TRAIN_SEED_BASE + step; held-out images come from a seed no step reaches.
 TRAIN_SEED_BASE = 2_000_000
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=96)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pdmd.builtin import scenes
+from pdmd.cli import seed
 from pdmd.core.rectified_flow import flow_matching_loss, forward_process
 from pdmd.teachers.builtin import (
     ARCHITECTURES,
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--resume", default=None,
                         help="'latest' (newest checkpoint in --run-dir, or a fresh start if none) or a folder")

@@ -74,7 +74,11 @@ class Roles:
         with warnings.catch_warnings():  # several adapters on one model is the point here, not a mistake
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in adapters:
-                inject_adapter_in_model(peft_config(lora), teacher.model, adapter_name=name)
+                try:
+                    inject_adapter_in_model(peft_config(lora), teacher.model, adapter_name=name)
+                except ValueError as err:  # peft: NoMatchingPeftModuleError for names no layer has
+                    raise StudentError(f"LoRA target modules {list(lora.target_modules)} match no layer of "
+                                       f"{type(teacher.model).__name__} ({err})") from None
         # where each LoRA wrapper sits, so folded inference can take it out of the network and put it back
         self._slots = [(teacher.model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], module)
                        for path, module in teacher.model.named_modules() if isinstance(module, BaseTunerLayer)]

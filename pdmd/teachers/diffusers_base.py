@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pdmd import limits
 from pdmd.paths import DEFAULT_PROMPTS
 from pdmd.teachers.base import Teacher, TeacherError
 
@@ -65,6 +66,9 @@ class DiffusersTeacher(Teacher):
         self.name = source
         self.default_prompts = default_prompts()
         self.height, self.width = (int(height or self.default_size[0]), int(width or self.default_size[1]))
+        if not (0 < self.height <= limits.MAX_SIDE and 0 < self.width <= limits.MAX_SIDE):
+            raise TeacherError(f"{source}: height and width must lie between 1 and {limits.MAX_SIDE} pixels "
+                               f"(got {self.height}x{self.width})")
         multiple = self.size_multiple()
         if self.height % multiple or self.width % multiple:
             raise TeacherError(f"{source}: height and width must be multiples of {multiple} "

@@ -116,6 +116,9 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) > limits.MAX_CFG:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} must be at most {limits.MAX_CFG:g}")
         set_("seed", _positive("seed", self.seed, integer=True, allow_zero=True))
+        if not limits.MIN_SHIFT <= self.renoise_shift <= limits.MAX_SHIFT:
+            raise ConfigError(f"renoise_shift = {self.renoise_shift:g} must lie between {limits.MIN_SHIFT:g} and "
+                              f"{limits.MAX_SHIFT:g}")
         set_("ema_decay", _positive("ema_decay", self.ema_decay, allow_zero=True))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
@@ -130,9 +133,11 @@ class TrainConfig:
         if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "rollout"):
             raise ConfigError(f"gradient_checkpointing = {self.gradient_checkpointing!r} must be true, false or "
                               "'rollout'")
-        for name in ("height", "width", "num_frames"):
+        for name, high in (("height", limits.MAX_SIDE), ("width", limits.MAX_SIDE), ("num_frames", limits.MAX_FRAMES)):
             if getattr(self, name) is not None:
                 set_(name, _positive(name, getattr(self, name), integer=True))
+                if getattr(self, name) > high:
+                    raise ConfigError(f"{name} = {getattr(self, name)} must be at most {high}")
         loading = [n for n in ("dtype", "offload", "height", "width", "num_frames") if getattr(self, n) not in (None, False)]
         if self.teacher == "builtin" and loading:
             raise ConfigError(f"{', '.join(loading)} apply to diffusers teachers; the built-in teacher has fixed ones")
@@ -149,6 +154,8 @@ class TrainConfig:
         if not isinstance(data, dict) or set(data) - {"rank", "alpha", "target_modules"}:
             raise ConfigError(f"lora = {data!r} must be a mapping with rank, alpha, target_modules")
         rank = _positive("lora.rank", data.get("rank", LoraSpec.rank), integer=True)
+        if rank > limits.MAX_LORA_RANK:
+            raise ConfigError(f"lora.rank = {rank} must be at most {limits.MAX_LORA_RANK}")
         alpha = _positive("lora.alpha", data.get("alpha", LoraSpec.alpha))
         modules = data.get("target_modules", LoraSpec.target_modules)  # absent: the teacher's own
         if isinstance(modules, str) or ("target_modules" in data and not modules):

@@ -139,8 +139,8 @@ class JobTable:
                 if source.exists():
                     source.replace(Path(f"{aside}{suffix}"))
             self.notice = f"{DATABASE} was damaged ({err}); it was moved aside as {aside.name}"
-        elif missing_table:
-            self.notice = f"{DATABASE} had no jobs table (deleted while the app ran?)"
+        else:
+            self.notice = ""
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers (every browser's timer) never wait for the writer
@@ -149,8 +149,10 @@ class JobTable:
             rebuilt = self._rebuild(db)
         finally:
             db.close()
-        self.notice = f"{self.notice or 'a new jobs table'}; {rebuilt} job(s) rebuilt from their run folders"
-        self.say(self.notice)
+        if self.notice or rebuilt:  # a first start (no file, no runs) has nothing to say
+            self.notice = (f"{self.notice or f'{DATABASE} had no jobs table (deleted while the app ran?)'}; "
+                           f"{rebuilt} job(s) rebuilt from their run folders")
+            self.say(self.notice)
 
     # --- rebuilding from disk ------------------------------------------------------------------------------
     def _rebuild(self, db: sqlite3.Connection) -> int:
