@@ -21,50 +21,25 @@ COMMANDS = {
 }
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (bad input exits 2 with the value named)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def whole_number(low: int, high: int | None = None, unit: str = ""):
+    """An argparse type: a whole number in [low, high] (bad input exits 2 with the value and the rule named)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {high}{unit}")
+        return value
+    return parse
 
 
-def seed(text: str) -> int:
-    """argparse type: a seed, a whole number from 0 to 2**31 - 1 (what torch.Generator and the app accept)."""
-    value = non_negative_int(text)
-    if value > limits.MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_SEED}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
-    return value
-
-
-def pixels(text: str) -> int:
-    """argparse type: a height or width, 1 .. MAX_SIDE."""
-    value = positive_int(text)
-    if value > limits.MAX_SIDE:
-        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_SIDE} pixels")
-    return value
-
-
-def frames(text: str) -> int:
-    """argparse type: a video's frame count, 1 .. MAX_FRAMES."""
-    value = positive_int(text)
-    if value > limits.MAX_FRAMES:
-        raise argparse.ArgumentTypeError(f"{value} must be at most {limits.MAX_FRAMES} frames")
-    return value
+positive_int = whole_number(1)
+seed = whole_number(0, limits.MAX_SEED)  # what torch.Generator and the app accept
+pixels = whole_number(1, limits.MAX_SIDE, " pixels")
+frames = whole_number(1, limits.MAX_FRAMES, " frames")
 
 
 def non_negative_float(text: str) -> float:

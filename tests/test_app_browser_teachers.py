@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_app_browser import app_url, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
+from test_app_browser import app_runs, app_url, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ui_fixtures import with_changes
 
 from pdmd import limits
 from pdmd.paths import SHIPPED_STUDENTS
@@ -41,14 +42,7 @@ def test_version_1_keys_still_read_with_one_deprecation_line():
 
 
 def _with(**changes) -> dict:
-    data = json.loads((PHASED / "manifest.json").read_text())
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            data[section] = {**data[section], field: value}
-        else:
-            data[section] = value
-    return data
+    return with_changes(json.loads((PHASED / "manifest.json").read_text()), **changes)
 
 
 @pytest.mark.parametrize("changes, message", [

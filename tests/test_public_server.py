@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ui_fixtures import upload_files, with_changes
 
 from pdmd import limits
 from pdmd.paths import SHIPPED_STUDENTS
@@ -37,21 +38,8 @@ def upload_of(tmp_path: Path, name: str, **changes) -> list[str]:
     """The shipped phased student as a browser uploads it, with manifest fields changed ("lora__rank": ...)."""
     folder = tmp_path / name
     shutil.copytree(PHASED, folder, ignore=shutil.ignore_patterns("config.yaml"))
-    data = json.loads((folder / MANIFEST).read_text())
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            data[section] = {**data[section], field: value}
-        else:
-            data[section] = value
-    (folder / MANIFEST).write_text(json.dumps(data))
-    paths = []
-    for index, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
-        target = tmp_path / f"{name}-upload-{index}" / path.name
-        target.parent.mkdir()
-        shutil.copy(path, target)
-        paths.append(str(target))
-    return paths
+    (folder / MANIFEST).write_text(json.dumps(with_changes(json.loads((folder / MANIFEST).read_text()), **changes)))
+    return upload_files(tmp_path, folder)
 
 
 def uploads(runs: Path) -> list[Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from ui_fixtures import break_lora_keys, make_student
+from ui_fixtures import break_lora_keys, make_student, upload_files
 
 from pdmd import limits
 from pdmd.core.schedule import PRESETS
@@ -195,17 +195,6 @@ def test_refresh_lists_baseline_and_runs(student):
 
 
 # --- uploads -------------------------------------------------------------------------------------------------
-def upload_files(tmp_path: Path, source: Path) -> list[str]:
-    """The student's files as a browser uploads a folder: same base names, each in its own temp folder."""
-    paths = []
-    for index, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
-        target = tmp_path / f"upload-{index}" / path.name
-        target.parent.mkdir()
-        shutil.copy(path, target)
-        paths.append(str(target))
-    return paths
-
-
 def test_upload_imports_a_student_and_selects_it(store, student, tmp_path, runs):
     update, message = student_files.on_upload(store, upload_files(tmp_path, Path(student)))
     assert "✓" in message and update["value"].startswith(str(runs / "uploads"))

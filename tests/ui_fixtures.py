@@ -1,6 +1,7 @@
 """Students for the app tests, written the way the trainer writes them but without training (LoRA B = 0)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -28,3 +29,23 @@ def break_lora_keys(folder: Path) -> None:
     state = load_file(str(path))
     save_file({key.replace("unet.", "unet.no_such_block."): value for key, value in state.items()}, str(path),
               metadata=metadata)
+
+
+def with_changes(data: dict, **changes) -> dict:
+    """A manifest dict with fields changed; ``section__field`` changes one field inside a section."""
+    data = dict(data)
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        data[section] = {**data[section], field: value} if field else value
+    return data
+
+
+def upload_files(tmp_path: Path, source: Path) -> list[str]:
+    """A student folder's files as a browser uploads a folder: same base names, each in its own temp folder."""
+    paths = []
+    for index, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        target = tmp_path / f"{source.name}-upload-{index}" / path.name
+        target.parent.mkdir(parents=True)
+        shutil.copy(path, target)
+        paths.append(str(target))
+    return paths

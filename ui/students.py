@@ -159,16 +159,7 @@ def import_upload(paths: list[str | Path]) -> Path:
     layout and return that folder; nothing is kept when a check fails. (The caller then loads it once, which
     checks every LoRA shape against the teacher, and discards it if that fails.)"""
     manifest_path, weights = _check_upload_files([Path(p) for p in paths])
-    if manifest_path.stat().st_size > limits.MAX_MANIFEST_BYTES:
-        raise StudentError(f"{MANIFEST} is larger than {limits.MAX_MANIFEST_BYTES // 1024} KiB")
-    try:
-        data = json.loads(manifest_path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise StudentError(f"{MANIFEST} is not valid JSON ({err})") from None
-    try:
-        manifest = Manifest.from_dict(data)
-    except StudentError as err:
-        raise StudentError(f"{MANIFEST}: {err}") from None
+    manifest = Manifest.read_file(manifest_path, MANIFEST)
     if any(isinstance(entry, dict) for entry in manifest.phases):
         raise StudentError("a phase with one file per network cannot be uploaded file by file: export the "
                            "student (Export below) and import its files as a published LoRA instead")

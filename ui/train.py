@@ -270,7 +270,8 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
 # --- layout ------------------------------------------------------------------------------------------------
 def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, students_changed: gr.State) -> dict:
     """The form, the controls and the live view of the selected job; returns the main components."""
-    gr.Markdown(gate.describe(), elem_id="train-gate")
+    repaired = f"\n\n⚠️ {manager.table.notice}." if manager.table.notice else ""  # a rebuilt jobs table says so
+    gr.Markdown(gate.describe() + repaired, elem_id="train-gate")
     defaults = preset_fields(QUICK)
     with gr.Row():
         with gr.Column(scale=2):

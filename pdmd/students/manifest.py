@@ -60,25 +60,32 @@ class Manifest:
     # --- reading -----------------------------------------------------------------------------------------
     @classmethod
     def read(cls, folder: str | Path) -> "Manifest":
+        """The manifest of a student folder (which must hold no pickle file)."""
         folder = Path(folder)
-        path = folder / MANIFEST
         if not folder.is_dir():
             raise StudentError(f"student folder {folder} does not exist")
-        if not path.is_file():
-            raise StudentError(f"{path} is missing: a student folder needs a manifest.json beside its LoRA files")
-        if path.stat().st_size > limits.MAX_MANIFEST_BYTES:
-            raise StudentError(f"{path} is larger than {limits.MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise StudentError(f"{path} is not valid JSON ({err})") from None
+        if not (folder / MANIFEST).is_file():
+            raise StudentError(f"{folder / MANIFEST} is missing: a student folder needs a manifest.json beside its "
+                               "LoRA files")
         pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise StudentError(f"{folder} holds pickle files {pickles}; only .safetensors are loaded")
+        return cls.read_file(folder / MANIFEST)
+
+    @classmethod
+    def read_file(cls, path: Path, name: str | None = None) -> "Manifest":
+        """One manifest.json, wherever it is; errors start with ``name`` (default: the path)."""
+        name = name or str(path)
+        if path.stat().st_size > limits.MAX_MANIFEST_BYTES:
+            raise StudentError(f"{name} is larger than {limits.MAX_MANIFEST_BYTES // 1024} KiB: not a manifest")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StudentError(f"{name} is not valid JSON ({err})") from None
         try:
             return cls.from_dict(data)
         except StudentError as err:
-            raise StudentError(f"{path}: {err}") from None
+            raise StudentError(f"{name}: {err}") from None
 
     @classmethod
     def from_dict(cls, data) -> "Manifest":
