@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from pdmd.cli import positive_int
+from pdmd.cli import positive_float, positive_int
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.trainer import CHECKPOINT_DIR, Trainer, TrainingDiverged, write_status
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --from-student: the first phase to train (2 or more)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--gpu-memory", type=positive_float, metavar="GiB",
+                        help="refuse the run unless its planned peak fits this budget (default: the visible GPU's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         if bool(args.from_student) != bool(args.start_phase):
             raise ConfigError("--from-student and --start-phase go together")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
+        from pdmd.plan.planner import refuse_if_too_big  # before anything is loaded
+        refuse_if_too_big(config, args.gpu_memory, processes=int(os.environ.get("WORLD_SIZE", "1")))
         trainer = Trainer(config)
         if args.resume:
             found = checkpoints.resolve_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, args.resume)
