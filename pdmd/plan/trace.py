@@ -21,7 +21,7 @@ class LivePeak(TorchDispatchMode):
         self._seen: set[int] = set()
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        key = id(storage)
+        key = storage._cdata  # the storage itself, whichever Python wrapper points at it
         if key in self._seen:
             return
         size = storage.nbytes()
@@ -35,11 +35,22 @@ class LivePeak(TorchDispatchMode):
         self.current -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+                  and _plain(t)}
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter):
-                self._track(tensor.untyped_storage())
+            # a view or an in-place result allocates nothing (and may share a tensor made before the block)
+            if isinstance(tensor, torch.Tensor) and _plain(tensor) and not tensor._is_view():
+                storage = tensor.untyped_storage()
+                if storage._cdata not in inputs:
+                    self._track(storage)
         return out
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """Dense tensors only: a quantized subclass's inner tensors are seen when they are made."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
 
 
 class _FusedAttention(torch.autograd.Function):

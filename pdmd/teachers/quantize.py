@@ -29,7 +29,8 @@ def check_quantization(mode: str, device: torch.device | str | None = None) -> N
         return
     if mode == "nf4":
         import importlib.util
-        if importlib.util.find_spec("bitsandbytes") is None or torch.device(device or "cpu").type != "cuda":
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
             raise TeacherError("quantize = nf4 needs bitsandbytes and a CUDA GPU; on the CPU use int8 or fp8")
         return
     import importlib.util

@@ -72,6 +72,9 @@ class TrainConfig:
     num_frames: int | None = None
     report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
     seed: int = 0
+    # the frozen transformer(s) loaded quantized: "none", "int8", "fp8" (torchao, CPU or GPU) or "nf4"
+    # (bitsandbytes, CUDA); LoRA experts and the fake adapter train on top (pdmd.teachers.quantize)
+    quantize: str = "none"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -133,6 +136,9 @@ class TrainConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a list of prompt strings")
             set_(name, tuple(value))
+        from pdmd.teachers.quantize import QUANTIZATIONS
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"quantize = {self.quantize!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
 
     @staticmethod
     def _lora(data) -> LoraSpec:
@@ -147,9 +153,10 @@ class TrainConfig:
 
     def teacher_options(self) -> dict:
         """Keyword arguments of load_teacher for this config's teacher (none for the built-in one)."""
+        quantized = {"quantize": self.quantize} if self.quantize != "none" else {}
         if self.teacher == "builtin":
-            return {}
-        options = {"dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
+            return quantized
+        options = {**quantized, "dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
                    "num_frames": self.num_frames}
         return {k: v for k, v in options.items() if v not in (None, False)}
 
