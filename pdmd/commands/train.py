@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--from-student and --start-phase go together")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
         from pdmd.plan.planner import refuse_if_too_big  # before anything is loaded
-        refuse_if_too_big(config, args.gpu_memory, processes=int(os.environ.get("WORLD_SIZE", "1")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        refuse_if_too_big(config, args.gpu_memory, processes=world if getattr(config, "fsdp", False) else 1)
         trainer = Trainer(config)
         if args.resume:
             found = checkpoints.resolve_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, args.resume)

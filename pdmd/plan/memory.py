@@ -84,12 +84,13 @@ def base_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def sharded_bytes(module: nn.Module, processes: int) -> int:
-    """One rank's share of ``module``'s base under FSDP2: each tensor split on dim 0 into ``processes`` chunks,
-    rank 0 holding the largest (ceil); a single process holds it all."""
-    total = 0
+    """One rank's share of ``module``'s base under FSDP2: each parameter split on dim 0 into ``processes``
+    chunks, rank 0 holding the largest (ceil); buffers stay whole on every rank."""
+    total = sum(tensor_bytes(b) for b in module.buffers())
     for tensor in base_tensors(module):
-        rows = tensor.shape[0] if tensor.dim() else 1
-        total += math.ceil(rows / processes) * (tensor_bytes(tensor) // max(rows, 1))
+        if isinstance(tensor, nn.Parameter):
+            rows = tensor.shape[0] if tensor.dim() else 1
+            total += math.ceil(rows / processes) * (tensor_bytes(tensor) // max(rows, 1))
     return total
 
 

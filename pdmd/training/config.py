@@ -75,6 +75,8 @@ class TrainConfig:
     # the frozen transformer(s) loaded quantized: "none", "int8", "fp8" (torchao, CPU or GPU) or "nf4"
     # (bitsandbytes, CUDA); LoRA experts and the fake adapter train on top (pdmd.teachers.quantize)
     quantize: str = "none"
+    # shard the frozen base across the launched processes with FSDP2 (pdmd.training.fsdp); adapters stay whole
+    fsdp: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -139,6 +141,11 @@ class TrainConfig:
         from pdmd.teachers.quantize import QUANTIZATIONS
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize = {self.quantize!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp = {self.fsdp!r} must be true or false")
+        if self.fsdp and self.sample_every <= self.total_steps:  # rank 0 alone cannot run a sharded network
+            raise ConfigError("fsdp: true draws no samples while training: set sample_every above the run's "
+                              f"{self.total_steps} steps and sample the finished student")
 
     @staticmethod
     def _lora(data) -> LoraSpec:

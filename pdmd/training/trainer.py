@@ -93,6 +93,9 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
         warn_about_shared_phases(self.teacher, self.schedule)
+        if getattr(config, "fsdp", False):
+            from pdmd.training.fsdp import shard_frozen_base
+            shard_frozen_base(self.teacher, self.accelerator, self.run_dir)
         if config.gradient_checkpointing is True:
             self.teacher.enable_gradient_checkpointing()
         self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
