@@ -32,7 +32,7 @@ def rss_bytes(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def build_teacher(model: str, dtype: str, sizes: dict):
+def build_teacher(model: str, dtype: str, sizes: dict, device: str = "cpu"):
     """The family adapter around a pipeline whose transformer is the real architecture with random weights."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -51,10 +51,14 @@ def build_teacher(model: str, dtype: str, sizes: dict):
     storage = torch.float32 if dtype == "fp32" else torch.bfloat16
     torch.set_default_dtype(storage)
     try:
-        if model.startswith("wan"):
-            transformer = WanTransformer3DModel.from_config(config)
-        else:
-            transformer = SD3Transformer2DModel.from_config(config)
+        with torch.device(device):
+            if model.startswith("wan"):
+                transformer = WanTransformer3DModel.from_config(config)
+            elif model.startswith("flux"):
+                from diffusers import FluxTransformer2DModel
+                transformer = FluxTransformer2DModel.from_config(config)
+            else:
+                transformer = SD3Transformer2DModel.from_config(config)
     finally:
         torch.set_default_dtype(torch.float32)
     keep = transformer._keep_in_fp32_modules or ()
@@ -65,7 +69,17 @@ def build_teacher(model: str, dtype: str, sizes: dict):
         pipe = WanPipeline(tokenizer=tiny.t5_tokenizer(), text_encoder=tiny._t5_encoder(config["text_dim"], umt5=True),
                            vae=_wan_vae(),
                            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
-        teacher = WanTeacher(pipe, checkpoint, device="cpu", **sizes)
+        teacher = WanTeacher(pipe, checkpoint, device=device, **sizes)
+    elif model.startswith("flux"):
+        from diffusers import FluxPipeline
+
+        from pdmd.teachers.flux import FluxTeacher
+        pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                            vae=tiny._image_vae(16, scaling_factor=0.3611, shift_factor=0.1159),
+                            text_encoder=tiny._clip_text(False, hidden=config["pooled_projection_dim"]),
+                            tokenizer=tiny.clip_tokenizer(),
+                            text_encoder_2=tiny._t5_encoder(config["joint_attention_dim"]), tokenizer_2=tiny.t5_tokenizer())
+        teacher = FluxTeacher(pipe, checkpoint, device=device, **sizes)
     else:
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -73,7 +87,7 @@ def build_teacher(model: str, dtype: str, sizes: dict):
             text_encoder=tiny._clip_text(True, projection=768), tokenizer=tiny.clip_tokenizer(),
             text_encoder_2=tiny._clip_text(True, projection=1280), tokenizer_2=tiny.clip_tokenizer(),
             text_encoder_3=tiny._t5_encoder(config["joint_attention_dim"]), tokenizer_3=tiny.t5_tokenizer())
-        teacher = SD3Teacher(pipe, checkpoint, device="cpu", **sizes)
+        teacher = SD3Teacher(pipe, checkpoint, device=device, **sizes)
     quantize_networks(teacher, dtype if dtype == "int8" else "none")
     return teacher
 
@@ -84,13 +98,14 @@ def _wan_vae():
                             temperal_downsample=[False, True, True])
 
 
-def train_config(model: str, dtype: str, output_dir: str):
+def train_config(model: str, dtype: str, output_dir: str, **overrides):
     from pdmd.training.config import TrainConfig
     checkpoint, sizes = MODELS[model]
-    return TrainConfig.from_dict(dict(
-        teacher=checkpoint, schedule={"boundaries": [0.5], "steps": [1, 1]}, steps_per_phase=1, batch_size=1,
-        fake_ratio=1, lora={"rank": 16, "alpha": 16}, prompts=["a red fox in the snow", "a city at night"],
-        sample_every=10**6, checkpoint_every=10**6, output_dir=output_dir, **sizes))
+    settings = dict(teacher=checkpoint, schedule={"boundaries": [0.5], "steps": [1, 1]}, steps_per_phase=1,
+                    batch_size=1, fake_ratio=1, lora={"rank": 16, "alpha": 16},
+                    prompts=["a red fox in the snow", "a city at night"], sample_every=10**6,
+                    checkpoint_every=10**6, output_dir=output_dir, **sizes)
+    return TrainConfig.from_dict({**settings, **overrides})
 
 
 def measure(model: str, dtype: str) -> dict:
@@ -150,6 +165,61 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model:14} {dtype:6} {row['s_per_step']:7.1f} {row['measured_gib']:13.3f} "
                   f"{row['planned_gib']:12.3f} {row['error']:+7.1%}", flush=True)
     print(json.dumps(rows))
+    return 0
+
+
+# the GPU run (gpu_check.py --real-size): sizes as users train them; the tiny VAEs halve the resolution, so the
+# pixel sizes below are chosen to give the latent the real VAE (x8) would give at the named resolution
+GPU_CASES = [  # (model, dtype, sizes, what it stands for)
+    ("wan2.1-1.3b", "bf16", dict(height=240, width=416, num_frames=33), "480x832x33"),
+    ("sd3.5-medium", "bf16", dict(height=256, width=256), "1024x1024"),
+    ("flux.1-dev", "int8", dict(height=256, width=256), "1024x1024, int8 base"),
+]
+MODELS["flux.1-dev"] = ("black-forest-labs/FLUX.1-dev", dict(height=256, width=256))
+
+
+def run_on_gpu(dry_run: bool = False, steps_per_phase: int = 2) -> int:
+    """Each case: build on CUDA, a few phased steps, s/step and torch.cuda peak next to the plan's training peak
+    (the stand-in encoders counted as they are). ``dry_run`` prints the plan side only."""
+    import tempfile
+
+    import torch
+
+    from pdmd.plan.memory import PlanSettings, activation_rows, module_bytes, peaks, weight_rows
+    from pdmd.training.trainer import Trainer
+
+    if not dry_run and not torch.cuda.is_available():
+        print("gpu_check --real-size: no CUDA device here (use --dry-run for the plan side)", file=sys.stderr)
+        return 2
+    print(f"{'case':32} {'s/step':>7} {'peak GiB':>9} {'planned GiB':>12}", flush=True)
+    for model, dtype, sizes, label in GPU_CASES:
+        MODELS[model] = (MODELS[model][0], sizes)
+        with tempfile.TemporaryDirectory() as folder:
+            config = train_config(model, dtype, folder, steps_per_phase=steps_per_phase, gradient_checkpointing=True)
+            settings = PlanSettings.from_config(config, dtype="bf16", device="cuda",
+                                                quantize="int8" if dtype == "int8" else "none")
+            rows = [r for r in weight_rows(settings)[0] if not r.name.startswith(("text encoder", "VAE"))]
+            planned = peaks(rows + activation_rows(settings))["training"]
+            if dry_run:
+                print(f"{model + ' ' + label:32} {'-':>7} {'-':>9} {planned / 2**30:12.2f}", flush=True)
+                continue
+            teacher = build_teacher(model, dtype, sizes, device="cuda")
+            planned += sum(module_bytes(m) for m in (*teacher.text_encoders, teacher.pipe.vae))
+            trainer = Trainer(config, teacher=teacher)
+            trainer.train_step()  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            while trainer.step < config.total_steps:
+                trainer.train_step()
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - started) / (config.total_steps - 1)
+            peak = torch.cuda.max_memory_allocated()
+            print(f"{model + ' ' + label:32} {seconds:7.2f} {peak / 2**30:9.2f} {planned / 2**30:12.2f}", flush=True)
+            del trainer, teacher
+            torch.cuda.empty_cache()
+            from accelerate.state import AcceleratorState
+            AcceleratorState._reset_state(reset_partial_state=True)
     return 0
 
 

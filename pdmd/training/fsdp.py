@@ -47,7 +47,7 @@ def shard_frozen_base(teacher, accelerator, run_dir: Path | None = None) -> dict
     world = accelerator.num_processes
     if world < 2 or not dist.is_initialized():
         raise FsdpError("fsdp: true shards the base across processes and needs 2 or more: launch with "
-                        "accelerate launch --config_file configs/fsdp2.yaml (GPUs) or torchrun --nproc_per_node N")
+                        "accelerate launch --config_file configs/accelerate/fsdp2.yaml (GPUs) or torchrun --nproc_per_node N")
     mesh = init_device_mesh(accelerator.device.type, (world,))
     for network in _networks(teacher):
         adapters = {p for n, p in network.named_parameters() if "lora_" in n}
