@@ -4,6 +4,8 @@ prints sampling and training it/s and peak GPU memory. The whole run takes well 
 
     python benchmarks/gpu_check.py                 # every family, on CUDA
     python benchmarks/gpu_check.py --cpu --steps 2 # a smoke run on the CPU (fp32 unless --dtype bf16)
+    python benchmarks/gpu_check.py --real-size     # real architectures, random weights (benchmarks/real_size.py)
+    python benchmarks/gpu_check.py --real-size --dry-run   # only the plan's predictions (no GPU needed)
 
 The numbers time the code path (placement, dtype, LoRA roles, the trainer loop), not the real models' speed.
 """
@@ -84,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--steps", type=int, default=20, help="generator steps of the distillation (2 phases)")
     parser.add_argument("--sample-steps", type=int, default=8)
+    parser.add_argument("--real-size", action="store_true",
+                        help="Wan 2.1-1.3B 480x832x33, SD3.5-medium 1024^2, FLUX.1-dev 1024^2 int8: s/step and peak vs plan")
+    parser.add_argument("--dry-run", action="store_true", help="with --real-size: print the plan's side only")
     args = parser.parse_args(argv)
+    if args.real_size:
+        from real_size import run_on_gpu  # benchmarks/ is on sys.path when this runs as a script
+        return run_on_gpu(dry_run=args.dry_run)
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a GPU machine, or pass --cpu for a smoke run",
               file=sys.stderr)

@@ -17,6 +17,8 @@ COMMANDS = {
     "lora": ("pdmd.commands.lora", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
     "bench-train": ("pdmd.commands.bench_train", ("time a generator step per phase, estimate the run's training time, "
                                          "compare its memory with teacher inference")),
+    "plan": ("pdmd.commands.plan", ("memory of a distillation run per component, from the teacher's config files "
+                                     "alone; whether it fits a GPU and the cheapest fix")),
     "bench-teacher": ("pdmd.commands.bench_teacher", "time the built-in teacher, report its size, draw its sample grid"),
 }
 

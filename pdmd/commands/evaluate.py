@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=_prompt, action="append", default=None,
                         help="evaluate this prompt instead of the standard set (repeatable)")
     parser.add_argument("--per-prompt", type=positive_int, default=8, help="images per prompt")
+    parser.add_argument("--quantize", choices=("none", "int8", "fp8"), default="none",
+                        help="evaluate the teacher with its network quantized (torchao weight-only)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         schedule, experts = student.schedule, student.experts
         cfg = student.cfg if args.cfg is None else args.cfg
     else:
-        teacher = load_teacher(args.model)
+        teacher = load_teacher(args.model, quantize=args.quantize)
         schedule = PhaseSchedule.uniform(args.steps or teacher.default_steps,
                                          teacher.default_shift if args.shift is None else args.shift)
         cfg = teacher.default_cfg if args.cfg is None else args.cfg

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
 import torch
 
-from pdmd.cli import positive_int
+from pdmd.cli import positive_float, positive_int
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.trainer import Trainer, TrainingDiverged
 
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --from-student: the first phase to train (2 or more)")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--gpu-memory", type=positive_float, metavar="GiB",
+                        help="refuse the run unless its planned peak fits this budget (default: the visible GPU's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
         if bool(args.from_student) != bool(args.start_phase):
             raise ConfigError("--from-student and --start-phase go together")
         config = TrainConfig.from_yaml(args.config, output_dir=args.output_dir)
+        from pdmd.plan.planner import refuse_if_too_big  # before anything is loaded (and only when asked: lazy)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        refuse_if_too_big(config, args.gpu_memory, processes=world if config.fsdp else 1)
         trainer = Trainer(config)
         if args.resume and trainer.resume(args.resume, say=lambda line: print(line, file=sys.stderr)) is None:
             print(f"no checkpoint in {trainer.run.checkpoints} yet: starting a new run", file=sys.stderr)

@@ -78,7 +78,7 @@ def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generato
 
 def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, cond=None, uncond=None,
                    cfg: float = 1.0, *, combine: Combine = cfg_combine, shift: float = 1.0, gradient: str = "x0",
-                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """docs/method.md §3, Eqs. (12)-(14): the DMD loss of phase k, whose gradient w.r.t. x_s is the
     distribution-matching direction, and its diagnostics (as DMD2 logs them): the DMD gradient's norm per
     sample and the real/fake gap in x0-prediction, which shrinks as the generator matches the teacher.
@@ -97,8 +97,10 @@ def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, con
             grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)
         else:
             grad = rf.dmd_gradient_x0(x0_real, x0_fake, x_s)
-        diagnostics = {"dmd_gradient_norm": grad.flatten(1).norm(dim=1).mean().item(),
-                       "score_gap": (x0_real - x0_fake).abs().mean().item()}
+        # detached tensors, not floats: reading them syncs the device, so the caller decides when (and the
+        # memory planner runs this on the meta device, where nothing can be read)
+        diagnostics = {"dmd_gradient_norm": grad.flatten(1).norm(dim=1).mean(),
+                       "score_gap": (x0_real - x0_fake).abs().mean()}
     return rf.dmd_loss(x_s, grad), diagnostics
 
 

@@ -140,8 +140,9 @@ class Roles:
         """Inference-only v(x, t, cond) of adapter ``name`` with its LoRA merged into a cached copy of the
         weights it touches; it falls back to the adapter path when K copies would not fit FOLD_BUDGET_BYTES."""
         cached = sum(layer.get_base_layer().weight.nbytes for layer in self.layers)
-        if name not in self._fold_cache and cached * (len(self._fold_cache) + 1) > FOLD_BUDGET_BYTES:
-            return self.velocity(name)
+        quantized = any(type(layer.get_base_layer().weight) not in (Tensor, nn.Parameter) for layer in self.layers)
+        if quantized or (name not in self._fold_cache and cached * (len(self._fold_cache) + 1) > FOLD_BUDGET_BYTES):
+            return self.velocity(name)  # a quantized base cannot hold merged float weights
 
         @torch.no_grad()
         def velocity(x: Tensor, t: Tensor, cond) -> Tensor:

@@ -87,16 +87,21 @@ def _hub_resolves() -> bool:
 
 
 def load_teacher(name: str, device=None, dtype=None, offload: bool = False, height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None) -> Teacher:
+                 width: int | None = None, num_frames: int | None = None, quantize: str = "none") -> Teacher:
     """A teacher by id or path.
 
     ``dtype``: "fp32", "bf16", "fp16" or a torch dtype (default: bf16 on CUDA, fp32 on the CPU). ``offload``
     keeps the text encoders and the VAE on the CPU, moving each to ``device`` only while it runs. ``height``,
-    ``width`` (pixels) and ``num_frames`` (video) default to the pipeline's own.
+    ``width`` (pixels) and ``num_frames`` (video) default to the pipeline's own. ``quantize`` ("int8", "fp8",
+    "nf4"): the frozen transformer(s) loaded quantized (pdmd.teachers.quantize).
     """
+    from pdmd.teachers.quantize import check_quantization, pipeline_quantization, quantize_networks
+    check_quantization(quantize, device)
     if name == "builtin":
         from pdmd.teachers.builtin import load_builtin_teacher
-        return load_builtin_teacher(device=device)
+        teacher = load_builtin_teacher(device=device)
+        quantize_networks(teacher, quantize)
+        return teacher
     import importlib
 
     import torch
@@ -115,9 +120,11 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     if num_frames is not None and not teacher_class.is_video:
         raise TeacherError(f"num_frames is for video teachers; {name} is a {class_name}")
     import diffusers
+    quantization = pipeline_quantization(quantize, list(index))
     try:
-        pipe = getattr(diffusers, class_name).from_pretrained(str(Path(name).expanduser()) if local else name,
-                                                              dtype=dtype)
+        pipe = getattr(diffusers, class_name).from_pretrained(
+            str(Path(name).expanduser()) if local else name, dtype=dtype,
+            **({"quantization_config": quantization} if quantization else {}))
     except torch.OutOfMemoryError as err:
         from pdmd.teachers.diffusers_base import MEMORY_ADVICE
         raise TeacherError(f"{name} does not fit in memory ({err}): {MEMORY_ADVICE}") from None

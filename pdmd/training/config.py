@@ -14,6 +14,7 @@ from pdmd import limits
 from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students.manifest import LoraSpec
+from pdmd.teachers.quantize import QUANTIZATIONS
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,11 @@ class TrainConfig:
     num_frames: int | None = None
     report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
     seed: int = 0
+    # the frozen transformer(s) loaded quantized: "none", "int8", "fp8" (torchao, CPU or GPU) or "nf4"
+    # (bitsandbytes, CUDA); LoRA experts and the fake adapter train on top (pdmd.teachers.quantize)
+    quantize: str = "none"
+    # shard the frozen base across the launched processes with FSDP2 (pdmd.training.fsdp); adapters stay whole
+    fsdp: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -148,6 +154,13 @@ class TrainConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a list of prompt strings")
             set_(name, tuple(value))
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"quantize = {self.quantize!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"fsdp = {self.fsdp!r} must be true or false")
+        if self.fsdp and self.sample_every <= self.total_updates:  # rank 0 alone cannot run a sharded network
+            raise ConfigError("fsdp: true draws no samples while training: set sample_every above the run's "
+                              f"{self.total_updates} updates and sample the finished student")
 
     @staticmethod
     def _lora(data) -> LoraSpec:
@@ -164,9 +177,10 @@ class TrainConfig:
 
     def teacher_options(self) -> dict:
         """Keyword arguments of load_teacher for this config's teacher (none for the built-in one)."""
+        quantized = {"quantize": self.quantize} if self.quantize != "none" else {}
         if self.teacher == "builtin":
-            return {}
-        options = {"dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
+            return quantized
+        options = {**quantized, "dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
                    "num_frames": self.num_frames}
         return {k: v for k, v in options.items() if v not in (None, False)}
 

@@ -78,6 +78,9 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
         warn_about_shared_phases(self.teacher, self.schedule)
+        if config.fsdp:
+            from pdmd.training.fsdp import shard_frozen_base
+            shard_frozen_base(self.teacher, self.accelerator, self.run.path)
         if config.gradient_checkpointing is True:
             self.teacher.enable_gradient_checkpointing()
         self.teacher_cfg = self.teacher.default_cfg if config.teacher_cfg is None else config.teacher_cfg
@@ -280,7 +283,8 @@ class Trainer:
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
-                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm, **diagnostics,
+                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
+                **{name: float(value) for name, value in diagnostics.items()},
                 "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
 
     # --- outputs -----------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""The memory planner: real architectures from config files on the meta device, exact counts on tiny pipelines,
+a peak near the measured one, and train's refusal of a run that cannot fit before any weight is read."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from pdmd.cli import main
+from pdmd.plan.architectures import meta_teacher, shipped_checkpoints
+from pdmd.plan.memory import PlanSettings, components, module_bytes, peaks, tensor_bytes
+from pdmd.plan.trace import LivePeak
+from pdmd.training.config import TrainConfig
+
+# published parameter counts of the transformer(s), in billions (model cards / papers)
+PUBLISHED = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1.42, "Wan-AI/Wan2.1-T2V-14B-Diffusers": 14.3,
+             "Wan-AI/Wan2.2-T2V-A14B-Diffusers": 2 * 14.3, "stabilityai/stable-diffusion-3.5-medium": 2.24,
+             "stabilityai/stable-diffusion-3.5-large": 8.06, "black-forest-labs/FLUX.1-dev": 11.9,
+             "black-forest-labs/FLUX.1-schnell": 11.9, "Qwen/Qwen-Image": 20.4}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_every_shipped_checkpoint_builds_on_the_meta_device_at_its_published_size():
+    assert sorted(PUBLISHED) == shipped_checkpoints()
+    for name, billions in PUBLISHED.items():
+        teacher = meta_teacher(name)
+        count = sum(p.numel() for p in teacher.model.parameters())
+        assert next(teacher.model.parameters()).device.type == "meta"
+        assert count / 1e9 == pytest.approx(billions, rel=0.01), name
+
+
+def test_plan_command_answers_for_a_hub_id_with_no_download(capsys):
+    code = main(["plan", "--teacher", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--height", "64", "--width", "64",
+                 "--num-frames", "5", "--batch-size", "1", "--gpu-memory", "24", "--device", "cuda", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["fits"] is True and result["suggestions"] == []
+    names = {row["name"] for row in result["components"]}
+    assert {"transformer", "VAE", "LoRA experts + fake adapter", "optimizer states",
+            "activations: generator update"} <= names
+    bf16_base = next(r["bytes"] for r in result["components"] if r["name"] == "transformer")
+    assert bf16_base == pytest.approx(2 * 1.419e9, rel=0.01)
+
+
+def _tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
+    sizes = dict(height=32, width=32, num_frames=9) if "wan" in folder.name else dict(height=32, width=32)
+    return TrainConfig.from_dict(dict(
+        teacher=str(folder), schedule={"boundaries": [0.5], "steps": [2, 2]}, updates_per_phase=2, batch_size=2,
+        fake_ratio=1, lora={"rank": 4, "alpha": 4}, prompts=["a red fox", "a city at night"], sample_every=100,
+        checkpoint_every=100, output_dir=str(tmp_path / "run"), **sizes, **overrides))
+
+
+@pytest.mark.parametrize("family,checkpointing", [("wan22", False), ("sd3", True), ("fluxdev", "rollout")])
+def test_predicted_bytes_equal_counted_and_peak_is_near_the_measured_one(tiny_pipeline, tmp_path, family,
+                                                                         checkpointing):
+    from pdmd.training.trainer import Trainer
+
+    folder = tiny_pipeline({"wan22": "wan2.2", "sd3": "sd3", "fluxdev": "flux-dev"}[family])
+    config = _tiny_config(folder, tmp_path, gradient_checkpointing=checkpointing)
+    rows, _ = components(PlanSettings.from_config(config, device="cpu"))
+    predicted = {r.name: r.bytes for r in rows}
+    trainer = Trainer(config)
+    trainer.train_step()  # optimizer states exist from here on
+    teacher = trainer.teacher
+    with LivePeak() as live:
+        trainer.train_step()
+    adapters = sum(tensor_bytes(p) for n, p in teacher.model.named_parameters() if "lora_" in n)
+    networks = teacher.model.values() if teacher.network_names else [teacher.model]
+    assert sum(v for k, v in predicted.items() if k.startswith("transformer")) == \
+        sum(module_bytes(n) for n in networks) - adapters
+    for index, encoder in enumerate(teacher.text_encoders):
+        assert predicted[f"text encoder {index + 1} ({type(encoder).__name__})"] == module_bytes(encoder)
+    assert predicted["VAE"] == module_bytes(teacher.pipe.vae)
+    assert predicted["LoRA experts + fake adapter"] == adapters
+    optimizer = sum(tensor_bytes(v) for o in trainer.optimizers.values() for state in o.optimizer.state.values()
+                    for v in state.values())
+    assert predicted["optimizer states"] == optimizer
+    prompts = sum(tensor_bytes(v) for c in (trainer.cond, trainer.uncond) if c for v in c.values())
+    assert predicted["prompt embeddings"] == prompts
+    measured = (sum(module_bytes(n) for n in networks) + sum(module_bytes(e) for e in teacher.text_encoders)
+                + module_bytes(teacher.pipe.vae) + optimizer + prompts + live.peak)
+    assert peaks(rows)["training"] == pytest.approx(measured, rel=0.25)
+
+
+def _config_file(tmp_path, config: TrainConfig):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.as_dict()))
+    return path
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_reading_any_weight(tiny_pipeline, tmp_path, capsys):
+    folder = tmp_path / "configs-only"
+    shutil.copytree(tiny_pipeline("wan2.1"), folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()  # reading a weight would now fail: the refusal must come first
+    path = _config_file(tmp_path, _tiny_config(folder, tmp_path))
+    assert main(["train", "--config", str(path), "--gpu-memory", "0.0001"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m pdmd")]
+    assert len(errors) == 1 and "to fit:" in errors[0] and "GiB" in errors[0]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", "--teacher", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--gpu-memory", "0"])
+    assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", "--teacher", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--quantize", "int3"])
+    assert stop.value.code == 2
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert main(["plan", "--teacher", str(tmp_path / "empty")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m pdmd")]
+    assert len(errors) == 1 and "model_index.json" in errors[0]
+    assert main(["plan", "--teacher", "someone/unknown-model"]) == 2
+    assert "no architecture known" in capsys.readouterr().err
+
+
+def test_live_peak_counts_what_is_alive_at_once():
+    x = torch.ones(256, 256)
+    with LivePeak() as live:
+        y = x * 2
+        z = y + 1
+        del y
+        w = z * 3
+    assert live.peak == 2 * x.nbytes and live.current == 2 * x.nbytes
+    del z, w
