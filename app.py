@@ -5,7 +5,10 @@ import argparse
 import os
 
 from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_UPLOAD_BYTES
+from pdmd.showcase import ShowcaseError
 from ui.app import CSS, allowed_paths, build_app
+from ui.inputs import redact
+from ui.teacher_picker import LOAD_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,9 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    build_app().queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS,
-                               allowed_paths=allowed_paths(),
-                               max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
+    try:
+        app = build_app()
+    except (ShowcaseError, *LOAD_ERRORS) as err:  # an invalid showcase file, or (load: eager) a model in it
+        raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
+    app.queue().launch(server_name=args.host, server_port=args.port, share=False, css=CSS,
+                       allowed_paths=allowed_paths(), max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
 
 
 if __name__ == "__main__":
