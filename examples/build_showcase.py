@@ -43,7 +43,7 @@ def build(out: Path) -> None:
     for family, name in (("sd3", "sd3"), ("wan2.2", "wan22")):
         teacher = tiny.build(family, out / name)
         student = distil(teacher, out / f"{name}-run", family)
-        print(f"{family}: teacher {teacher.relative_to(ROOT)}, student {student.relative_to(ROOT)}")
+        print(f"{family}: teacher {teacher.name}, student {student.parent.name}/{student.name}")
     written = export_student(out / "wan22-run" / "student", out / "wan22-lightning-style", "comfyui")
     print("published-style LoRA files:", ", ".join(p.name for p in written))
 
