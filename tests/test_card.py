@@ -143,3 +143,21 @@ def test_push_refuses_a_bad_repo_id_and_a_folder_that_is_no_student(tmp_path, ca
     assert "must be OWNER/NAME" in call_push(capsys, "--student", str(tmp_path), "--repo", "no-owner")[2]
     code, _, err = call_push(capsys, "--student", str(tmp_path / "missing"), "--repo", "me/tiny", "--dry-run")
     assert code == 2 and "does not exist" in err
+
+
+def test_the_train_tab_offers_the_card_and_pushes_only_where_training_is_open(pushable, monkeypatch):
+    import types
+
+    from pdmd.training.gate import Gate
+    from pdmd.training.run_folder import RunFolder
+    from ui.train_publish import on_card, on_push
+
+    job = types.SimpleNamespace(id=1, name="tiny", finished=True, student=pushable, run=RunFolder(pushable.parent))
+    manager = types.SimpleNamespace(jobs=lambda: [job])
+    path, status = on_card(manager, 1)
+    assert Path(path).read_text() == (pushable / CARD).read_text() and "✓" in status
+    assert "only a finished job" in on_card(manager, 2)[1]
+    assert "only possible where training is open" in on_push(manager, Gate("off"), 1, "me/tiny", True)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert "no Hugging Face token" in on_push(manager, Gate("on"), 1, "me/tiny", True)
+    assert "must be OWNER/NAME" in on_push(manager, Gate("on"), 1, "../x", True)

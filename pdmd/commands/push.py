@@ -52,34 +52,51 @@ def hub_ready() -> str | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
-    def fail(message: str) -> int:
-        print(f"python -m pdmd push: error: {message}", file=sys.stderr)
-        return 2
+class PushError(ValueError):
+    """Why a student cannot be pushed; one line."""
 
-    folder = Path(args.student)
-    if not REPO_ID.match(args.repo):
-        return fail(f"--repo {args.repo!r} must be OWNER/NAME")
+
+def check_push(folder: Path, repo: str) -> list[str]:
+    """The files that would go; PushError for a bad repo id or a folder that is no student."""
+    if not isinstance(repo, str) or not REPO_ID.match(repo):
+        raise PushError(f"repository {str(repo)[:100]!r} must be OWNER/NAME")
     try:
         Manifest.read(folder)  # a student folder, checked before anything is written or sent
     except StudentError as err:
-        return fail(str(err))
-    files = files_to_push(folder)
-    if args.dry_run:
-        print(json.dumps({"repo": args.repo, "private": args.private, "files": files}, indent=1))
-        return 0
+        raise PushError(str(err)) from None
+    return files_to_push(folder)
+
+
+def push_student(folder: Path, repo: str, private: bool = False) -> str:
+    """Upload the student (its card first written for ``repo``); the commit's URL."""
+    check_push(folder, repo)
     problem = hub_ready()
     if problem:
-        return fail(problem)
+        raise PushError(problem)
     from huggingface_hub import HfApi
 
-    write_card(folder, repo_id=args.repo)
+    write_card(folder, repo_id=repo)
     api = HfApi()
     try:
-        api.create_repo(args.repo, private=args.private, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.repo, folder_path=str(folder), ignore_patterns=EXCLUDED,
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=str(folder), ignore_patterns=EXCLUDED,
                                    commit_message="Upload phased student (pdmd push)")
     except Exception as err:  # HTTP errors, refused token, ...: one line saying what the Hub answered
-        return fail(f"upload to {args.repo} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    print(json.dumps({"repo": args.repo, "url": getattr(commit, "commit_url", str(commit)), "files": files}))
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise PushError(f"upload to {repo} failed: {type(err).__name__}: {first}") from None
+    return getattr(commit, "commit_url", str(commit))
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.student)
+    try:
+        files = check_push(folder, args.repo)
+        if args.dry_run:
+            print(json.dumps({"repo": args.repo, "private": args.private, "files": files}, indent=1))
+            return 0
+        url = push_student(folder, args.repo, args.private)
+    except PushError as err:
+        print(f"python -m pdmd push: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"repo": args.repo, "url": url, "files": files}))
     return 0
