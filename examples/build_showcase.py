@@ -18,10 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pdmd.students.lora_formats import export_student  # noqa: E402
-from pdmd.teachers import tiny  # noqa: E402
-from pdmd.training.config import TrainConfig  # noqa: E402
-from pdmd.training.trainer import Trainer  # noqa: E402
+from pdmd.students.lora_formats import export_student
+from pdmd.teachers import tiny
+from pdmd.training.config import TrainConfig
+from pdmd.training.trainer import Trainer
 
 SIZES = {"sd3": dict(height=16, width=16), "wan2.2": dict(height=16, width=16, num_frames=5)}
 PROMPTS = ["a red cat on a sofa", "two blue dogs", "a green tree"]

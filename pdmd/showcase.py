@@ -124,7 +124,7 @@ class Showcase:
 
     # --- reading -----------------------------------------------------------------------------------------------
     @classmethod
-    def read(cls, path: str | Path) -> "Showcase":
+    def read(cls, path: str | Path) -> Showcase:
         path = Path(path)
         if not path.is_file():
             raise ShowcaseError(f"{path}: no such showcase file")
@@ -145,7 +145,7 @@ class _Entry:
     def __init__(self, file: Path, where: str = ""):
         self.file, self.where = file, where
 
-    def at(self, part: str) -> "_Entry":
+    def at(self, part: str) -> _Entry:
         return _Entry(self.file, f"{self.where}.{part}" if self.where and not part.startswith("[") else
                       self.where + part)
 

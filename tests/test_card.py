@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from PIL import Image
 from safetensors import safe_open
 from test_diffusers_teachers import EXPERT_SPLIT, SIZES, fresh_accelerator_state, random_student, tiny_config  # noqa: F401
 
-from pdmd.commands import push
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import lora_formats
 from pdmd.students.card import CARD, SAMPLE_GRID, render_card, write_card
@@ -28,14 +28,13 @@ PROMPT = "a cat sitting on a windowsill"  # the card's example prompt for a diff
 
 
 def snippet(card: str) -> str:
-    return re.search(r"```python\n(.*?)```", card, re.S)[1]
+    return re.search(r"```python\n(.*?)```", card, re.DOTALL)[1]
 
 
 def run_snippet(code: str, where: Path) -> dict:
     namespace = {}
     previous = Path.cwd()
     try:
-        import os
         os.chdir(where)
         exec(compile(code, "model-card-snippet", "exec"), namespace)
     finally:

@@ -105,9 +105,9 @@ def test_both_pairs_compare_with_video_for_wan_and_a_slider_for_images(store):
 
     assert "Loading **tiny-sd3**" in on_status(store, "tiny-sd3/phased")  # lazy: the first request loads
     for pair, video in (("tiny-sd3/phased", False), ("tiny-wan22/lightning-style", True)):
-        student_video, student_image, caption, status, run = on_student(store, pair, "a red cat", 3, 0.5, 1.5)
+        student_video, _, caption, _, run = on_student(store, pair, "a red cat", 3, 0.5, 1.5)
         assert "NFE 4" in caption and "seed 3" in caption and run["seed"] == 3
-        teacher_video, teacher_image, teacher_caption, slider, summary, done = on_teacher(store, run, 8, 4.0)
+        teacher_video, _, teacher_caption, slider, summary, done = on_teacher(store, run, 8, 4.0)
         assert "NFE 16" in teacher_caption and "faster" in summary and done == "Done."
         assert teacher_video["visible"] == student_video["visible"] == video
         if video:

@@ -11,8 +11,8 @@ from pdmd.training.jobs import JobManager
 from ui.compare import build_compare_tab
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
-from ui.showcase import ShowcaseStore, build_showcase_tab, load_everything, showcase_from_env
 from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
+from ui.showcase import ShowcaseStore, build_showcase_tab, load_everything, showcase_from_env
 from ui.train import build_train_tab
 
 TITLE = "Phased DMD Studio"
