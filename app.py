@@ -5,7 +5,10 @@ import argparse
 import os
 
 from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_QUEUE, MAX_UPLOAD_BYTES
+from pdmd.showcase import ShowcaseError
 from ui.app import CSS, blocked_paths, build_app
+from ui.inputs import redact
+from ui.teacher_picker import LOAD_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,8 +22,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        app = build_app()
+    except (ShowcaseError, *LOAD_ERRORS) as err:  # an invalid showcase file, or (load: eager) a model in it
+        raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
     # a bounded queue: beyond MAX_QUEUE waiting requests a visitor is told the server is busy
-    build_app().queue(max_size=MAX_QUEUE).launch(
+    app.queue(max_size=MAX_QUEUE).launch(
         server_name=args.host, server_port=args.port, share=False, css=CSS, blocked_paths=blocked_paths(),
         max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
 

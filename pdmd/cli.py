@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("pdmd.commands.train", "LoRA phased distillation of a teacher (one device, or many with accelerate launch)"),
     "sample": ("pdmd.commands.sample", "render a prompt with a teacher, or with a student folder"),
     "lora": ("pdmd.commands.lora", "import published LoRA files as a student; export a student for diffusers/ComfyUI"),
+    "push": ("pdmd.commands.push", "upload a student folder and its model card to the Hugging Face Hub"),
     "bench-train": ("pdmd.commands.bench_train", ("time a generator step per phase, estimate the run's training time, "
                                          "compare its memory with teacher inference")),
     "plan": ("pdmd.commands.plan", ("memory of a distillation run per component, from the teacher's config files "

@@ -34,3 +34,12 @@ STUDENT_CACHE_BYTES = 256 * 2**20        # loaded students kept in memory (LRU)
 BUILTIN_TEACHER_COPIES = 4               # built-in teachers at other resolutions kept loaded (LRU)
 MAX_QUEUE = 32                           # requests waiting per event before "busy"
 DOWNLOAD_MAX_AGE_S = 3600                # comparison PNGs, GIFs and zips are removed after this
+
+# --- ZeroGPU: GPU time asked per sampling call (ui/gpu.py); estimates for a 14B video / 12B image network ------
+GPU_BASE_S = 5                           # text encoding, VAE decode, moving tensors
+GPU_IMAGE_STEP_S = 1.0                   # one transformer evaluation of an image teacher
+GPU_VIDEO_STEP_S = 8.0                   # one of a video teacher (Wan 2.2 A14B, 480p, 81 frames)
+GPU_MIN_S, GPU_MAX_S = 10, 300           # ZeroGPU grants at most a few minutes per call
+
+# --- the showcase (pdmd/showcase.py, ui/showcase.py) ------------------------------------------------------------
+SHOWCASE_STRENGTH_VARIANTS = 16          # published students at visitor-chosen strengths kept on disk (LRU)

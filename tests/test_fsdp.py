@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pdmd.cli import main
-from pdmd.training.trainer import METRICS_FILE
+from pdmd.training.run_folder import METRICS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ import gradio as gr
 from pdmd import limits
 from pdmd.core.schedule import PRESETS
 from pdmd.paths import ROOT, runs_dir
+from pdmd.showcase import Showcase
 from pdmd.training.gate import Gate
 from pdmd.training.jobs import JobManager
 from ui.compare import build_compare_tab
@@ -13,6 +14,7 @@ from ui.comparison import clean_downloads
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
 from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
+from ui.showcase import ShowcaseStore, build_showcase_tab, load_everything, showcase_from_env
 from ui.train import build_train_tab
 
 TITLE = "Phased DMD Studio"
@@ -22,9 +24,15 @@ INTRO = ("# Phased DMD Studio\nA many-step teacher next to its few-step student 
 
 
 def build_app(store: ModelStore | None = None, manager: JobManager | None = None,
-              gate: Gate | None = None) -> gr.Blocks:
+              gate: Gate | None = None, showcase: Showcase | None = None) -> gr.Blocks:
     gate = gate or Gate.from_env()
-    store = store or ModelStore(other_teachers=gate.mode == "on")  # a public server loads only its own teacher
+    showcase = showcase or showcase_from_env()
+    # a public server with a showcase offers exactly its pairs: no Compare tab that could load anything else
+    compare = showcase is None or gate.mode == "on"
+    store = store or (ModelStore(other_teachers=gate.mode == "on") if compare else None)
+    showcase_store = ShowcaseStore(showcase) if showcase else None
+    if showcase and showcase.eager:
+        load_everything(showcase_store)
     manager = manager or JobManager()  # recovers the jobs a previous app left running
     manager.start_supervisor()
     clean_downloads()
@@ -34,8 +42,12 @@ def build_app(store: ModelStore | None = None, manager: JobManager | None = None
         schedule_state = gr.State(PRESETS[DEFAULT_PRESET].as_dict())
         students_changed = gr.State(0)  # the Train tab bumps it when a job finishes: Compare re-lists students
         with gr.Tabs():
-            with gr.Tab("Compare", id="compare") as compare_tab:
-                build_compare_tab(store, schedule_state, refresh_on=[compare_tab.select, students_changed.change])
+            if showcase:
+                with gr.Tab("Showcase", id="showcase"):
+                    build_showcase_tab(showcase_store)
+            if compare:
+                with gr.Tab("Compare", id="compare") as compare_tab:
+                    build_compare_tab(store, schedule_state, refresh_on=[compare_tab.select, students_changed.change])
             with gr.Tab("Phases", id="phases"):
                 phases = build_phases_tab(schedule_state)
             with gr.Tab("Train", id="train"):

@@ -20,6 +20,7 @@ from pdmd.students.manifest import Manifest
 from pdmd.teachers import same_teacher
 from pdmd.teachers.base import Teacher
 from ui import images, students
+from ui.gpu import gpu_seconds, run_on_gpu
 from ui.inputs import InputError, schedule_of
 from ui.models import ModelStore
 from ui.teacher_picker import teacher_pick
@@ -85,7 +86,14 @@ class BoundaryState:
 
 def sample_side(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg: float,
                 experts=None, on_step=None):
-    """Images, NFE, wall seconds (sampling + decoding) and the state at every interior boundary."""
+    """Images, NFE, wall seconds (sampling + decoding) and the state at every interior boundary: the app's one
+    GPU call, so on ZeroGPU it runs inside spaces.GPU for a time sized to its NFE (ui/gpu.py)."""
+    seconds = gpu_seconds(schedule.nfe, len(prompts), teacher.is_video)
+    return run_on_gpu(_sample_side, teacher, prompts, seed, schedule, cfg, experts, on_step, seconds=seconds)
+
+
+def _sample_side(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg: float,
+                 experts=None, on_step=None):
     captured = {}
 
     def record(step: dict):

@@ -27,6 +27,7 @@ from pdmd.training.gate import Gate, GateClosed
 from pdmd.training.jobs import JobError, JobManager
 from ui import comparison
 from ui.inputs import InputError, error_markdown, schedule_of
+from ui.train_publish import build_publish_row
 
 POLL_SECONDS = 1.5
 PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
@@ -327,6 +328,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 fake_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Fake-score loss", height=220)
             sample = gr.Image(label="Latest samples", type="pil", interactive=False, elem_id="train-sample")
             download = gr.DownloadButton("Download student (.zip)", visible=False, elem_id="train-download")
+            build_publish_row(manager, gate, job)  # the model card; a Hub push where training is open
     log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, interactive=False, autoscroll=True,
                      elem_id="train-log")
     table = gr.Dataframe(headers=JOB_HEADERS, value=job_table(manager.jobs()) or None, interactive=False,

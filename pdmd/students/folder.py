@@ -26,6 +26,12 @@ from pdmd.teachers.base import Teacher
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights records rank and alpha
+SCHEDULE_METADATA_KEY = "pdmd_schedule"  # the phase schedule, so a LoRA file alone says where it belongs
+
+
+def schedule_metadata(schedule: PhaseSchedule, phase: int) -> dict[str, str]:
+    """safetensors metadata (strings only) naming the file's phase and the whole schedule it is part of."""
+    return {"pdmd_phase": phase_adapter(phase), SCHEDULE_METADATA_KEY: json.dumps(schedule.as_dict())}
 
 
 def networks_of_phase(teacher: Teacher, schedule: PhaseSchedule, phase: int) -> tuple[str, ...]:
@@ -57,10 +63,10 @@ def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, **provenan
     config = {f"{prefix}.r": roles.lora.rank, f"{prefix}.lora_alpha": roles.lora.alpha,
               f"{prefix}.target_modules": list(roles.lora.target_modules)}
 
-    def write(relative: str, state: dict[str, Tensor], name: str) -> str:
+    def write(relative: str, state: dict[str, Tensor], k: int) -> str:
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         save_file({f"{prefix}.{key}": value.contiguous().cpu() for key, value in state.items()}, str(folder / relative),
-                  metadata={"format": "pt", "pdmd_phase": name, LORA_METADATA_KEY: json.dumps(config)})
+                  metadata={"format": "pt", **schedule_metadata(schedule, k), LORA_METADATA_KEY: json.dumps(config)})
         return relative
 
     phases, networks = [], []
@@ -68,16 +74,16 @@ def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, **provenan
         name = phase_adapter(k)
         state = roles.state_dict(name)
         if not teacher.network_names:
-            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", state, name))
+            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", state, k))
             continue
         # the adapter lives in every network; only those the phase runs on were trained (the rest stay B = 0)
         used = networks_of_phase(teacher, schedule, k)
         parts = {n: {key[len(n) + 1:]: v for key, v in state.items() if key.startswith(f"{n}.")} for n in used}
         if len(used) == 1:
-            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", parts[used[0]], name))
+            phases.append(write(f"{name}/{LORA_WEIGHT_NAME}", parts[used[0]], k))
             networks.append(used[0])
         else:
-            phases.append({n: write(f"{name}/{n}/{LORA_WEIGHT_NAME}", parts[n], name) for n in used})
+            phases.append({n: write(f"{name}/{n}/{LORA_WEIGHT_NAME}", parts[n], k) for n in used})
             networks.append(tuple(used))
     manifest = Manifest(schedule=schedule, phases=tuple(phases), lora=roles.lora, lora_prefix=prefix,
                         family=teacher.family, teacher_options=teacher.options(),

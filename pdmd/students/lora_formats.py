@@ -34,7 +34,7 @@ from pdmd.core.sampling import phase_sigmas
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.limits import MAX_STRENGTH
 from pdmd.students import StudentError
-from pdmd.students.folder import LORA_WEIGHT_NAME, networks_of_phase
+from pdmd.students.folder import LORA_WEIGHT_NAME, networks_of_phase, schedule_metadata
 from pdmd.students.manifest import MANIFEST, PICKLE_SUFFIXES, PUBLISHED, LoraSpec, Manifest
 from pdmd.students.roles import phase_adapter
 from pdmd.teachers.base import Teacher
@@ -61,6 +61,9 @@ WAN_TOP_NAMES = {"condition_embedder.time_proj": "time_projection.1", "proj_out"
                  "condition_embedder.time_embedder.linear_2": "time_embedding.2",
                  "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
                  "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3"}
+# a two-network teacher's files are named by network, as the published Wan2.2-Lightning files are: the key
+# names alone cannot tell a ComfyUI user which model a file belongs to
+NETWORK_FILE_NAMES = {"transformer": "high_noise", "transformer_2": "low_noise"}
 KOHYA_PARTS = {"lora_A": "lora_down", "lora_B": "lora_up"}
 PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
@@ -282,7 +285,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
         (folder / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
         padded = {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in _pad_rank(state, rank).items()}
         save_file(padded, str(folder / phase_adapter(k) / LORA_WEIGHT_NAME),
-                  metadata={"format": "pt", "pdmd_phase": phase_adapter(k)})
+                  metadata={"format": "pt", **schedule_metadata(schedule, k)})
         phases.append(f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}")
     Manifest(teacher=teacher_id or teacher.name, family=teacher.family, method=PUBLISHED, student_cfg=float(cfg),
              updates_trained=0, schedule=schedule, phases=tuple(phases),
@@ -377,8 +380,10 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui")
                      for key, v in load_file(str(source)).items()}
             keys = comfyui_state(state, family) if layout == "comfyui" else \
                 {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
-            path = out / f"{name}-{phase_adapter(k)}{'-' + network if len(pairs) > 1 else ''}-{layout}.safetensors"
-            save_file(keys, str(path), metadata={"format": "pt", "pdmd_phase": phase_adapter(k), "pdmd_family": family})
+            path = out / f"{name}-{phase_adapter(k)}{'-' + NETWORK_FILE_NAMES.get(network, network) if network else ''}" \
+                         f"-{layout}.safetensors"
+            save_file(keys, str(path), metadata={"format": "pt", **schedule_metadata(manifest.schedule, k),
+                                                 "pdmd_family": family, **({"pdmd_network": network} if network else {})})
             written.append(path)
             described.append({"file": path.name, "phase": k + 1, **({"network": network} if network else {})})
     (out / "export.json").write_text(json.dumps({

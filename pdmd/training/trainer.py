@@ -19,6 +19,7 @@ from pdmd.core import distill
 from pdmd.core.sampling import phase_sigmas
 from pdmd.media import as_stills, save_png
 from pdmd.students import StudentError
+from pdmd.students.card import write_card
 from pdmd.students.folder import load_phases, save_student, warn_about_shared_phases
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
@@ -297,6 +298,7 @@ class Trainer:
         with self.roles.ema_weights():
             checkpoints.atomic_export(self.run.student,
                                       lambda folder: save_student(folder, self.roles, self.schedule, **provenance))
+        write_card(self.run.student, run=self.run.path)  # README.md: the Hub model card of the finished student
         return self.run.student
 
     @torch.no_grad()

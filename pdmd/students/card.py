@@ -1,0 +1,260 @@
+"""A student folder's ``README.md``: the Hub model card, made with huggingface_hub's ModelCard / ModelCardData.
+
+Front matter: base_model (the teacher's Hub id), ``library_name: diffusers``, tags, license. Body: the method,
+the phase schedule, the training budget and time, the sample grid, the eval figures (built-in teacher), and
+copy-paste usage for diffusers -- which, run as written, reproduces ``python -m pdmd sample --student`` for the
+same seed (tests/test_card.py) -- and for ComfyUI.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from pdmd.core.sampling import phase_sigmas
+from pdmd.students.manifest import PUBLISHED, Manifest
+from pdmd.students.roles import phase_adapter
+
+CARD = "README.md"
+SAMPLE_GRID = "samples.png"  # the run's last sample grid, copied beside the LoRAs so the card can show it
+EVAL_FILE = "eval.json"      # `python -m pdmd eval --student DIR --json > DIR/eval.json` (built-in teacher)
+DEFAULT_LICENSE = "apache-2.0"  # this repository's; a diffusers teacher's own licence wins when it is known
+METHODS = {"phased": "Phased DMD: one LoRA expert per SNR phase, each distilled with DMD",
+           "phased-sgts": "Phased DMD with stochastic gradient truncation",
+           "dmd": "DMD, one step", "dmd-sgts": "DMD with stochastic gradient truncation",
+           PUBLISHED: "published LoRA files, one per phase, wrapped as a phased student"}
+# the keyword that sets guidance in each family's pipeline __call__
+CFG_KEYWORD = {"qwen-image": "true_cfg_scale"}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}
+
+A {{ nfe }}-step student of [{{ teacher }}]({{ teacher_link }}) made with
+Phased DMD Studio (`pdmd`): {{ method }}
+([Phased DMD](https://arxiv.org/abs/2510.27684)). Each phase of the noise schedule has its own LoRA expert;
+sampling switches experts at each phase boundary.
+
+## Phase schedule
+
+Shift {{ shift }}, student CFG {{ cfg }}, NFE {{ nfe }} (the teacher's default is many more).
+
+| phase | t from | t to | steps | timesteps (shifted) | LoRA file(s) |
+|---|---|---|---|---|---|
+{% for row in phases -%}
+| {{ row.phase }} | {{ row.start }} | {{ row.end }} | {{ row.steps }} | {{ row.times }} | {{ row.files }} |
+{% endfor %}
+Every LoRA file also carries the schedule in its safetensors metadata (`pdmd_schedule`, `pdmd_phase`).
+
+## Training
+
+{{ training }}
+{% if sample_grid %}
+![sample grid]({{ sample_grid }})
+{% endif %}
+{% if evaluation %}
+## Evaluation (built-in teacher's metrics probe)
+
+{{ evaluation }}
+{% endif %}
+## Use with diffusers
+
+```python
+{{ diffusers_usage }}
+```
+
+## Use with ComfyUI
+
+{{ comfyui_usage }}
+
+## Reproduce with pdmd
+
+```bash
+python -m pdmd sample --student {{ name }} --prompt "{{ prompt }}" --seed 0 --out student.{{ suffix }}
+```
+"""
+
+
+def is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def student_title(folder: Path) -> str:
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "student" else folder.name
+
+
+def teacher_license(teacher: str) -> str:
+    """The licence on the teacher's own Hub card when it is in the local cache (no download), else ours."""
+    if not is_hub_id(teacher):
+        return DEFAULT_LICENSE
+    try:
+        from huggingface_hub import hf_hub_download
+        card = ModelCard.load(hf_hub_download(teacher, CARD, local_files_only=True))
+        return card.data.license or "other"
+    except Exception:  # not cached, or a card without front matter: say nothing we do not know
+        return "other"
+
+
+def schedule_rows(manifest: Manifest) -> list[dict]:
+    rows = []
+    for k in range(manifest.schedule.num_phases):
+        times = phase_sigmas(manifest.schedule, k)
+        files = manifest.phase_files(k)
+        rows.append({"phase": k + 1, "start": f"{times[0]:.4g}", "end": f"{times[-1]:.4g}",
+                     "steps": manifest.schedule.steps[k], "times": ", ".join(f"{t:.4g}" for t in times[:-1]),
+                     "files": ", ".join(f"`{f}`" + (f" ({n})" if n else "") for n, f in files.items())})
+    return rows
+
+
+def training_text(manifest: Manifest, run: Path | None) -> str:
+    if manifest.is_published:
+        published = manifest.published
+        return (f"Not trained here: published file(s) {', '.join(published.get('files', []))} at strength(s) "
+                f"{', '.join(f'{s:g}' for s in published.get('strengths', []))}.")
+    parts = [f"{manifest.updates_trained or 0} generator updates"]
+    if manifest.updates_per_phase:
+        parts.append(f"per phase {list(manifest.updates_per_phase)}")
+    if manifest.teacher_cfg is not None:
+        parts.append(f"teacher CFG {manifest.teacher_cfg:g}")
+    if manifest.ema_decay:
+        parts.append(f"EMA {manifest.ema_decay:g}")
+    text = "Budget: " + ", ".join(parts) + "."
+    seconds = training_seconds(run) if run else None
+    if seconds:
+        text += f" Time: {seconds / 60:.1f} min of updates (sum of the step times in `metrics.jsonl`)."
+    return text
+
+
+def training_seconds(run: Path) -> float | None:
+    from pdmd.training.run_folder import RunFolder
+    rows = RunFolder(Path(run)).metrics()
+    speeds = [r.get("it_per_s") for r in rows if isinstance(r.get("it_per_s"), (int, float)) and r["it_per_s"] > 0]
+    return sum(1 / s for s in speeds) if speeds else None
+
+
+def evaluation_text(folder: Path) -> str:
+    path = folder / EVAL_FILE
+    if not path.is_file():
+        return ""
+    try:
+        figures = json.loads(path.read_text())
+    except ValueError:
+        return ""
+    rows = [(k, v) for k, v in figures.items() if isinstance(v, (int, float))] if isinstance(figures, dict) else []
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v:.4g} |" for k, v in rows)]) if rows else ""
+
+
+def phase_starts(manifest: Manifest) -> dict[int, str]:
+    """Step index -> the adapter that runs from that step on (every boundary but the first phase's start)."""
+    ends = (0, *manifest.schedule.boundary_step_indices[:-1])
+    return {step: phase_adapter(k) for k, step in enumerate(ends) if k > 0}
+
+
+def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
+    """The diffusers snippet: the teacher's pipeline, Euler on exactly the student's timesteps, one LoRA adapter
+    per phase (Wan 2.2's low-noise network's with load_into_transformer_2) and the switch at each boundary."""
+    loads = []
+    for k in range(manifest.schedule.num_phases):
+        for network, relative in manifest.phase_files(k).items():
+            into = ", load_into_transformer_2=True" if network == "transformer_2" else ""
+            loads.append(f'pipe.load_lora_weights(STUDENT, weight_name="{relative}", '
+                         f'adapter_name="{phase_adapter(k)}"{into})')
+    options = manifest.teacher_options
+    size = ", ".join(f"{k}={options[k]}" for k in ("height", "width", "num_frames") if k in options)
+    cfg_keyword = CFG_KEYWORD.get(manifest.family or "", "guidance_scale")
+    video = "num_frames" in options
+    output = ('video = result.frames[0]\nexport_to_video(video, "student.mp4", fps=16)' if video
+              else 'image = result.images[0]\nimage.save("student.png")')
+    sigmas = ", ".join(repr(round(t, 8)) for t in manifest.schedule.timesteps[:-1])
+    return "\n".join([
+        "import torch",
+        "from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler",
+        *(["from diffusers.utils import export_to_video"] if video else []),
+        "",
+        f'TEACHER = "{manifest.teacher}"',
+        f'STUDENT = "{student}"  # this repository, or a local copy of it',
+        f"SIGMAS = [{sigmas}]  # the student's timesteps, already shifted (shift {manifest.schedule.shift:g})",
+        f"PHASE_STARTS = {phase_starts(manifest)!r}  # the phase switch: step index -> the expert from there on",
+        "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
+        "DTYPE = torch.bfloat16 if DEVICE == \"cuda\" else torch.float32",
+        "",
+        "",
+        "class StudentScheduler(FlowMatchEulerDiscreteScheduler):",
+        "    \"\"\"Euler on exactly the student's timesteps, whatever the pipeline asks for.\"\"\"",
+        "    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):",
+        "        super().set_timesteps(sigmas=SIGMAS, device=device)",
+        "",
+        "",
+        "def switch_phase(pipe, step, timestep, callback_kwargs):",
+        "    if step + 1 in PHASE_STARTS:  # the next step opens a new phase: its own LoRA expert",
+        "        pipe.set_adapters(PHASE_STARTS[step + 1])",
+        "    return callback_kwargs",
+        "",
+        "",
+        "pipe = DiffusionPipeline.from_pretrained(TEACHER, dtype=DTYPE)",
+        "pipe.scheduler = StudentScheduler(shift=1.0)",
+        *loads,
+        f'pipe.set_adapters("{phase_adapter(0)}")',
+        "pipe.to(DEVICE)",
+        f'result = pipe("{prompt}", num_inference_steps=len(SIGMAS), {cfg_keyword}={manifest.student_cfg:g}, '
+        + (f"{size}, " if size else "")
+        + "generator=torch.Generator().manual_seed(0), callback_on_step_end=switch_phase)",
+        output,
+    ])
+
+
+def comfyui_usage(manifest: Manifest, name: str) -> str:
+    ends = (0, *manifest.schedule.boundary_step_indices)
+    steps = "; ".join(f"phase {k + 1}: steps {ends[k]}–{ends[k + 1]}" for k in range(manifest.schedule.num_phases))
+    networks = (" For Wan 2.2 the `high_noise` file goes on the high-noise model and the `low_noise` file on the "
+                "low-noise model." if manifest.networks else "")
+    return (f"Export the experts in ComfyUI's key layout: `python -m pdmd lora export --student {name} --layout "
+            f"comfyui --out comfyui/` (one file per phase, `export.json` says which is which).{networks} Load each "
+            f"with *LoraLoaderModelOnly* on its own copy of the model, set *ModelSamplingSD3* shift to "
+            f"{manifest.schedule.shift:g}, and chain one *KSamplerAdvanced* per phase over {manifest.schedule.nfe} "
+            f"steps in total, sampler `euler`, CFG {manifest.student_cfg:g}: {steps}. ComfyUI's `simple` scheduler "
+            f"spaces the steps evenly in its own way, so images are close to, not identical with, this student's.")
+
+
+def render_card(folder: str | Path, repo_id: str | None = None, run: Path | None = None) -> ModelCard:
+    """The card of the student in ``folder``; ``repo_id`` names where it is published (default: a
+    placeholder), ``run`` the run folder it came from (for the training time)."""
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    name = student_title(folder)
+    teacher = manifest.teacher
+    hub_teacher = is_hub_id(teacher)
+    prompt = "a cat sitting on a windowsill" if manifest.family else "a red star on a dark background"
+    data = ModelCardData(
+        base_model=teacher if hub_teacher else None, library_name="diffusers",
+        license=teacher_license(teacher),
+        tags=["pdmd", "phased-dmd", "lora", "few-step", "distillation",
+              *(["text-to-video"] if "num_frames" in manifest.teacher_options else
+                (["text-to-image"] if manifest.family else [])), *([manifest.family] if manifest.family else [])])
+    return ModelCard.from_template(
+        data, template_str=TEMPLATE, name=name, teacher=teacher,
+        teacher_link=f"https://huggingface.co/{teacher}" if hub_teacher else "#",
+        method=METHODS.get(manifest.method, manifest.method), nfe=manifest.schedule.nfe,
+        shift=f"{manifest.schedule.shift:g}", cfg=f"{manifest.student_cfg:g}", phases=schedule_rows(manifest),
+        training=training_text(manifest, run), sample_grid=SAMPLE_GRID if (folder / SAMPLE_GRID).is_file() else "",
+        evaluation=evaluation_text(folder), prompt=prompt,
+        diffusers_usage=diffusers_usage(manifest, repo_id or f"YOUR-NAME/{name}", prompt) if manifest.family else
+        "# the built-in 32x32 teacher is not a diffusers pipeline: use `python -m pdmd sample --student`",
+        comfyui_usage=comfyui_usage(manifest, name) if manifest.family else
+        "Not available: the built-in teacher has no ComfyUI counterpart.",
+        suffix="mp4" if "num_frames" in manifest.teacher_options else "png")
+
+
+def write_card(folder: str | Path, repo_id: str | None = None, run: Path | None = None) -> Path:
+    """README.md in ``folder`` (with the run's latest sample grid copied beside it when there is one)."""
+    folder = Path(folder)
+    if run is not None and (Path(run) / "samples" / "latest.png").is_file():
+        shutil.copyfile(Path(run) / "samples" / "latest.png", folder / SAMPLE_GRID)
+    path = folder / CARD
+    render_card(folder, repo_id, run).save(path)
+    return path

@@ -1,0 +1,114 @@
+"""A public server with a showcase, as an anonymous visitor sees it (Playwright + Debian chromium) and as an API
+client calls it (gradio_client): exactly the showcase's pairs, Wan as two playing mp4s, images with a slider."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from test_app_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, playwright, screenshot, wait_until_serving
+from test_showcase import showcase_file  # noqa: F401  (fixture, shared)
+
+
+def start_app(showcase, runs):
+    port = free_port()
+    env = {**os.environ, "PDMD_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PDMD_TRAINING": "off", "PDMD_SHOWCASE": str(showcase)}  # off: a public server
+    log = runs / "app.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}/", log
+
+
+@pytest.fixture(scope="module")
+def showcase_url(showcase_file, tmp_path_factory):  # noqa: F811
+    runs = tmp_path_factory.mktemp("runs")
+    server, url, log = start_app(showcase_file, runs)
+    try:
+        wait_until_serving(url, server, log)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(showcase_url):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(showcase_url)
+        page.get_by_role("tab", name="Showcase").wait_for()
+        yield page
+        browser.close()
+
+
+def pick(page, pair: str) -> None:
+    page.locator("#showcase-pair input").click()
+    page.get_by_role("option", name=pair).click()
+
+
+def test_a_visitor_sees_exactly_the_showcase_pairs_and_no_other_teacher_picker(page):
+    assert page.get_by_role("tab", name="Compare").count() == 0
+    page.locator("#showcase-pair input").click()
+    options = [text.replace("✓", "").strip() for text in page.get_by_role("option").all_inner_texts()]
+    assert options == ["tiny-sd3/phased", "tiny-wan22/phased", "tiny-wan22/lightning-style"]
+    page.keyboard.press("Escape")
+
+
+def test_the_image_pair_shows_both_sides_and_a_before_after_slider(page):
+    page.locator("#showcase-run").click()
+    playwright.expect(page.locator("#showcase-status")).to_contain_text("Done.", timeout=90_000)
+    playwright.expect(page.locator("#showcase-student-caption")).to_contain_text("NFE 4")
+    playwright.expect(page.locator("#showcase-teacher-caption")).to_contain_text("NFE")
+    playwright.expect(page.locator("#showcase-slider img").first).to_be_visible()
+    screenshot(page, "showcase-sd3")
+
+
+def test_the_wan_pair_plays_two_mp4_videos_with_per_phase_strengths(page):
+    pick(page, "tiny-wan22/lightning-style")
+    playwright.expect(page.locator("#showcase-strength-2")).to_be_visible()
+    page.locator("#showcase-strength-1 input[type=number]").fill("0.5")
+    page.locator("#showcase-run").click()
+    playwright.expect(page.locator("#showcase-status")).to_contain_text("Done.", timeout=90_000)
+    for side in ("teacher", "student"):
+        video = page.locator(f"#showcase-{side}-video video")
+        video.wait_for(timeout=30_000)
+        assert ".mp4" in video.get_attribute("src")
+        page.wait_for_function("v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(),
+                               timeout=30_000)
+    playwright.expect(page.locator("#showcase-slider")).to_be_hidden()
+    screenshot(page, "showcase-wan")
+
+
+def test_the_api_refuses_any_other_teacher_folder_or_hub_id(showcase_url, showcase_file):  # noqa: F811
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(showcase_url, verbose=False)
+    endpoints = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert not any("teacher" in e and "showcase" not in e for e in endpoints)  # no teacher loading endpoint
+    assert not any(name in e for e in endpoints for name in ("load", "upload", "import", "export"))
+    tried = ["Qwen/Qwen-Image", "builtin", str(showcase_file.parent / "showcase-models" / "sd3"),
+             "tiny-sd3/../../etc/passwd"]
+    for value in tried:  # refused by gradio's own choices check, and by the handler's behind it
+        try:
+            status = client.predict(value, "a red cat", 0, 1.0, 1.0, api_name="/showcase_student")[3]
+        except AppError as err:
+            status = str(err)
+        assert "not in the list of choices" in status or "is not offered here" in status
+    with pytest.raises(AppError, match="2.5 is greater than maximum value 2"):  # the slider's own bound
+        client.predict("tiny-wan22/lightning-style", "a red cat", 0, 2.5, 1.0, api_name="/showcase_student")
+    assert "NFE 4" in client.predict("tiny-sd3/phased", "a red cat", 0, 1.0, 1.0, api_name="/showcase_student")[2]
+
+
+def test_an_invalid_showcase_file_stops_the_app_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teachers:\n  - name: x\n    model: nowhere-folder\n    students: []\n")
+    server, _, log = start_app(bad, tmp_path)
+    assert server.wait(timeout=120) != 0
+    lines = [line for line in log.read_text().splitlines() if "showcase refused" in line]
+    assert lines == ["app.py: showcase refused: bad.yaml: teachers[x].model: nowhere-folder is not a diffusers "
+                     "pipeline folder (no model_index.json)"]

@@ -1,0 +1,267 @@
+"""The Showcase tab: the owner's teacher/student pairs (pdmd.showcase), the same prompt and seed on both sides.
+
+A visitor picks a pair by name, never a path or Hub id: every handler resolves the name through the showcase
+and ShowcaseStore refuses to load any other teacher or student folder, so the API is held to the same list as
+the dropdown. Video teachers (Wan) show playable mp4s (GIF only when no mp4 writer is installed), image teachers
+a before/after slider next to the side-by-side view; each side is captioned with its NFE and wall time. A
+published student (LoRA files) has one strength slider per phase; each strength set is its own student folder
+under runs/showcase, the newest SHOWCASE_STRENGTH_VARIANTS kept.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from pdmd import limits
+from pdmd.media import save_video
+from pdmd.paths import runs_dir
+from pdmd.showcase import Showcase, ShowcaseError, ShowcaseStudent, ShowcaseTeacher
+from pdmd.students.lora_formats import make_published_student, published_folder_name
+from pdmd.students.manifest import MANIFEST, Manifest
+from pdmd.teachers import teacher_key
+from pdmd.teachers.base import TeacherError
+from ui import students
+from ui.comparison import DOWNLOAD_DIR, sample_side, still, teacher_schedule
+from ui.inputs import USER_ERRORS, InputError, bounded_number, check_prompt, error_markdown, resolve_seed
+from ui.models import ModelStore
+from ui.teacher_picker import LOAD_ERRORS
+
+ERRORS = (ShowcaseError, *USER_ERRORS, *LOAD_ERRORS)
+
+
+def showcase_from_env() -> Showcase | None:
+    """The showcase PDMD_SHOWCASE names (ShowcaseError, one line, when it is invalid), or None."""
+    import os
+
+    from pdmd.showcase import ENV
+    path = os.environ.get(ENV, "").strip()
+    return Showcase.read(path) if path else None
+
+
+def published_dir() -> Path:
+    return runs_dir() / "showcase"
+
+
+class ShowcaseStore(ModelStore):
+    """A ModelStore that loads only the showcase's teachers and students. A teacher always loads with the
+    showcase's options (dtype, offload, resolution): both sides of a pair share that one network."""
+
+    def __init__(self, showcase: Showcase):
+        super().__init__(teacher_name=showcase.teachers[0].model, other_teachers=True)
+        self.showcase = showcase
+        self._options = {t.key: t.options for t in showcase.teachers}
+
+    def loaded_teacher(self, name=None, options=None):
+        key = teacher_key(name or self.default_teacher)[0]
+        if key not in self._options:
+            raise TeacherError("this server shows only its showcase's teachers")
+        return super().loaded_teacher(key, self._options[key])
+
+    def manifest(self, folder: Path) -> Manifest:
+        folder = Path(folder).resolve()
+        if folder not in self.showcase.student_folders() and published_dir().resolve() not in folder.parents:
+            raise InputError("this server shows only its showcase's students")
+        return super().manifest(folder)
+
+    def is_loaded(self, teacher: ShowcaseTeacher) -> bool:
+        return teacher.key in self.loaded_teachers()
+
+
+# --- preparing a pair ----------------------------------------------------------------------------------------
+def student_folder(store: ShowcaseStore, teacher: ShowcaseTeacher, student: ShowcaseStudent,
+                   strengths: list[float] | None = None) -> Path:
+    """The student's folder: its own, or (published LoRA files) the one made at ``strengths``."""
+    if not student.is_published:
+        if not (student.folder / MANIFEST).is_file():
+            raise InputError(f"student {student.name!r} is missing on this server; tell its owner")
+        return student.folder
+    loaded = store.teacher(teacher.model)
+    strengths = list(student.strengths) if strengths is None else strengths
+    schedule = student.schedule_on(loaded.default_shift)
+    salt = json.dumps([teacher.key, schedule.as_dict(), student.cfg])
+    folder = published_dir() / published_folder_name(student.lora, strengths, salt)
+    if not (folder / MANIFEST).is_file():
+        for path in student.lora:
+            if not path.is_file():
+                raise InputError(f"a LoRA file of {student.name!r} is missing on this server; tell its owner")
+        try:
+            make_published_student(folder, student.lora, loaded, schedule, strengths, student.cfg,
+                                   teacher_id=teacher.model)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _prune_variants(keep=folder)
+    return folder
+
+
+def _prune_variants(keep: Path) -> None:
+    folders = sorted((p for p in published_dir().iterdir() if p.is_dir() and p != keep),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in folders[limits.SHOWCASE_STRENGTH_VARIANTS - 1:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_everything(store: ShowcaseStore) -> None:
+    """``load: eager``: every teacher and student before the app serves."""
+    for teacher in store.showcase.teachers:
+        for student in teacher.students:
+            store.student(student_folder(store, teacher, student))
+
+
+# --- handlers ------------------------------------------------------------------------------------------------
+def _strengths(student: ShowcaseStudent, values) -> list[float] | None:
+    if not student.is_published:
+        return None
+    values = list(values)[: len(student.lora)]
+    if len(values) != len(student.lora):
+        raise InputError(f"{student.name} needs {len(student.lora)} strength(s), one per phase")
+    return [bounded_number(v, f"phase {k + 1} strength", 0, limits.MAX_STRENGTH) for k, v in enumerate(values)]
+
+
+def on_pick(showcase: Showcase, slider_count: int, pair):
+    """Outputs: the pair's description, teacher steps and CFG, then one update per strength slider."""
+    try:
+        teacher, student = showcase.pair(pair)
+    except ShowcaseError as err:
+        return (error_markdown(str(err)), gr.skip(), gr.skip()) + (gr.skip(),) * slider_count
+    if student.is_published:
+        schedule = student.schedule
+        kind = (f"published LoRA, one file per phase ({', '.join(p.name for p in student.lora)}); boundaries "
+                f"{', '.join(f'{b:g}' for b in schedule.boundaries) or 'none'}, steps {list(schedule.steps)}, shift "
+                f"{f'{schedule.shift:g}' if student.own_shift else 'the teacher' + chr(39) + 's'}, NFE {schedule.nfe}")
+    else:
+        manifest = Manifest.read(student.folder) if (student.folder / MANIFEST).is_file() else None
+        kind = f"{manifest.method} student, schedule {manifest.schedule.describe()}" if manifest else "missing"
+    text = f"**{teacher.name}** next to **{student.name}**: {kind}."
+    sliders = [gr.update(visible=k < len(student.strengths),
+                         value=student.strengths[k] if k < len(student.strengths) else 1.0)
+               for k in range(slider_count)]
+    return (text, gr.update(value=teacher.steps) if teacher.steps else gr.skip(),
+            gr.update(value=teacher.cfg) if teacher.cfg is not None else gr.skip(), *sliders)
+
+
+def on_status(store: ShowcaseStore, pair) -> str:
+    """The line shown while the run starts: a first request loads the models (lazy loading)."""
+    try:
+        teacher, _ = store.showcase.pair(pair)
+    except ShowcaseError as err:
+        return error_markdown(str(err))
+    if store.is_loaded(teacher):
+        return "Running the student…"
+    return f"Loading **{teacher.name}** (the first request loads it; a large model takes minutes)…"
+
+
+def media(picture, label: str) -> tuple:
+    """(video update, image update): a video as mp4 (a GIF in the image box where no mp4 writer is
+    installed), an image as an image."""
+    if picture.dim() == 3:
+        return gr.update(visible=False, value=None), gr.update(visible=True, value=still(picture))
+    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    stem = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}"
+    try:
+        return gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".mp4")))), \
+            gr.update(visible=False, value=None)
+    except ValueError:  # no imageio-ffmpeg: the GIF fallback
+        return gr.update(visible=False, value=None), \
+            gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".gif"))))
+
+
+def on_student(store: ShowcaseStore, pair, prompt, seed, *strengths):
+    """Outputs: student video, student image, caption, status, run state (None when refused)."""
+    try:
+        teacher, student = store.showcase.pair(pair)
+        prompt, _ = check_prompt(prompt, teacher.model)
+        seed = resolve_seed(seed, False)
+        folder = student_folder(store, teacher, student, _strengths(student, strengths))
+        loaded = store.student(folder)
+        with loaded.lock, loaded.student.roles.active(None):
+            pictures, nfe, seconds, _ = sample_side(loaded.student.roles.teacher, [prompt], seed,
+                                                    loaded.student.schedule, loaded.student.cfg,
+                                                    loaded.student.experts)
+    except ERRORS as err:
+        return gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}"), None
+    manifest = loaded.student.manifest
+    run = {"pair": pair, "prompt": prompt, "seed": seed, "nfe": nfe, "seconds": seconds,
+           "image": still(pictures[0]), "boundaries": list(manifest.schedule.boundaries)}
+    caption = f"**Student {student.name}** — NFE {nfe}, {seconds:.2f} s, seed {seed}"
+    return (*media(pictures[0], student.name), caption, f"Student done in {seconds:.2f} s; running the teacher…",
+            run)
+
+
+def on_teacher(store: ShowcaseStore, run, steps, cfg):
+    """Outputs: teacher video, teacher image, caption, before/after slider, summary, status."""
+    if not run:
+        return (gr.skip(),) * 6
+    try:
+        teacher, _ = store.showcase.pair(run.get("pair"))
+        steps = bounded_number(steps, "teacher steps", 1, limits.MAX_TEACHER_STEPS, whole=True)
+        cfg = bounded_number(cfg, "CFG", 0, limits.MAX_CFG)
+        entry = store.loaded_teacher(teacher.model)
+        schedule = teacher_schedule(steps, entry.teacher.default_shift, tuple(run["boundaries"]))
+        with entry.lock:
+            pictures, nfe, seconds, _ = sample_side(entry.teacher, [run["prompt"]], run["seed"], schedule, cfg)
+    except ERRORS as err:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}")
+    video, image = media(pictures[0], teacher.name)
+    slider = gr.update(value=(still(pictures[0]), run["image"]), visible=pictures[0].dim() == 3)
+    summary = (f"### {seconds / max(run['seconds'], 1e-9):.1f}× faster\nStudent NFE {run['nfe']} in "
+               f"{run['seconds']:.2f} s · teacher NFE {nfe} in {seconds:.2f} s · seed {run['seed']}")
+    return (video, image, f"**Teacher {teacher.name}** ({steps} steps, CFG {cfg:g}) — NFE {nfe}, {seconds:.2f} s",
+            slider, summary, "Done.")
+
+
+# --- layout --------------------------------------------------------------------------------------------------
+def build_showcase_tab(store: ShowcaseStore) -> None:
+    showcase = store.showcase
+    opening = "/".join(showcase.opening)
+    first_teacher, first_student = showcase.pair(opening)
+    slider_count = max([len(s.lora) for t in showcase.teachers for s in t.students] + [0])
+    examples = [[f"{t.name}/{t.students[0].name}", prompt, seed] for t in showcase.teachers for prompt, seed in t.examples]
+    with gr.Row():
+        with gr.Column(scale=2):
+            pair = gr.Dropdown(showcase.pairs(), value=opening, label="Teacher / student", elem_id="showcase-pair")
+            info = gr.Markdown(on_pick(showcase, slider_count, opening)[0], elem_id="showcase-info")
+            prompt = gr.Textbox(examples[0][1] if examples else "", label="Prompt", elem_id="showcase-prompt")
+            seed = gr.Number(examples[0][2] if examples else 0, label="Seed", precision=0, minimum=0,
+                             maximum=limits.MAX_SEED, elem_id="showcase-seed")
+            with gr.Row():
+                steps = gr.Slider(1, limits.MAX_TEACHER_STEPS, first_teacher.steps or 28, step=1, label="Teacher steps")
+                cfg = gr.Slider(0, 10, first_teacher.cfg if first_teacher.cfg is not None else 4.0, step=0.5,
+                                label="Teacher CFG")
+            strengths = [gr.Slider(0, limits.MAX_STRENGTH, 1.0, step=0.05, label=f"Phase {k + 1} LoRA strength",
+                                   visible=k < len(first_student.strengths), elem_id=f"showcase-strength-{k + 1}")
+                         for k in range(slider_count)]
+            run_button = gr.Button("Run comparison", variant="primary", elem_id="showcase-run")
+            status = gr.Markdown(elem_id="showcase-status")
+            if examples:
+                gr.Examples(examples, [pair, prompt, seed], label="Examples")
+        with gr.Column(scale=3):
+            summary = gr.Markdown(elem_id="showcase-summary")
+            with gr.Row():
+                with gr.Column():
+                    teacher_video = gr.Video(label="Teacher", interactive=False, autoplay=True, loop=True,
+                                             visible=False, elem_id="showcase-teacher-video")
+                    teacher_image = gr.Image(label="Teacher", type="pil", interactive=False,
+                                             elem_id="showcase-teacher-image")
+                    teacher_caption = gr.Markdown(elem_id="showcase-teacher-caption")
+                with gr.Column():
+                    student_video = gr.Video(label="Student", interactive=False, autoplay=True, loop=True,
+                                             visible=False, elem_id="showcase-student-video")
+                    student_image = gr.Image(label="Student", type="pil", interactive=False,
+                                             elem_id="showcase-student-image")
+                    student_caption = gr.Markdown(elem_id="showcase-student-caption")
+            slider = gr.ImageSlider(label="Teacher ◀ ▶ student", type="pil", interactive=False, visible=False,
+                                    elem_id="showcase-slider")
+    run_state = gr.State(None)
+    pick_outputs = [info, steps, cfg, *strengths]
+    pair.change(partial(on_pick, showcase, slider_count), pair, pick_outputs, api_name="showcase_pick")
+    run_button.click(partial(on_status, store), pair, status, api_name="showcase_status").then(
+        partial(on_student, store), [pair, prompt, seed, *strengths],
+        [student_video, student_image, student_caption, status, run_state], api_name="showcase_student").then(
+        partial(on_teacher, store), [run_state, steps, cfg],
+        [teacher_video, teacher_image, teacher_caption, slider, summary, status], api_name="showcase_teacher")
