@@ -57,7 +57,10 @@ BAD_FILES = {
                          "students[lightning-style].lora: 2 file(s) for 1 phase(s)"),
     "unknown key": (lambda d: d["teachers"][0].update(colour="red"), "teachers[0]: unknown key(s) ['colour']"),
     "open names no pair": (lambda d: d.update(open="tiny-sd3/nothing"), "open: 'tiny-sd3/nothing' names no pair"),
-    "quantization": (lambda d: d["teachers"][0].update(quantization="int8"), "teachers[tiny-sd3].quantization"),
+    "quantization": (lambda d: d["teachers"][0].update(quantization="int3"),
+                     "teachers[tiny-sd3].quantization: 'int3' must be one of none, int8, fp8, nf4"),
+    "nf4 on the CPU": (lambda d: d["teachers"][0].update(quantization="nf4"),
+                       "teachers[tiny-sd3].quantization: quantize = nf4 needs bitsandbytes and a CUDA GPU"),
     "student of another teacher": (lambda d: d["teachers"][0]["students"][0].update(
         folder="showcase-models/wan22-run/student"), "is a student of"),
 }
@@ -172,7 +175,7 @@ def test_on_zero_gpu_exactly_the_sampling_calls_run_in_spaces_gpu(zero_gpu, stor
     builtin.teacher()  # loading is no GPU call
     assert zero_gpu == []
     run = compare.on_compare_student(builtin, "a red star on a dark background", 0, False, students.BASELINE,
-                                     "as trained", schedule, 3.0)[4]
+                                     "as trained", schedule, 3.0)[5]
     compare.on_compare_teacher(builtin, run, 32, 3.0, progress=lambda *a, **k: None)
     compare.on_diversity(builtin, "a red star on a dark background", 0, 2, students.BASELINE, "as trained", schedule,
                          8, 3.0, progress=lambda *a, **k: None)
