@@ -136,6 +136,22 @@ def test_bad_requests_get_a_message_and_the_app_keeps_serving(store, showcase_fi
     assert "NFE 4" in on_student(misfit, "tiny-sd3/phased", "a red cat", 0)[2]  # still serving
 
 
+def test_a_quantized_teacher_loads_int8_and_serves_both_sides(showcase_file, tmp_path):
+    import torch
+
+    from ui.showcase import ShowcaseStore, on_student, on_teacher
+
+    showcase = Showcase.read(variant(showcase_file, tmp_path, lambda d: d["teachers"][0].update(quantization="int8")))
+    assert showcase.teachers[0].options["quantize"] == "int8" and "quantize" not in showcase.teachers[1].options
+    store = ShowcaseStore(showcase)
+    _, _, caption, status, run = on_student(store, "tiny-sd3/phased", "a red cat", 3)
+    assert "NFE 4" in caption, status
+    network = store.teacher(showcase.teachers[0].model).model  # load_teacher(..., quantize="int8"), on the CPU
+    weights = [layer.weight for layer in network.modules() if isinstance(layer, torch.nn.Linear)]
+    assert weights and all(type(w).__name__ == "Int8Tensor" for w in weights)
+    assert "NFE 16" in on_teacher(store, run, 8, 4.0)[2]
+
+
 # --- ZeroGPU ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def zero_gpu(monkeypatch):
