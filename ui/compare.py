@@ -210,7 +210,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
             examples = gr.Examples(EXAMPLES, [prompt, seed], label="One-click examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="compare-summary")
-            teacher_side, student_side, slider = side_views()  # ids teacher-video, teacher-image, ..., slider
+            teacher_side, student_side, slider = side_views("", "compare-slider")  # ids teacher-video, ...
             download = gr.DownloadButton("Download comparison", elem_id="compare-download")
     gr.Markdown("#### Boundary states: the student's x_t at each phase boundary next to the teacher's at the same t")
     strip = gr.Image(type="pil", interactive=False, show_label=False, elem_id="boundary-strip")

@@ -95,9 +95,9 @@ def before_after(teacher_picture: Tensor, student_image: Image.Image) -> dict:
 
 
 # --- layout shared by Compare and Showcase ------------------------------------------------------------------------
-def side_views(prefix: str = "") -> tuple[tuple, tuple, gr.ImageSlider]:
+def side_views(prefix: str, slider_id: str) -> tuple[tuple, tuple, gr.ImageSlider]:
     """Teacher and student side by side, each (video, image, caption) with elem_ids ``{prefix}teacher-video``
-    etc., and the before/after slider (``{prefix}slider``, shown once an image comparison has run)."""
+    etc., and the before/after slider (``slider_id``; shown once an image comparison has run)."""
     sides = []
     with gr.Row():
         for side in ("teacher", "student"):
@@ -108,7 +108,7 @@ def side_views(prefix: str = "") -> tuple[tuple, tuple, gr.ImageSlider]:
                     gr.Image(label=side.title(), type="pil", interactive=False, elem_id=f"{prefix}{side}-image"),
                     gr.Markdown(elem_id=f"{prefix}{side}-caption")))
     slider = gr.ImageSlider(label="Teacher ◀ ▶ student (same seed)", type="pil", interactive=False, visible=False,
-                            elem_id=f"{prefix}slider")
+                            elem_id=slider_id)
     return sides[0], sides[1], slider
 
 

@@ -229,7 +229,7 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
                 gr.Examples(examples, [pair, prompt, seed], label="Examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="showcase-summary")
-            teacher_side, student_side, slider = side_views("showcase-")
+            teacher_side, student_side, slider = side_views("showcase-", "showcase-slider")
     run_state = gr.State(None)
     pick_outputs = [info, steps, cfg, *strengths]
     pair.change(partial(on_pick, showcase, slider_count), pair, pick_outputs, api_name="showcase_pick")
