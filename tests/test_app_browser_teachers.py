@@ -1,5 +1,6 @@
 """A real teacher in the live app, as a visitor uses it: a pipeline folder typed into Compare's teacher box loads,
-and a Wan teacher's samples play as two mp4 videos side by side (Playwright + Debian chromium, like test_app_browser.py)."""
+and a Wan teacher's samples play as two mp4 videos side by side (Playwright + Debian chromium, like
+test_app_browser.py)."""
 from __future__ import annotations
 
 import pytest

@@ -66,7 +66,7 @@ def run_student(store, prompt=PROMPT, seed=0, value=None, source=comparison.AS_T
 
 # --- Compare -------------------------------------------------------------------------------------------------
 def test_student_then_teacher_fill_images_captions_strip_and_download(store, student):
-    video, image, caption, seed, status, run = run_student(store, value=student)
+    video, image, caption, seed, _, run = run_student(store, value=student)
     assert not video["visible"] and image["visible"] and image["value"].size == (256, 256)
     assert "NFE 4" in caption and " s" in caption and seed == 0 and run["boundaries"] == [0.5]
     teacher_video, teacher_image, teacher_caption, summary, strip, download, slider, done = \

@@ -1,6 +1,6 @@
 """The app with real (tiny) diffusers teachers: picking and loading a teacher by folder or Hub id, its students
-only, Wan video as mp4s (GIFs without an mp4 writer), published LoRAs imported as students with a strength per phase, and what a teacher that
-cannot load says. Handlers are called as plain functions."""
+only, Wan video as mp4s (GIFs without an mp4 writer), published LoRAs imported as students with a strength per
+phase, and what a teacher that cannot load says. Handlers are called as plain functions."""
 from __future__ import annotations
 
 import json
@@ -126,11 +126,11 @@ def test_a_folder_with_no_supported_pipeline_names_what_it_found(store, tmp_path
 
 # --- Wan video in Compare ------------------------------------------------------------------------------------
 def test_wan_baseline_and_teacher_play_mp4s_and_use_first_frames(store, wan):
-    video, image, caption, seed, status, run = run_student(store, students.BASELINE, wan)
+    video, image, caption, _, _, run = run_student(store, students.BASELINE, wan)
     assert video["visible"] and not image["visible"] and video["value"].endswith(".mp4")
     assert mp4_shape(video["value"]) == (WAN_SIZE[2], 256, 256)  # 16x16 frames enlarged for the page
     assert "Baseline" in caption and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
-    teacher_video, teacher_image, teacher_caption, summary, strip, download, slider, done = \
+    teacher_video, teacher_image, teacher_caption, _, strip, download, slider, done = \
         compare.on_compare_teacher(store, run, 8, 5.0, progress=no_progress)
     assert teacher_video["visible"] and not teacher_image["visible"] and mp4_shape(teacher_video["value"])[0] == 5
     assert "NFE 16" in teacher_caption and done == "Done."
