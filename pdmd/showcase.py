@@ -13,7 +13,7 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
         model: Wan-AI/Wan2.2-T2V-A14B-Diffusers   # a diffusers pipeline folder or Hub id
         dtype: bf16 | fp16 | fp32
         offload: false          # text encoders and VAE on the CPU
-        quantization: none      # only where this pdmd's load_teacher takes ``quantize``
+        quantization: none      # none | int8 | fp8 | nf4 (CUDA): the transformer(s) as load_teacher's quantize
         height: 480
         width: 832
         frames: 81
@@ -34,7 +34,6 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +44,9 @@ from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
 from pdmd.students.manifest import Manifest
 from pdmd.teachers import BUILTIN, teacher_key
+from pdmd.teachers.base import TeacherError
 from pdmd.teachers.diffusers_base import DTYPES
+from pdmd.teachers.quantize import QUANTIZATIONS, check_quantization
 
 ENV = "PDMD_SHOWCASE"
 LOADING = ("lazy", "eager")
@@ -250,11 +251,13 @@ def _teacher_options(entry: _Entry, data: dict) -> dict:
             entry.at("offload").fail("must be true or false")
         options["offload"] = data["offload"]
     quantization = data.get("quantization", "none")
-    if quantization not in (None, "none"):
-        from pdmd.teachers import load_teacher
-        if "quantize" not in inspect.signature(load_teacher).parameters:
-            entry.at("quantization").fail(f"{quantization!r}: this pdmd loads teachers unquantized; use 'none' "
-                                          "(or dtype: bf16 and offload: true to save memory)")
+    if quantization not in QUANTIZATIONS:
+        entry.at("quantization").fail(f"{quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
+    try:
+        check_quantization(quantization)  # nf4 needs bitsandbytes and CUDA, int8 / fp8 torchao
+    except TeacherError as err:
+        entry.at("quantization").fail(str(err))
+    if quantization != "none":
         options["quantize"] = quantization
     for key, option, high in (("height", "height", limits.MAX_SIDE), ("width", "width", limits.MAX_SIDE),
                               ("frames", "num_frames", limits.MAX_FRAMES)):

@@ -117,6 +117,10 @@ def test_compare_shows_teacher_and_student_with_nfe_and_timings(page):
     playwright.expect(page.locator("#compare-summary")).to_contain_text("faster")
     for image in ("#teacher-image img", "#student-image img", "#boundary-strip img"):
         playwright.expect(page.locator(image)).to_be_visible()
+    # the before/after slider: teacher and student images, one over the other
+    playwright.expect(page.locator("#compare-slider img")).to_have_count(2)
+    playwright.expect(page.locator("#compare-slider img").first).to_be_visible()
+    playwright.expect(page.locator("#teacher-video")).to_be_hidden()
     screenshot(page, "compare")
 
 
@@ -137,6 +141,28 @@ def test_phases_rejects_a_bad_boundary_with_a_visible_message(page):
     screenshot(page, "phases")
     page.locator("#phases-boundaries textarea").fill("0.875")  # and it recovers
     playwright.expect(message).to_contain_text("NFE 4", timeout=30_000)
+
+
+def test_published_lora_has_one_strength_slider_per_phase(page):
+    open_tab(page, "Phases")
+    page.locator("#phases-steps textarea").fill("1, 1, 1")
+    page.locator("#phases-boundaries textarea").fill("0.9, 0.5")
+    playwright.expect(page.locator("#phases-message")).to_contain_text("NFE 3", timeout=30_000)
+    open_tab(page, "Compare")
+    page.get_by_text("Published LoRA").click()
+    for k in range(1, 4):
+        playwright.expect(page.locator(f"#published-strength-{k}")).to_be_visible(timeout=30_000)
+    playwright.expect(page.locator("#published-strength-4")).to_be_hidden()
+    slider = page.locator("#published-strength-2 input[type=range]")
+    assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("0", "2")
+    screenshot(page, "compare-published")
+    open_tab(page, "Phases")  # back to two phases
+    page.locator("#phases-boundaries textarea").fill("0.5")
+    page.locator("#phases-steps textarea").fill("2, 2")
+    playwright.expect(page.locator("#phases-message")).to_contain_text("NFE 4", timeout=30_000)
+    open_tab(page, "Compare")
+    playwright.expect(page.locator("#published-strength-3")).to_be_hidden(timeout=30_000)
+    playwright.expect(page.locator("#published-strength-2")).to_be_visible()
 
 
 def test_train_tab_starts_the_quick_preset_shows_progress_and_stops_it(page):

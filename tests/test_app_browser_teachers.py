@@ -1,8 +1,7 @@
 """A real teacher in the live app, as a visitor uses it: a pipeline folder typed into Compare's teacher box loads,
-and a Wan teacher's samples show as animated GIFs (Playwright + Debian chromium, like test_app_browser.py)."""
+and a Wan teacher's samples play as two mp4 videos side by side (Playwright + Debian chromium, like
+test_app_browser.py)."""
 from __future__ import annotations
-
-import re
 
 import pytest
 from test_app_browser import app_runs, app_url, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
@@ -13,7 +12,7 @@ def wan_folder(tiny_pipeline):
     return tiny_pipeline("wan2.2")
 
 
-def test_a_typed_wan_folder_loads_and_compare_shows_gif_videos(page, wan_folder):  # noqa: F811
+def test_a_typed_wan_folder_loads_and_compare_plays_two_mp4_videos(page, wan_folder):  # noqa: F811
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare-teacher-path").get_by_role("textbox").fill(str(wan_folder))
     page.get_by_text("Teacher resolution").click()
@@ -25,6 +24,12 @@ def test_a_typed_wan_folder_loads_and_compare_shows_gif_videos(page, wan_folder)
     page.locator("#compare-run").click()
     playwright.expect(page.locator("#student-caption")).to_contain_text("Baseline", timeout=60_000)
     playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
-    for image in ("#student-image img", "#teacher-image img"):
-        playwright.expect(page.locator(image)).to_have_attribute("src", re.compile(r"\.gif"))
+    for side in ("teacher", "student"):
+        video = page.locator(f"#{side}-video video")
+        video.wait_for(timeout=30_000)
+        assert ".mp4" in video.get_attribute("src")
+        page.wait_for_function("v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(),
+                               timeout=30_000)
+        playwright.expect(page.locator(f"#{side}-image")).to_be_hidden()
+    playwright.expect(page.locator("#compare-slider")).to_be_hidden()  # the slider is for images
     screenshot(page, "compare-wan")

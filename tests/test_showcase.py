@@ -57,7 +57,10 @@ BAD_FILES = {
                          "students[lightning-style].lora: 2 file(s) for 1 phase(s)"),
     "unknown key": (lambda d: d["teachers"][0].update(colour="red"), "teachers[0]: unknown key(s) ['colour']"),
     "open names no pair": (lambda d: d.update(open="tiny-sd3/nothing"), "open: 'tiny-sd3/nothing' names no pair"),
-    "quantization": (lambda d: d["teachers"][0].update(quantization="int8"), "teachers[tiny-sd3].quantization"),
+    "quantization": (lambda d: d["teachers"][0].update(quantization="int3"),
+                     "teachers[tiny-sd3].quantization: 'int3' must be one of none, int8, fp8, nf4"),
+    "nf4 on the CPU": (lambda d: d["teachers"][0].update(quantization="nf4"),
+                       "teachers[tiny-sd3].quantization: quantize = nf4 needs bitsandbytes and a CUDA GPU"),
     "student of another teacher": (lambda d: d["teachers"][0]["students"][0].update(
         folder="showcase-models/wan22-run/student"), "is a student of"),
 }
@@ -133,6 +136,22 @@ def test_bad_requests_get_a_message_and_the_app_keeps_serving(store, showcase_fi
     assert "NFE 4" in on_student(misfit, "tiny-sd3/phased", "a red cat", 0)[2]  # still serving
 
 
+def test_a_quantized_teacher_loads_int8_and_serves_both_sides(showcase_file, tmp_path):
+    import torch
+
+    from ui.showcase import ShowcaseStore, on_student, on_teacher
+
+    showcase = Showcase.read(variant(showcase_file, tmp_path, lambda d: d["teachers"][0].update(quantization="int8")))
+    assert showcase.teachers[0].options["quantize"] == "int8" and "quantize" not in showcase.teachers[1].options
+    store = ShowcaseStore(showcase)
+    _, _, caption, status, run = on_student(store, "tiny-sd3/phased", "a red cat", 3)
+    assert "NFE 4" in caption, status
+    network = store.teacher(showcase.teachers[0].model).model  # load_teacher(..., quantize="int8"), on the CPU
+    weights = [layer.weight for layer in network.modules() if isinstance(layer, torch.nn.Linear)]
+    assert weights and all(type(w).__name__ == "Int8Tensor" for w in weights)
+    assert "NFE 16" in on_teacher(store, run, 8, 4.0)[2]
+
+
 # --- ZeroGPU ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def zero_gpu(monkeypatch):
@@ -172,7 +191,7 @@ def test_on_zero_gpu_exactly_the_sampling_calls_run_in_spaces_gpu(zero_gpu, stor
     builtin.teacher()  # loading is no GPU call
     assert zero_gpu == []
     run = compare.on_compare_student(builtin, "a red star on a dark background", 0, False, students.BASELINE,
-                                     "as trained", schedule, 3.0)[4]
+                                     "as trained", schedule, 3.0)[5]
     compare.on_compare_teacher(builtin, run, 32, 3.0, progress=lambda *a, **k: None)
     compare.on_diversity(builtin, "a red star on a dark background", 0, 2, students.BASELINE, "as trained", schedule,
                          8, 3.0, progress=lambda *a, **k: None)

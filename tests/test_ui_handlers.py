@@ -27,7 +27,7 @@ def no_progress(*args, **kwargs):
 
 
 def skipped(value) -> bool:
-    return isinstance(value, dict) and value.get("__type__") == "update"
+    return value == {"__type__": "update"}  # gr.skip(): nothing changes
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,15 @@ def run_student(store, prompt=PROMPT, seed=0, value=None, source=comparison.AS_T
 
 # --- Compare -------------------------------------------------------------------------------------------------
 def test_student_then_teacher_fill_images_captions_strip_and_download(store, student):
-    image, caption, seed, status, run = run_student(store, value=student)
-    assert isinstance(image, Image.Image) and image.size == (256, 256)
+    video, image, caption, seed, _, run = run_student(store, value=student)
+    assert not video["visible"] and image["visible"] and image["value"].size == (256, 256)
     assert "NFE 4" in caption and " s" in caption and seed == 0 and run["boundaries"] == [0.5]
-    teacher_image, teacher_caption, summary, strip, download, done = compare.on_compare_teacher(
-        store, run, 32, 3.0, progress=no_progress)
-    assert isinstance(teacher_image, Image.Image) and "NFE 64" in teacher_caption
+    teacher_video, teacher_image, teacher_caption, summary, strip, download, slider, done = \
+        compare.on_compare_teacher(store, run, 32, 3.0, progress=no_progress)
+    assert not teacher_video["visible"] and isinstance(teacher_image["value"], Image.Image)
+    assert "NFE 64" in teacher_caption
+    # the before/after slider: teacher, then the student's image, same size
+    assert slider["visible"] and slider["value"][1] is run["image"] and slider["value"][0].size == (256, 256)
     assert "faster" in summary and "×" in summary
     assert isinstance(strip, Image.Image) and strip.width > 4 * 128  # four tiles for the one boundary
     assert Path(download).is_file() and Image.open(download).size[0] > 2 * 256
@@ -79,17 +82,17 @@ def test_student_then_teacher_fill_images_captions_strip_and_download(store, stu
 
 
 def test_baseline_uses_the_phases_schedule_and_teacher_cfg(store):
-    _, caption, _, _, run = run_student(store, schedule=PRESETS["wan2.2-lightning"].as_dict())
+    _, _, caption, _, _, run = run_student(store, schedule=PRESETS["wan2.2-lightning"].as_dict())
     assert "Baseline" in caption and "NFE 8" in caption and run["boundaries"] == [0.87]
 
 
 def test_same_seed_gives_the_same_student_image(store, student):
-    first, second = run_student(store, value=student)[0], run_student(store, value=student)[0]
+    first, second = (run_student(store, value=student)[1]["value"] for _ in range(2))
     assert first.tobytes() == second.tobytes()
 
 
 def test_randomise_reports_the_seed_it_used(store):
-    _, caption, seed, _, run = run_student(store, seed=0, randomise=True)
+    _, _, caption, seed, _, run = run_student(store, seed=0, randomise=True)
     assert 0 <= seed <= limits.MAX_SEED and run["seed"] == seed and f"seed {seed}" in caption
 
 
@@ -102,57 +105,57 @@ def test_randomise_reports_the_seed_it_used(store):
     (PROMPT, 1.5, "whole number"),
 ])
 def test_bad_compare_input_gives_a_message_and_no_run(store, prompt, seed, needle):
-    image, _, _, status, run = run_student(store, prompt=prompt, seed=seed)
-    assert skipped(image) and run is None and needle in status and "pdmd-error" in status
+    video, image, _, _, status, run = run_student(store, prompt=prompt, seed=seed)
+    assert skipped(video) and skipped(image) and run is None and needle in status and "pdmd-error" in status
     assert all(skipped(v) for v in compare.on_compare_teacher(store, run, 32, 3.0, progress=no_progress))
 
 
 def test_unknown_words_are_reported_not_fatal(store):
-    _, _, _, status, run = run_student(store, prompt="a red star with sparkles")
+    *_, status, run = run_student(store, prompt="a red star with sparkles")
     assert run is not None and "sparkles" in status
 
 
 @pytest.mark.parametrize("steps, cfg, needle", [("x", 3.0, "not a number"), (500, 3.0, "between"),
                                                  (32, 99, "CFG"), (1, 3.0, "at least 2")])
 def test_bad_teacher_settings_give_a_message(store, steps, cfg, needle):
-    run = run_student(store)[4]
+    run = run_student(store)[5]
     outputs = compare.on_compare_teacher(store, run, steps, cfg, progress=no_progress)
-    assert all(skipped(v) for v in outputs[:5]) and needle in outputs[5]
+    assert all(skipped(v) for v in outputs[:7]) and needle in outputs[7]
 
 
 def test_student_folder_without_manifest(store, runs):
     folder = copy_student(runs, "no-manifest")
     (folder / MANIFEST).unlink()
-    status = run_student(store, value=str(folder))[3]
+    status = run_student(store, value=str(folder))[4]
     assert "manifest.json is missing" in status
 
 
 def test_student_folder_with_a_pickle(store, runs):
     folder = copy_student(runs, "pickled")
     (folder / "phase_1" / "extra.bin").write_bytes(b"not loaded")
-    status = run_student(store, value=str(folder))[3]
+    status = run_student(store, value=str(folder))[4]
     assert "pickle" in status and "extra.bin" in status
 
 
 def test_student_whose_loras_do_not_fit_the_teacher(store, runs):
     folder = copy_student(runs, "misfit")
     break_lora_keys(folder)
-    status = run_student(store, value=str(folder))[3]
+    status = run_student(store, value=str(folder))[4]
     assert "match no module" in status
 
 
 def test_folder_outside_the_app_roots_is_refused(store, tmp_path):
     make_student(tmp_path / "elsewhere")
-    status = run_student(store, value=str(tmp_path / "elsewhere"))[3]
+    status = run_student(store, value=str(tmp_path / "elsewhere"))[4]
     assert "not one of the app's student folders" in status
 
 
 def test_phases_schedule_must_match_the_students_experts(store, student):
     three = PRESETS["one-step-per-phase"].as_dict()
-    status = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=three)[3]
+    status = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=three)[4]
     assert "4 phase(s)" in status and "2 expert(s)" in status
     shifted = PRESETS["wan2.2-lightning"].as_dict()
-    run = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=shifted)[4]
+    run = run_student(store, value=student, source=comparison.FROM_PHASES, schedule=shifted)[5]
     assert run["boundaries"] == [0.87]
 
 
@@ -198,7 +201,7 @@ def test_refresh_lists_baseline_and_runs(student):
 def test_upload_imports_a_student_and_selects_it(store, student, tmp_path, runs):
     update, message = student_files.on_upload(store, upload_files(tmp_path, Path(student)))
     assert "✓" in message and update["value"].startswith(str(runs / "uploads"))
-    assert run_student(store, value=update["value"])[4]["nfe"] == 4
+    assert run_student(store, value=update["value"])[5]["nfe"] == 4
 
 
 def test_upload_refuses_pickles_other_files_and_missing_manifest(store, student, tmp_path):

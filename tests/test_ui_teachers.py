@@ -1,6 +1,6 @@
 """The app with real (tiny) diffusers teachers: picking and loading a teacher by folder or Hub id, its students
-only, Wan video as GIFs, published LoRAs imported as students with a strength per phase, and what a teacher that
-cannot load says. Handlers are called as plain functions."""
+only, Wan video as mp4s (GIFs without an mp4 writer), published LoRAs imported as students with a strength per
+phase, and what a teacher that cannot load says. Handlers are called as plain functions."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from pdmd import limits
 from pdmd.core.schedule import PRESETS, PhaseSchedule
 from pdmd.paths import SHIPPED_STUDENTS
 from pdmd.students import lora_formats as lf
@@ -29,7 +30,7 @@ def no_progress(*args, **kwargs):
 
 
 def skipped(value) -> bool:
-    return isinstance(value, dict) and value.get("__type__") == "update"
+    return value == {"__type__": "update"}  # gr.skip(): nothing changes
 
 
 @pytest.fixture(autouse=True)
@@ -76,9 +77,22 @@ def run_student(store, value, teacher, schedule=LIGHTNING, prompt=PROMPT, seed=0
                                       teacher)
 
 
+def import_published(store, files, teacher, schedule=LIGHTNING, strengths=(), sliders=limits.MAX_PHASES):
+    """Published LoRA files imported as the page sends them: ``strengths`` first, the other sliders at 1."""
+    values = [*strengths, *[1.0] * (sliders - len(strengths))]
+    return student_files.on_import_published(store, files, teacher, schedule.as_dict(), 1.0, *values)
+
+
 def gif_frames(path: str) -> int:
     with Image.open(path) as picture:
         return picture.n_frames
+
+
+def mp4_shape(path: str) -> tuple[int, int, int]:
+    """(frames, height, width) of an mp4, read back through ffmpeg."""
+    import imageio.v2 as imageio
+    frames = imageio.mimread(path, format="FFMPEG")
+    return len(frames), *frames[0].shape[:2]
 
 
 # --- picking and loading a teacher ---------------------------------------------------------------------------
@@ -111,19 +125,34 @@ def test_a_folder_with_no_supported_pipeline_names_what_it_found(store, tmp_path
 
 
 # --- Wan video in Compare ------------------------------------------------------------------------------------
-def test_wan_baseline_and_teacher_show_gifs_and_first_frames(store, wan):
-    video, caption, seed, status, run = run_student(store, students.BASELINE, wan)
-    assert isinstance(video, str) and video.endswith(".gif") and gif_frames(video) == WAN_SIZE[2]
-    assert Image.open(video).size == (256, 256)  # 16x16 frames enlarged for the page
+def test_wan_baseline_and_teacher_play_mp4s_and_use_first_frames(store, wan):
+    video, image, caption, _, _, run = run_student(store, students.BASELINE, wan)
+    assert video["visible"] and not image["visible"] and video["value"].endswith(".mp4")
+    assert mp4_shape(video["value"]) == (WAN_SIZE[2], 256, 256)  # 16x16 frames enlarged for the page
     assert "Baseline" in caption and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
-    teacher_video, teacher_caption, summary, strip, download, done = compare.on_compare_teacher(
-        store, run, 8, 5.0, progress=no_progress)
-    assert gif_frames(teacher_video) == WAN_SIZE[2] and "NFE 16" in teacher_caption and done == "Done."
+    teacher_video, teacher_image, teacher_caption, _, strip, download, slider, done = \
+        compare.on_compare_teacher(store, run, 8, 5.0, progress=no_progress)
+    assert teacher_video["visible"] and not teacher_image["visible"] and mp4_shape(teacher_video["value"])[0] == 5
+    assert "NFE 16" in teacher_caption and done == "Done."
+    assert not slider["visible"]  # videos play side by side; the before/after slider is for images
     assert isinstance(strip, Image.Image) and Image.open(download).size[0] > 2 * 16
 
 
+def test_without_an_mp4_writer_wan_falls_back_to_gifs(store, wan, monkeypatch):
+    from pdmd import media
+
+    def no_ffmpeg(videos, path, **kwargs):
+        if path.suffix == ".mp4":
+            raise ValueError(f"writing {path} needs imageio and imageio-ffmpeg")
+        return media.save_video(videos, path, **kwargs)
+    monkeypatch.setattr(comparison, "save_video", no_ffmpeg)
+    video, image, caption, *_ = run_student(store, students.BASELINE, wan)
+    assert not video["visible"] and image["visible"] and image["value"].endswith(".gif")
+    assert gif_frames(image["value"]) == WAN_SIZE[2] and "NFE 4" in caption
+
+
 def test_any_prompt_is_fine_for_a_real_teacher(store, wan):
-    status = run_student(store, students.BASELINE, wan, prompt="a red blue star, photographed")[3]
+    status = run_student(store, students.BASELINE, wan, prompt="a red blue star, photographed")[4]
     assert "pdmd-error" not in status  # the built-in grammar applies to the built-in teacher only
 
 
@@ -137,7 +166,7 @@ def test_diversity_is_for_the_builtin_probe_only(store, wan):
 def test_lightning_pair_imports_as_a_two_expert_student_and_runs(store, wan, tmp_path, runs_dir):
     teacher = store.teacher(wan["name"], wan["options"])
     files = lightning_files(tmp_path, teacher)
-    picker, status = student_files.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)
+    picker, status = import_published(store, files, wan, strengths=(1, 0.5))
     assert "✓" in status, status
     assert "phase 1 ← high_noise_model.safetensors × 1 → transformer" in status
     assert "phase 2 ← low_noise_model.safetensors × 0.5 → transformer_2" in status
@@ -146,18 +175,18 @@ def test_lightning_pair_imports_as_a_two_expert_student_and_runs(store, wan, tmp
     assert Manifest.read(folder).networks == ("transformer", "transformer_2")
     assert [v for _, v in picker["choices"]] == [students.BASELINE, str(folder)]
 
-    video, caption, _, _, run = run_student(store, str(folder), wan)
-    assert gif_frames(video) == WAN_SIZE[2] and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
+    video, _, caption, _, _, run = run_student(store, str(folder), wan)
+    assert mp4_shape(video["value"])[0] == WAN_SIZE[2] and "NFE 4" in caption and run["teacher"]["name"] == wan["name"]
     assert "Published student" in compare.describe_student(store, str(folder), comparison.AS_TRAINED, LIGHTNING.as_dict())
-    baseline = run_student(store, students.BASELINE, wan)[4]
+    baseline = run_student(store, students.BASELINE, wan)[5]
     assert run["image"].tobytes() != baseline["image"].tobytes()  # the LoRAs change the video
-    again = student_files.on_import_published(store, files, wan, "1, 0.5", LIGHTNING.as_dict(), 1.0)[0]
+    again = import_published(store, files, wan, strengths=(1, 0.5))[0]
     assert again["value"] == str(folder)  # same files and strengths: the same student, not a copy
 
     # the builtin teacher's picker does not offer it; picking it for the builtin teacher says whose it is
     update = compare.on_refresh_students(str(folder), compare.BUILTIN)
     assert str(folder) not in [v for _, v in update["choices"]] and update["value"] != str(folder)
-    status = run_student(store, str(folder), compare.BUILTIN, prompt="a red star on a dark background")[3]
+    status = run_student(store, str(folder), compare.BUILTIN, prompt="a red star on a dark background")[4]
     assert "is a student of" in status and "load its teacher first" in status
 
 
@@ -165,7 +194,7 @@ def test_a_student_exports_as_a_zip_in_either_layout(store, wan, tmp_path):
     import zipfile
 
     files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
-    folder = student_files.on_import_published(store, files, wan, "", LIGHTNING.as_dict(), 1.0)[0]["value"]
+    folder = import_published(store, files, wan)[0]["value"]
     for layout in lf.EXPORT_LAYOUTS:
         archive, status = student_files.on_export_student(store, folder, layout, wan)
         assert "✓ 2 file(s)" in status
@@ -181,28 +210,30 @@ def test_a_student_exports_as_a_zip_in_either_layout(store, wan, tmp_path):
 
 def test_strength_zero_is_the_teacher(store, wan, tmp_path):
     files = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
-    picker, status = student_files.on_import_published(store, files, wan, "0, 0", LIGHTNING.as_dict(), 1.0)
+    picker, status = import_published(store, files, wan, strengths=(0, 0))
     assert "✓" in status, status
-    student = run_student(store, picker["value"], wan)[4]["image"]
-    baseline = run_student(store, students.BASELINE, wan)[4]["image"]  # the teacher on the same schedule, CFG 1
+    student = run_student(store, picker["value"], wan)[5]["image"]
+    baseline = run_student(store, students.BASELINE, wan)[5]["image"]  # the teacher on the same schedule, CFG 1
     assert student.tobytes() == baseline.tobytes()
 
 
-@pytest.mark.parametrize("files, strengths, schedule, needle", [
-    ("pair", "1, 1, 1", LIGHTNING, "3 strength(s) for 2 phase(s)"),
-    ("pair", "1, many", LIGHTNING, "'many' is not a number"),
-    ("pair", "1, 9", LIGHTNING, "between 0 and 2"),
-    ("high", "", LIGHTNING, "1 LoRA file(s) for a 2-phase schedule"),
-    ("pair", "", PhaseSchedule((0.875,), (2, 2), 5.0), "phase 2 runs on more than one network"),
-    ("pickle", "", LIGHTNING, "pickle"),
-    ("none", "", LIGHTNING, "no files uploaded"),
+@pytest.mark.parametrize("files, strengths, schedule, needle", [  # strengths as an API caller may send them
+    ("pair", (1,), LIGHTNING, "1 strength(s) for 2 phase(s)"),
+    ("pair", (1, "many"), LIGHTNING, "phase 2 strength 'many' is not a number"),
+    ("pair", (1, 9), LIGHTNING, "phase 2 strength 9 must lie between 0 and 2"),
+    ("pair", (-0.5, 1), LIGHTNING, "phase 1 strength -0.5 must lie between 0 and 2"),
+    ("pair", (1, float("nan")), LIGHTNING, "phase 2 strength nan must lie between 0 and 2"),
+    ("high", (1, 1), LIGHTNING, "1 LoRA file(s) for a 2-phase schedule"),
+    ("pair", (1, 1), PhaseSchedule((0.875,), (2, 2), 5.0), "phase 2 runs on more than one network"),
+    ("pickle", (1, 1), LIGHTNING, "pickle"),
+    ("none", (1, 1), LIGHTNING, "no files uploaded"),
 ])
 def test_bad_published_imports_give_a_message_and_leave_nothing(store, wan, tmp_path, runs_dir, files, strengths,
                                                                 schedule, needle):
     pair = lightning_files(tmp_path, store.teacher(wan["name"], wan["options"]))
     (tmp_path / "lora.ckpt").write_bytes(b"not opened")
     chosen = {"pair": pair, "high": pair[:1], "pickle": [pair[0], str(tmp_path / "lora.ckpt")], "none": None}[files]
-    picker, status = student_files.on_import_published(store, chosen, wan, strengths, schedule.as_dict(), 1.0)
+    picker, status = student_files.on_import_published(store, chosen, wan, schedule.as_dict(), 1.0, *strengths)
     assert skipped(picker) and needle in status and "pdmd-error" in status
     assert not list((runs_dir / "uploads").glob("*")) if (runs_dir / "uploads").exists() else True
 
@@ -212,15 +243,13 @@ def test_a_lora_for_another_model_lists_its_unmatched_keys(store, wan, tmp_path)
              "diffusion_model.blocks.30.self_attn.q.lora_B.weight": torch.zeros(24, 4)}
     for name in ("a", "b"):
         save_file(state, str(tmp_path / f"{name}.safetensors"))
-    status = student_files.on_import_published(store, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
-                                         wan, "", LIGHTNING.as_dict(), 1.0)[1]
+    status = import_published(store, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], wan)[1]
     assert "match no module" in status and "blocks.30.attn1.to_q.lora_A.weight" in status
 
 
 def test_the_builtin_teacher_takes_no_published_lora(store, tmp_path):
     save_file({"transformer.a.lora_A.weight": torch.zeros(1, 1)}, str(tmp_path / "x.safetensors"))
-    status = student_files.on_import_published(store, [str(tmp_path / "x.safetensors")], compare.BUILTIN, "",
-                                         PhaseSchedule.uniform(4).as_dict(), 1.0)[1]
+    status = import_published(store, [str(tmp_path / "x.safetensors")], compare.BUILTIN, PhaseSchedule.uniform(4))[1]
     assert "not a diffusers pipeline" in status
 
 
@@ -238,10 +267,10 @@ def test_a_single_qwen_image_lightning_file_on_a_one_phase_schedule(store, tiny_
     save_file(lora, str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors"))  # the published name
     eight = PhaseSchedule((), (8,), 3.0)
     lightning = str(tmp_path / "Qwen-Image-Lightning-8steps-V1.0.safetensors")
-    picker, status = student_files.on_import_published(store, [lightning], state, "", eight.as_dict(), 1.0)
+    picker, status = import_published(store, [lightning], state, eight)
     assert "✓" in status and Manifest.read(Path(picker["value"])).networks is None
-    image, caption, *_ = run_student(store, picker["value"], state, schedule=eight)
-    assert isinstance(image, Image.Image) and image.size == (256, 256) and "NFE 8" in caption
+    _, image, caption, *_ = run_student(store, picker["value"], state, schedule=eight)
+    assert image["value"].size == (256, 256) and "NFE 8" in caption
 
 
 # --- memory: a big teacher is shared with its one student, never copied -------------------------------------------
@@ -250,19 +279,17 @@ def test_a_big_teacher_carries_its_student_and_reloads_for_another(tiny_pipeline
     store = ModelStore()
     state = teacher_picker.on_load_teacher(store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)[0]
     teacher = store.teacher(state["name"], state["options"])
-    before = run_student(store, students.BASELINE, state)[4]["image"]
-    first = Path(student_files.on_import_published(store, lightning_files(tmp_path, teacher, seed=1), state, "",
-                                             LIGHTNING.as_dict(), 1.0)[0]["value"])
+    before = run_student(store, students.BASELINE, state)[5]["image"]
+    first = Path(import_published(store, lightning_files(tmp_path, teacher, seed=1), state)[0]["value"])
     assert store.student(first).student.roles.teacher is teacher  # no copy: the student is on the teacher's network
     assert store.student(first).lock is store.teacher_lock(state["name"], state["options"])
-    assert run_student(store, students.BASELINE, state)[4]["image"].tobytes() == before.tobytes()  # adapters off
+    assert run_student(store, students.BASELINE, state)[5]["image"].tobytes() == before.tobytes()  # adapters off
     (tmp_path / "second").mkdir()
-    second = Path(student_files.on_import_published(store, lightning_files(tmp_path / "second", teacher, seed=2), state,
-                                              "", LIGHTNING.as_dict(), 1.0)[0]["value"])
+    second = Path(import_published(store, lightning_files(tmp_path / "second", teacher, seed=2), state)[0]["value"])
     assert store.teacher(state["name"], state["options"]) is not teacher  # loaded afresh for the second student
-    one, two = (run_student(store, str(f), state)[4]["image"].tobytes() for f in (first, second))
+    one, two = (run_student(store, str(f), state)[5]["image"].tobytes() for f in (first, second))
     assert one != two
-    assert run_student(store, students.BASELINE, state)[4]["image"].tobytes() == before.tobytes()
+    assert run_student(store, students.BASELINE, state)[5]["image"].tobytes() == before.tobytes()
 
 
 def test_one_big_teacher_at_a_time(tiny_pipeline, monkeypatch):

@@ -5,9 +5,11 @@ once), then the teacher with a progress bar, which also fills the boundary strip
 downloadable comparison PNG. Handlers are plain functions of their inputs; build_compare_tab wires them.
 
 The teacher is picked at the top (the built-in one, or a diffusers pipeline folder / Hub id typed in); the
-student picker lists that teacher's students. A video teacher (Wan) shows its samples as animated GIFs; the
-boundary strip and the comparison PNG use their first frames. Published LoRA files (e.g. Wan2.2-Lightning's
-high- and low-noise pair) become a student folder under runs/uploads through pdmd.students.lora_formats.
+student picker lists that teacher's students. A video teacher (Wan) plays its samples as mp4s side by side
+(animated GIFs where no mp4 writer is installed); the boundary strip and the comparison PNG use their first
+frames. An image teacher adds a before/after slider (teacher vs student, same seed). Published LoRA files (e.g.
+Wan2.2-Lightning's high- and low-noise pair) become a student folder under runs/uploads through
+pdmd.students.lora_formats, at one strength per phase set with a slider each.
 """
 from __future__ import annotations
 
@@ -16,19 +18,23 @@ from functools import partial
 import gradio as gr
 
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.limits import MAX_CFG, MAX_DIVERSITY_SEEDS, MAX_SEED, MAX_TEACHER_STEPS
+from pdmd.limits import MAX_CFG, MAX_DIVERSITY_SEEDS, MAX_PHASES, MAX_SEED, MAX_TEACHER_STEPS
 from pdmd.students import lora_formats
 from pdmd.teachers import BUILTIN
 from ui import images, students
 from ui.comparison import (
     AS_TRAINED,
     FROM_PHASES,
+    before_after,
     boundary_strip,
     comparison_png,
+    media,
     run_student_side,
     sample_side,
-    shown,
+    side_views,
     still,
+    strength_sliders,
+    strength_updates,
     student_schedule,
     teacher_schedule,
 )
@@ -68,8 +74,8 @@ def describe_student(store: ModelStore, value: str, source: str, phases_schedule
 
 def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value, source, phases_schedule,
                        teacher_cfg, teacher=BUILTIN):
-    """Outputs: student image (a GIF path for video), its caption, the seed used (written back to the seed
-    box), status, run state (None when the input is bad)."""
+    """Outputs: student video, student image (see comparison.media), its caption, the seed used (written back to
+    the seed box), status, run state (None when the input is bad)."""
     try:
         prompt, note = check_prompt(prompt, teacher_pick(teacher)[0])
         seed = resolve_seed(seed, randomise)
@@ -77,25 +83,26 @@ def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value
         label, schedule, (pictures, nfe, seconds, states), own = run_student_side(
             store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher)
     except USER_ERRORS as err:
-        return gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err)), None
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err)), None
     caption = f"**{label}** — NFE {nfe}, {seconds:.2f} s, seed {seed}"
     run = {"prompt": prompt, "seed": seed, "label": label, "nfe": nfe, "seconds": seconds, "teacher": own,
            "image": still(pictures[0]), "boundaries": list(schedule.boundaries), "states": states}
     status = f"Student done in {seconds:.2f} s; running the teacher… {note}".strip()
-    return shown(pictures[0], label), caption, seed, status, run
+    return *media(pictures[0], label), caption, seed, status, run
 
 
 def on_compare_teacher(store: ModelStore, run: dict | None, steps, cfg, progress=gr.Progress()):
-    """Outputs: teacher image, its caption, speed-up summary, boundary strip, comparison PNG path, status."""
+    """Outputs: teacher video, teacher image, its caption, speed-up summary, boundary strip, comparison PNG
+    path, before/after slider, status."""
     if not run:  # the student step rejected the input and already said why
-        return (gr.skip(),) * 6
+        return (gr.skip(),) * 8
     try:
         steps = bounded_number(steps, "teacher steps", 1, MAX_TEACHER_STEPS, whole=True)
         cfg = bounded_number(cfg, "CFG", 0, MAX_CFG)
         entry = store.loaded_teacher(*teacher_pick(run.get("teacher")))
         schedule = teacher_schedule(steps, entry.teacher.default_shift, tuple(run["boundaries"]))
     except USER_ERRORS as err:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err))
+        return (gr.skip(),) * 7 + (error_markdown(str(err)),)
     with entry.lock:
         pictures, nfe, seconds, states = sample_side(
             entry.teacher, [run["prompt"]], run["seed"], schedule, cfg,
@@ -105,8 +112,9 @@ def on_compare_teacher(store: ModelStore, run: dict | None, steps, cfg, progress
     speedup = seconds / max(run["seconds"], 1e-9)
     summary = (f"### {speedup:.1f}× faster\nStudent NFE {run['nfe']} in {run['seconds']:.2f} s · teacher NFE {nfe} "
                f"in {seconds:.2f} s · {nfe / max(run['nfe'], 1):.0f}× fewer model evaluations · seed {run['seed']}")
-    return (shown(pictures[0], "teacher"), f"**{teacher_run['label']}** — NFE {nfe}, {seconds:.2f} s", summary,
-            boundary_strip(run, teacher_run), comparison_png(run, teacher_run), "Done.")
+    return (*media(pictures[0], "teacher"), f"**{teacher_run['label']}** — NFE {nfe}, {seconds:.2f} s", summary,
+            boundary_strip(run, teacher_run), comparison_png(run, teacher_run), before_after(pictures[0], run["image"]),
+            "Done.")
 
 
 def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, phases_schedule, steps, cfg,
@@ -140,6 +148,15 @@ def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, 
             f"teacher **{scores[0]:.3f}**, {label.lower()} **{scores[1]:.3f}** "
             f"({scores[1] / max(scores[0], 1e-9):.0%} of the teacher's).")
     return grids[0], grids[1], text
+
+
+def on_phase_count(phases_schedule) -> list[dict]:
+    """The published-LoRA strength sliders: one visible per phase of the Phases tab's schedule."""
+    try:
+        phases = schedule_of(phases_schedule).num_phases
+    except USER_ERRORS:
+        return [gr.skip()] * MAX_PHASES
+    return strength_updates(MAX_PHASES, phases)
 
 
 def on_refresh_students(current: str, teacher=BUILTIN):
@@ -193,13 +210,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
             examples = gr.Examples(EXAMPLES, [prompt, seed], label="One-click examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="compare-summary")
-            with gr.Row():
-                with gr.Column():
-                    teacher_image = gr.Image(label="Teacher", type="pil", interactive=False, elem_id="teacher-image")
-                    teacher_caption = gr.Markdown(elem_id="teacher-caption")
-                with gr.Column():
-                    student_image = gr.Image(label="Student", type="pil", interactive=False, elem_id="student-image")
-                    student_caption = gr.Markdown(elem_id="student-caption")
+            teacher_side, student_side, slider = side_views("", "compare-slider")  # ids teacher-video, ...
             download = gr.DownloadButton("Download comparison", elem_id="compare-download")
     gr.Markdown("#### Boundary states: the student's x_t at each phase boundary next to the teacher's at the same t")
     strip = gr.Image(type="pil", interactive=False, show_label=False, elem_id="boundary-strip")
@@ -218,11 +229,12 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
         gr.Markdown("One `.safetensors` file per phase of the **Phases tab's schedule**, in file-name order "
                     "(Lightning's `high_noise_model` then `low_noise_model`), for the **loaded teacher**; diffusers, "
                     "ComfyUI or kohya key layouts. On Wan2.2 A14B each phase's file goes into the expert its "
-                    "steps run on: use the wan2.2-lightning preset (boundary 0.87, just below the switch at 0.875).")
+                    "steps run on: use the wan2.2-lightning preset (boundary 0.87, just below the switch at 0.875). "
+                    "One strength slider per phase (0 = the teacher, 1 = as published, up to 2).")
         with gr.Row():
             published = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files", scale=3)
             with gr.Column(scale=2):
-                strengths = gr.Textbox("", label="Strength per phase", placeholder="1, 1  (blank = 1 each)")
+                strengths = strength_sliders(MAX_PHASES, schedule_of(schedule_state.value).num_phases, "published-")
                 published_cfg = gr.Number(1.0, label="Student CFG (Lightning: 1)", minimum=0, maximum=MAX_CFG)
                 import_button = gr.Button("Import as student")
         published_status = gr.Markdown()
@@ -234,9 +246,9 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
         export_status = gr.Markdown()
 
     student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state]
-    student_outputs = [student_image, student_caption, seed, status, gr.State()]
+    student_outputs = [*student_side, seed, status, gr.State()]
     run_state = student_outputs[-1]
-    teacher_outputs = [teacher_image, teacher_caption, summary, strip, download, status]
+    teacher_outputs = [*teacher_side, summary, strip, download, slider, status]
 
     # Concurrency: a student image (a fraction of a second) never waits behind another visitor's teacher run:
     # each side has its own group; the slow ones (teacher, diversity, loading) share one slot.
@@ -253,6 +265,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     describe_inputs = [picker, source, schedule_state]
     for trigger in (picker.change, source.change, schedule_state.change):
         trigger(partial(describe_student, store), describe_inputs, schedule_info, show_progress="hidden")
+    schedule_state.change(on_phase_count, schedule_state, strengths, show_progress="hidden")
     gr.on([refresh.click, *refresh_on], on_refresh_students, [picker, teacher_state], picker)
     upload.upload(partial(on_upload, store), upload, [picker, upload_status], concurrency_id="files")
     teacher_runs.append(diversity_button.click(
@@ -266,7 +279,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state],
                         [export_file, export_status], concurrency_id="files")
     import_button.click(partial(on_import_published, store),
-                        [published, teacher_state, strengths, schedule_state, published_cfg],
+                        [published, teacher_state, schedule_state, published_cfg, *strengths],
                         [picker, published_status], concurrency_id="files", concurrency_limit=1)
     # a visitor's long request can be stopped; the slot goes to the next one
     cancel_button.click(lambda: "Stopped.", None, status, cancels=teacher_runs, queue=False)

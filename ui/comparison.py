@@ -1,5 +1,7 @@
-"""What one comparison computes: the teacher's own grid split at the student's boundaries, a side sampled with
-its NFE, wall time and boundary states, the boundary strip and the downloadable comparison PNG."""
+"""What one comparison computes and shows, for Compare and Showcase alike: the teacher's own grid split at the
+student's boundaries, a side sampled with its NFE, wall time and boundary states, each side as an image or a
+playable mp4 (GIF only where no mp4 writer is installed), the before/after slider, the per-phase LoRA strength
+sliders, the boundary strip and the downloadable comparison PNG."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
 from PIL import Image
 from torch import Tensor
 
@@ -65,16 +68,60 @@ def still(picture: Tensor, size: int = images.DISPLAY_SIZE) -> Image.Image:
     return images.to_pil(frame, max(size, *frame.shape[-2:]) if size == images.DISPLAY_SIZE else size)
 
 
-def shown(picture: Tensor, label: str) -> Image.Image | str:
-    """What the Compare image box shows: the image, or for a video an animated GIF (its file path)."""
+def media(picture: Tensor, label: str) -> tuple[dict, dict]:
+    """(video update, image update) for one side: an image in the image box; a video as a playable mp4 in the
+    video box, or an animated GIF in the image box where no mp4 writer (imageio-ffmpeg) is installed."""
     if picture.dim() == 3:
-        return still(picture)
+        return gr.update(visible=False, value=None), gr.update(visible=True, value=still(picture))
     factor = max(1, images.DISPLAY_SIZE // max(picture.shape[-2:]))  # tiny videos enlarged, pixels kept crisp
     picture = picture.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
     clean_downloads()
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    path = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}.gif"
-    return str(save_video(picture[None], path))
+    stem = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}"
+    try:
+        return (gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".mp4")))),
+                gr.update(visible=False, value=None))
+    except ValueError:  # no imageio-ffmpeg: the GIF fallback
+        return (gr.update(visible=False, value=None),
+                gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".gif")))))
+
+
+def before_after(teacher_picture: Tensor, student_image: Image.Image) -> dict:
+    """The before/after slider's update: teacher ◀ ▶ student (same seed) for images; hidden for a video, whose
+    mp4s play side by side."""
+    if teacher_picture.dim() != 3:
+        return gr.update(visible=False, value=None)
+    return gr.update(visible=True, value=(still(teacher_picture), student_image))
+
+
+# --- layout shared by Compare and Showcase ------------------------------------------------------------------------
+def side_views(prefix: str, slider_id: str) -> tuple[tuple, tuple, gr.ImageSlider]:
+    """Teacher and student side by side, each (video, image, caption) with elem_ids ``{prefix}teacher-video``
+    etc., and the before/after slider (``slider_id``; shown once an image comparison has run)."""
+    sides = []
+    with gr.Row():
+        for side in ("teacher", "student"):
+            with gr.Column():
+                sides.append((
+                    gr.Video(label=side.title(), interactive=False, autoplay=True, loop=True, visible=False,
+                             elem_id=f"{prefix}{side}-video"),
+                    gr.Image(label=side.title(), type="pil", interactive=False, elem_id=f"{prefix}{side}-image"),
+                    gr.Markdown(elem_id=f"{prefix}{side}-caption")))
+    slider = gr.ImageSlider(label="Teacher ◀ ▶ student (same seed)", type="pil", interactive=False, visible=False,
+                            elem_id=slider_id)
+    return sides[0], sides[1], slider
+
+
+def strength_sliders(count: int, shown: int, prefix: str) -> list[gr.Slider]:
+    """``count`` LoRA strength sliders in [0, MAX_STRENGTH], one per phase, the first ``shown`` visible; a
+    handler reads the first as many as its student has phases (inputs.parse_strengths)."""
+    return [gr.Slider(0, limits.MAX_STRENGTH, 1.0, step=0.05, label=f"Phase {k + 1} LoRA strength",
+                      visible=k < shown, elem_id=f"{prefix}strength-{k + 1}") for k in range(count)]
+
+
+def strength_updates(count: int, shown: int, values=()) -> list[dict]:
+    """One update per strength slider: the first ``shown`` visible, set to ``values`` where given."""
+    return [gr.update(visible=k < shown, **({"value": values[k]} if k < len(values) else {})) for k in range(count)]
 
 
 @dataclass

@@ -99,16 +99,13 @@ def load_options(height, width, frames) -> dict:
     return options
 
 
-def parse_strengths(text_value, phases: int) -> list[float]:
-    """'1, 0.8' -> one LoRA strength per phase; blank = 1 for every phase."""
-    parts = [p for p in text(text_value, "strengths", 200).replace(";", ",").split(",") if p.strip()]
-    if not parts:
-        return [1.0] * phases
-    if len(parts) != phases:
-        raise InputError(f"{len(parts)} strength(s) for {phases} phase(s): give one per phase, e.g. "
-                         f"'{', '.join(['1'] * phases)}'")
-    return [bounded_number(p.strip(), "strength", 0, limits.MAX_STRENGTH) for p in parts]
-
+def parse_strengths(values, phases: int) -> list[float]:
+    """One LoRA strength per phase, each in [0, MAX_STRENGTH]: the first ``phases`` of ``values`` (the strength
+    sliders; the page shows as many as there are phases, an API call sends them all)."""
+    values = list(values or ())[:phases]
+    if len(values) != phases:
+        raise InputError(f"{len(values)} strength(s) for {phases} phase(s): give one per phase")
+    return [bounded_number(v, f"phase {k + 1} strength", 0, limits.MAX_STRENGTH) for k, v in enumerate(values)]
 
 
 def random_seed() -> int:

@@ -11,23 +11,37 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from pdmd import limits
-from pdmd.media import save_video
 from pdmd.paths import runs_dir
 from pdmd.showcase import Showcase, ShowcaseError, ShowcaseStudent, ShowcaseTeacher
 from pdmd.students.lora_formats import make_published_student, published_folder_name
 from pdmd.students.manifest import MANIFEST, Manifest
 from pdmd.teachers import teacher_key
 from pdmd.teachers.base import TeacherError
-from ui import students
-from ui.comparison import DOWNLOAD_DIR, sample_side, still, teacher_schedule
-from ui.inputs import USER_ERRORS, InputError, bounded_number, check_prompt, error_markdown, resolve_seed
+from ui.comparison import (
+    before_after,
+    media,
+    sample_side,
+    side_views,
+    still,
+    strength_sliders,
+    strength_updates,
+    teacher_schedule,
+)
+from ui.inputs import (
+    USER_ERRORS,
+    InputError,
+    bounded_number,
+    check_prompt,
+    error_markdown,
+    parse_strengths,
+    resolve_seed,
+)
 from ui.models import ModelStore
 from ui.teacher_picker import LOAD_ERRORS
 
@@ -114,15 +128,6 @@ def load_everything(store: ShowcaseStore) -> None:
 
 
 # --- handlers ------------------------------------------------------------------------------------------------
-def _strengths(student: ShowcaseStudent, values) -> list[float] | None:
-    if not student.is_published:
-        return None
-    values = list(values)[: len(student.lora)]
-    if len(values) != len(student.lora):
-        raise InputError(f"{student.name} needs {len(student.lora)} strength(s), one per phase")
-    return [bounded_number(v, f"phase {k + 1} strength", 0, limits.MAX_STRENGTH) for k, v in enumerate(values)]
-
-
 def on_pick(showcase: Showcase, slider_count: int, pair):
     """Outputs: the pair's description, teacher steps and CFG, then one update per strength slider."""
     try:
@@ -138,11 +143,9 @@ def on_pick(showcase: Showcase, slider_count: int, pair):
         manifest = Manifest.read(student.folder) if (student.folder / MANIFEST).is_file() else None
         kind = f"{manifest.method} student, schedule {manifest.schedule.describe()}" if manifest else "missing"
     text = f"**{teacher.name}** next to **{student.name}**: {kind}."
-    sliders = [gr.update(visible=k < len(student.strengths),
-                         value=student.strengths[k] if k < len(student.strengths) else 1.0)
-               for k in range(slider_count)]
     return (text, gr.update(value=teacher.steps) if teacher.steps else gr.skip(),
-            gr.update(value=teacher.cfg) if teacher.cfg is not None else gr.skip(), *sliders)
+            gr.update(value=teacher.cfg) if teacher.cfg is not None else gr.skip(),
+            *strength_updates(slider_count, len(student.strengths), student.strengths))
 
 
 def on_status(store: ShowcaseStore, pair) -> str:
@@ -156,28 +159,14 @@ def on_status(store: ShowcaseStore, pair) -> str:
     return f"Loading **{teacher.name}** (the first request loads it; a large model takes minutes)…"
 
 
-def media(picture, label: str) -> tuple:
-    """(video update, image update): a video as mp4 (a GIF in the image box where no mp4 writer is
-    installed), an image as an image."""
-    if picture.dim() == 3:
-        return gr.update(visible=False, value=None), gr.update(visible=True, value=still(picture))
-    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    stem = DOWNLOAD_DIR / f"{students.sanitise(label, 'video')}-{uuid.uuid4().hex[:8]}"
-    try:
-        return gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".mp4")))), \
-            gr.update(visible=False, value=None)
-    except ValueError:  # no imageio-ffmpeg: the GIF fallback
-        return gr.update(visible=False, value=None), \
-            gr.update(visible=True, value=str(save_video(picture[None], stem.with_suffix(".gif"))))
-
-
 def on_student(store: ShowcaseStore, pair, prompt, seed, *strengths):
     """Outputs: student video, student image, caption, status, run state (None when refused)."""
     try:
         teacher, student = store.showcase.pair(pair)
         prompt, _ = check_prompt(prompt, teacher.model)
         seed = resolve_seed(seed, False)
-        folder = student_folder(store, teacher, student, _strengths(student, strengths))
+        folder = student_folder(store, teacher, student,
+                                parse_strengths(strengths, len(student.lora)) if student.is_published else None)
         loaded = store.student(folder)
         with loaded.lock, loaded.student.roles.active(None):
             pictures, nfe, seconds, _ = sample_side(loaded.student.roles.teacher, [prompt], seed,
@@ -208,7 +197,7 @@ def on_teacher(store: ShowcaseStore, run, steps, cfg):
     except ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}")
     video, image = media(pictures[0], teacher.name)
-    slider = gr.update(value=(still(pictures[0]), run["image"]), visible=pictures[0].dim() == 3)
+    slider = before_after(pictures[0], run["image"])
     summary = (f"### {seconds / max(run['seconds'], 1e-9):.1f}× faster\nStudent NFE {run['nfe']} in "
                f"{run['seconds']:.2f} s · teacher NFE {nfe} in {seconds:.2f} s · seed {run['seed']}")
     return (video, image, f"**Teacher {teacher.name}** ({steps} steps, CFG {cfg:g}) — NFE {nfe}, {seconds:.2f} s",
@@ -233,35 +222,19 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
                 steps = gr.Slider(1, limits.MAX_TEACHER_STEPS, first_teacher.steps or 28, step=1, label="Teacher steps")
                 cfg = gr.Slider(0, 10, first_teacher.cfg if first_teacher.cfg is not None else 4.0, step=0.5,
                                 label="Teacher CFG")
-            strengths = [gr.Slider(0, limits.MAX_STRENGTH, 1.0, step=0.05, label=f"Phase {k + 1} LoRA strength",
-                                   visible=k < len(first_student.strengths), elem_id=f"showcase-strength-{k + 1}")
-                         for k in range(slider_count)]
+            strengths = strength_sliders(slider_count, len(first_student.strengths), "showcase-")
             run_button = gr.Button("Run comparison", variant="primary", elem_id="showcase-run")
             status = gr.Markdown(elem_id="showcase-status")
             if examples:
                 gr.Examples(examples, [pair, prompt, seed], label="Examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="showcase-summary")
-            with gr.Row():
-                with gr.Column():
-                    teacher_video = gr.Video(label="Teacher", interactive=False, autoplay=True, loop=True,
-                                             visible=False, elem_id="showcase-teacher-video")
-                    teacher_image = gr.Image(label="Teacher", type="pil", interactive=False,
-                                             elem_id="showcase-teacher-image")
-                    teacher_caption = gr.Markdown(elem_id="showcase-teacher-caption")
-                with gr.Column():
-                    student_video = gr.Video(label="Student", interactive=False, autoplay=True, loop=True,
-                                             visible=False, elem_id="showcase-student-video")
-                    student_image = gr.Image(label="Student", type="pil", interactive=False,
-                                             elem_id="showcase-student-image")
-                    student_caption = gr.Markdown(elem_id="showcase-student-caption")
-            slider = gr.ImageSlider(label="Teacher ◀ ▶ student", type="pil", interactive=False, visible=False,
-                                    elem_id="showcase-slider")
+            teacher_side, student_side, slider = side_views("showcase-", "showcase-slider")
     run_state = gr.State(None)
     pick_outputs = [info, steps, cfg, *strengths]
     pair.change(partial(on_pick, showcase, slider_count), pair, pick_outputs, api_name="showcase_pick")
     run_button.click(partial(on_status, store), pair, status, api_name="showcase_status").then(
         partial(on_student, store), [pair, prompt, seed, *strengths],
-        [student_video, student_image, student_caption, status, run_state], api_name="showcase_student").then(
-        partial(on_teacher, store), [run_state, steps, cfg],
-        [teacher_video, teacher_image, teacher_caption, slider, summary, status], api_name="showcase_teacher")
+        [*student_side, status, run_state], api_name="showcase_student").then(
+        partial(on_teacher, store), [run_state, steps, cfg], [*teacher_side, slider, summary, status],
+        api_name="showcase_teacher")

@@ -35,9 +35,10 @@ def on_upload(store: ModelStore, files):
             f"✓ Uploaded student loaded as {folder.name}.")
 
 
-def on_import_published(store: ModelStore, files, teacher, strengths, phases_schedule, cfg):
-    """Published LoRA files (one per phase, in file-name order) + the selected teacher + strengths + the
-    Phases tab's schedule -> a student folder under runs/uploads, selected. Outputs: picker, status."""
+def on_import_published(store: ModelStore, files, teacher, phases_schedule, cfg, *strengths):
+    """Published LoRA files (one per phase, in file-name order) + the selected teacher + the Phases tab's
+    schedule + one strength per phase (the first as many strength sliders) -> a student folder under
+    runs/uploads, selected. Outputs: picker, status."""
     name, options = teacher_pick(teacher)
     paths = [getattr(f, "name", f) for f in (files or [])]
     try:
