@@ -13,7 +13,7 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
         model: Wan-AI/Wan2.2-T2V-A14B-Diffusers   # a diffusers pipeline folder or Hub id
         dtype: bf16 | fp16 | fp32
         offload: false          # text encoders and VAE on the CPU
-        quantization: none      # none | int8 | fp8 | nf4 (CUDA): the transformer(s) as load_teacher's quantize
+        quantize: none          # none | int8 | fp8 | nf4 (CUDA): the transformer(s), as load_teacher and train configs say
         height: 480
         width: 832
         frames: 81
@@ -51,7 +51,7 @@ from pdmd.teachers.quantize import QUANTIZATIONS, check_quantization
 ENV = "PDMD_SHOWCASE"
 LOADING = ("lazy", "eager")
 TOP_KEYS = {"load", "open", "teachers"}
-TEACHER_KEYS = {"name", "model", "dtype", "offload", "quantization", "height", "width", "frames", "steps", "cfg",
+TEACHER_KEYS = {"name", "model", "dtype", "offload", "quantize", "height", "width", "frames", "steps", "cfg",
                 "students", "examples"}
 FOLDER_KEYS = {"name", "folder"}
 LORA_KEYS = {"name", "lora", "boundaries", "steps", "shift", "strengths", "cfg"}
@@ -250,13 +250,13 @@ def _teacher_options(entry: _Entry, data: dict) -> dict:
         if not isinstance(data["offload"], bool):
             entry.at("offload").fail("must be true or false")
         options["offload"] = data["offload"]
-    quantization = data.get("quantization", "none")
+    quantization = data.get("quantize", "none")
     if quantization not in QUANTIZATIONS:
-        entry.at("quantization").fail(f"{quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
+        entry.at("quantize").fail(f"{quantization!r} must be one of {', '.join(QUANTIZATIONS)}")
     try:
         check_quantization(quantization)  # nf4 needs bitsandbytes and CUDA, int8 / fp8 torchao
     except TeacherError as err:
-        entry.at("quantization").fail(str(err))
+        entry.at("quantize").fail(str(err))
     if quantization != "none":
         options["quantize"] = quantization
     for key, option, high in (("height", "height", limits.MAX_SIDE), ("width", "width", limits.MAX_SIDE),

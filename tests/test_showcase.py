@@ -57,10 +57,10 @@ BAD_FILES = {
                          "students[lightning-style].lora: 2 file(s) for 1 phase(s)"),
     "unknown key": (lambda d: d["teachers"][0].update(colour="red"), "teachers[0]: unknown key(s) ['colour']"),
     "open names no pair": (lambda d: d.update(open="tiny-sd3/nothing"), "open: 'tiny-sd3/nothing' names no pair"),
-    "quantization": (lambda d: d["teachers"][0].update(quantization="int3"),
-                     "teachers[tiny-sd3].quantization: 'int3' must be one of none, int8, fp8, nf4"),
-    "nf4 on the CPU": (lambda d: d["teachers"][0].update(quantization="nf4"),
-                       "teachers[tiny-sd3].quantization: quantize = nf4 needs bitsandbytes and a CUDA GPU"),
+    "quantize": (lambda d: d["teachers"][0].update(quantize="int3"),
+                     "teachers[tiny-sd3].quantize: 'int3' must be one of none, int8, fp8, nf4"),
+    "nf4 on the CPU": (lambda d: d["teachers"][0].update(quantize="nf4"),
+                       "teachers[tiny-sd3].quantize: quantize = nf4 needs bitsandbytes and a CUDA GPU"),
     "student of another teacher": (lambda d: d["teachers"][0]["students"][0].update(
         folder="showcase-models/wan22-run/student"), "is a student of"),
 }
@@ -141,7 +141,7 @@ def test_a_quantized_teacher_loads_int8_and_serves_both_sides(showcase_file, tmp
 
     from ui.showcase import ShowcaseStore, on_student, on_teacher
 
-    showcase = Showcase.read(variant(showcase_file, tmp_path, lambda d: d["teachers"][0].update(quantization="int8")))
+    showcase = Showcase.read(variant(showcase_file, tmp_path, lambda d: d["teachers"][0].update(quantize="int8")))
     assert showcase.teachers[0].options["quantize"] == "int8" and "quantize" not in showcase.teachers[1].options
     store = ShowcaseStore(showcase)
     _, _, caption, status, run = on_student(store, "tiny-sd3/phased", "a red cat", 3)
