@@ -141,6 +141,12 @@ def test_a_job_from_start_to_its_student_in_compare(manager):
     assert not skipped(finished_signal)  # a job just finished: Compare's picker re-lists its students
     assert skipped(train.on_poll(manager, 1, seen)[9])
 
+    # a metrics line that is valid JSON without the loss keys (or garbage) never breaks a poll of the job
+    with open(manager.get(1).run.metrics_file, "a") as metrics:
+        metrics.write('{"step": 99999999, "phase": 7}\n{"step": "x"}\nnot json\n')
+    progress, generator, *_ = train.on_poll(manager, 1, {})
+    assert "#1 first" in progress and len(generator) == 5
+
 
 def test_the_app_builds_with_the_train_tab(manager):
     app = build_app(manager=manager, gate=OPEN)
