@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from pdmd.cli import positive_int
+from pdmd.commands.arguments import positive_int
 
 
 def _peak_mb() -> float:

@@ -11,7 +11,7 @@ import torch
 
 from pdmd.builtin import scenes
 from pdmd.builtin.evaluate import eval_prompts, evaluate
-from pdmd.cli import non_negative_float, positive_float, positive_int, seed
+from pdmd.commands.arguments import non_negative_float, positive_float, positive_int, seed
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import StudentError
 from pdmd.students.folder import load_student

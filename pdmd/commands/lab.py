@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from pdmd.cli import positive_int, seed
+from pdmd.commands.arguments import positive_int, seed
 from pdmd.lab import METHOD_CHOICES, LabConfig, Mixture, plot, run_lab
 
 

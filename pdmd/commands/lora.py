@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from pdmd.cli import frames, non_negative_float, pixels, positive_float
+from pdmd.commands.arguments import frames, non_negative_float, pixels, positive_float
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
 from pdmd.students.lora_formats import EXPORT_LAYOUTS, export_student, make_published_student

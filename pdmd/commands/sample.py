@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pdmd.cli import frames, non_negative_float, pixels, positive_int, seed
+from pdmd.commands.arguments import frames, non_negative_float, pixels, positive_int, seed
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
 from pdmd.students import StudentError

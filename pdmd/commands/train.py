@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from pdmd.cli import positive_float, positive_int
+from pdmd.commands.arguments import positive_float, positive_int
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.trainer import Trainer, TrainingDiverged
 

@@ -15,7 +15,7 @@ from torch.nn.functional import cross_entropy, mse_loss
 
 from pdmd.builtin import scenes
 from pdmd.builtin.metrics import HEADS, PROBE_DIR, Probe, geometry_targets, probe_outputs, save_probe
-from pdmd.cli import seed
+from pdmd.commands.arguments import seed
 
 # Training batches use seeds TRAIN_SEED_BASE + step; held-out images come from a seed no step reaches.
 TRAIN_SEED_BASE = 2_000_000

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pdmd.builtin import scenes
-from pdmd.cli import seed
+from pdmd.commands.arguments import seed
 from pdmd.core.rectified_flow import flow_matching_loss, forward_process
 from pdmd.teachers.builtin import (
     ARCHITECTURES,
