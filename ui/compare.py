@@ -17,6 +17,7 @@ from functools import partial
 
 import gradio as gr
 
+from pdmd import limits
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.limits import MAX_CFG, MAX_DIVERSITY_SEEDS, MAX_PHASES, MAX_SEED, MAX_TEACHER_STEPS
 from pdmd.students import lora_formats
@@ -43,7 +44,6 @@ from ui.models import ModelStore
 from ui.student_files import on_export_student, on_import_published, on_upload
 from ui.teacher_picker import on_load_teacher, teacher_choices, teacher_pick
 
-STUDENT_SLOTS = 2  # student samples at once: each takes a fraction of a second on 2 cores
 EXAMPLES = [
     ["a red star on a dark background", 0],
     ["a blue circle on a light background", 7],
@@ -255,7 +255,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     def chain(event, api: bool):
         return event.then(partial(on_compare_student, store), student_inputs, student_outputs,
                           api_name="compare_student" if api else False, concurrency_id="student",
-                          concurrency_limit=STUDENT_SLOTS).then(
+                          concurrency_limit=limits.STUDENT_SLOTS).then(
             partial(on_compare_teacher, store), [run_state, steps, cfg], teacher_outputs,
             api_name="compare_teacher" if api else False, concurrency_id="teacher", concurrency_limit=1)
 

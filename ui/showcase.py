@@ -233,8 +233,10 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
     run_state = gr.State(None)
     pick_outputs = [info, steps, cfg, *strengths]
     pair.change(partial(on_pick, showcase, slider_count), pair, pick_outputs, api_name="showcase_pick")
+    # as in Compare: the few-step student never waits behind another visitor's teacher run
     run_button.click(partial(on_status, store), pair, status, api_name="showcase_status").then(
         partial(on_student, store), [pair, prompt, seed, *strengths],
-        [*student_side, status, run_state], api_name="showcase_student").then(
+        [*student_side, status, run_state], api_name="showcase_student", concurrency_id="student",
+        concurrency_limit=limits.STUDENT_SLOTS).then(
         partial(on_teacher, store), [run_state, steps, cfg], [*teacher_side, slider, summary, status],
-        api_name="showcase_teacher")
+        api_name="showcase_teacher", concurrency_id="teacher", concurrency_limit=1)
