@@ -39,17 +39,22 @@ def summary(values: list[float]) -> dict:
             "max_s": round(max(values), 3)}
 
 
+def _captioned(outputs) -> bool:
+    """A side's outputs hold its caption ("… NFE n, s seconds") when it ran; an error line otherwise."""
+    return any(isinstance(value, str) and "NFE" in value for value in outputs)
+
+
 def compare_once(client: Client, student: str, index: int) -> tuple[float, float]:
     """One Compare click: seconds until the student's image arrives, then until the teacher's."""
     start = time.perf_counter()
     student_out = client.predict(PROMPTS[index % len(PROMPTS)], index, False, student, "as trained", 3.0,
                                  api_name="/compare_student")
     student_seconds = time.perf_counter() - start
-    if "NFE" not in student_out[1]:
-        raise RuntimeError(f"student step failed: {student_out[3]}")
+    if not _captioned(student_out):
+        raise RuntimeError(f"student step failed: {student_out}")
     teacher_out = client.predict(32, 3.0, api_name="/compare_teacher")
-    if "NFE" not in teacher_out[1]:
-        raise RuntimeError(f"teacher step failed: {teacher_out[5]}")
+    if not _captioned(teacher_out):
+        raise RuntimeError(f"teacher step failed: {teacher_out}")
     return student_seconds, time.perf_counter() - start
 
 
