@@ -236,10 +236,18 @@ def cast_like_from_pretrained(module: nn.Module, dtype: torch.dtype) -> None:
                     param.data = param.data.float()
 
 
+_RUNS: dict = {}
+
+
 def weight_rows(settings: PlanSettings) -> tuple[list[Component], dict]:
     """What stays resident: networks, encoders, VAE, prompt embeddings, adapters, optimizer states; and the facts
-    behind them (latent shape, parameter counts)."""
-    teacher, roles = build_meta_run(settings)
+    behind them (latent shape, parameter counts). The meta run is cached over the settings that do not change
+    the networks (only read here; the activation trace builds its own)."""
+    key = replace(settings, batch_size=1, gradient_checkpointing=False, offload=False, processes=1,
+                  optimizer="adamw", device="cuda", prompts=0)
+    if key not in _RUNS:
+        _RUNS[key] = build_meta_run(settings)
+    teacher, roles = _RUNS[key]
     on_gpu = settings.device == "cuda"
     adapters = roles.parameters_of(*roles.adapters)
     rows = []
