@@ -130,3 +130,23 @@ def test_live_peak_counts_what_is_alive_at_once():
         w = z * 3
     assert live.peak == 2 * x.nbytes and live.current == 2 * x.nbytes
     del z, w
+
+
+@pytest.mark.parametrize("family,deeper,checkpointing", [
+    ("sd3", {"num_layers": 6, "dual_attention_layers": [0, 1, 2]}, False),  # three kinds of block
+    ("flux-dev", {"num_layers": 3, "num_single_layers": 4}, True),         # two stacks
+    ("wan2.2", {"num_layers": 5}, "rollout")])
+def test_fast_plan_extrapolates_shortened_stacks_to_the_full_trace(tiny_pipeline, tmp_path, family, deeper,
+                                                                    checkpointing):
+    from pdmd.plan.memory import activation_rows
+    folder = tmp_path / family
+    shutil.copytree(tiny_pipeline(family), folder)  # the planner reads config files only: edit the depth
+    for name in ("transformer", "transformer_2"):
+        path = folder / name / "config.json"
+        if path.is_file():
+            path.write_text(json.dumps({**json.loads(path.read_text()), **deeper}))
+    settings = PlanSettings.from_config(_tiny_config(folder, tmp_path), device="cuda", dtype="fp32",
+                                        gradient_checkpointing=checkpointing)
+    full, fast = activation_rows(settings), activation_rows(settings, fast=True)
+    assert [row.bytes for row in fast] == [row.bytes for row in full]
+    assert all(row.bytes > 0 for row in full)

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"))
     parser.add_argument("--device", choices=("cuda", "cpu"), help="plan for this device (default: cuda when "
                         "visible, else cpu; a CPU run keeps the text encoders in memory)")
+    parser.add_argument("--fast", action="store_true", help="trace each block stack at 1 and 2 blocks and "
+                        "extrapolate the activations to its length (several times faster; see pdmd/plan/stacks.py)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
 
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         budget = round(args.gpu_memory * GIB) if args.gpu_memory else visible_gpu_bytes()
-        result = plan(settings, budget)
+        result = plan(settings, budget, fast=args.fast)
     except (PlanError, ConfigError, TeacherError, ValueError) as err:
         print(f"python -m pdmd plan: error: {err}", file=sys.stderr)
         return 2

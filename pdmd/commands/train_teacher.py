@@ -32,11 +32,10 @@ from pdmd.teachers.builtin import (
 from pdmd.training.checkpoints import (
     atomic_export,
     load_checkpoint,
-    load_optimizer_tensors,
-    optimizer_tensors,
     resolve_checkpoint,
     save_checkpoint,
 )
+from pdmd.training.optimizers import load_optimizer_tensors, optimizer_tensors
 
 WARMUP_STEPS = 250
 FINAL_LR_FRACTION = 0.1

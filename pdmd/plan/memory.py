@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from pdmd.core import distill
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.plan.architectures import meta_teacher
+from pdmd.plan.stacks import extrapolated
 from pdmd.plan.trace import LivePeak, meta_attention
 from pdmd.students.manifest import LoraSpec
 from pdmd.students.roles import FAKE, Roles, phase_adapter
@@ -126,6 +127,10 @@ def _one_network_velocity(teacher):
         teacher.velocity = lambda x, t, cond: teacher._run(network, x, teacher.timesteps(t, x) * 1000, cond)
 
 
+TRAINING_TRACES = ("fake update", "generator update")
+INFERENCE_TRACES = ("sampling step", "VAE decode")
+
+
 def trace_step(teacher, roles: Roles, settings: PlanSettings, phase: int) -> dict[str, int]:
     """Peak bytes allocated by one fake update and by one generator update of ``phase`` (gradients included)."""
     schedule, method = settings.schedule, distill.get_method(settings.method, settings.schedule)
@@ -231,10 +236,18 @@ def cast_like_from_pretrained(module: nn.Module, dtype: torch.dtype) -> None:
                     param.data = param.data.float()
 
 
+_RUNS: dict = {}
+
+
 def weight_rows(settings: PlanSettings) -> tuple[list[Component], dict]:
     """What stays resident: networks, encoders, VAE, prompt embeddings, adapters, optimizer states; and the facts
-    behind them (latent shape, parameter counts)."""
-    teacher, roles = build_meta_run(settings)
+    behind them (latent shape, parameter counts). The meta run is cached over the settings that do not change
+    the networks (only read here; the activation trace builds its own)."""
+    key = replace(settings, batch_size=1, gradient_checkpointing=False, offload=False, processes=1,
+                  optimizer="adamw", device="cuda", prompts=0)
+    if key not in _RUNS:
+        _RUNS[key] = build_meta_run(settings)
+    teacher, roles = _RUNS[key]
     on_gpu = settings.device == "cuda"
     adapters = roles.parameters_of(*roles.adapters)
     rows = []
@@ -277,29 +290,37 @@ def weight_rows(settings: PlanSettings) -> tuple[list[Component], dict]:
 _ACTIVATIONS: dict = {}
 
 
-def activation_rows(settings: PlanSettings) -> list[Component]:
-    """The traced activations (cached: offload, FSDP and the optimizer do not change them)."""
-    key = replace(settings, offload=False, processes=1, optimizer="adamw", device="cuda")
+def activation_rows(settings: PlanSettings, fast: bool = False) -> list[Component]:
+    """The traced activations (cached: offload, FSDP and the optimizer do not change them). ``fast``: trace each
+    block stack at one and two blocks and extrapolate to its length (pdmd.plan.stacks)."""
+    key = (replace(settings, offload=False, processes=1, optimizer="adamw", device="cuda"), fast)
     if key not in _ACTIVATIONS:
         teacher, roles = build_meta_run(settings)
         _one_network_velocity(teacher)
-        with meta_attention():
-            worst = max((trace_step(teacher, roles, settings, k) for k in range(settings.schedule.num_phases)),
+        phases = range(settings.schedule.num_phases)
+
+        def trace() -> dict[str, int]:
+            worst = max((trace_step(teacher, roles, settings, k) for k in phases),
                         key=lambda peaks: max(peaks.values()))
-            inference = trace_inference(teacher, settings)
+            return {**worst, **trace_inference(teacher, settings)}
+
+        network = teacher.model[teacher.network_names[0]] if teacher.network_names else teacher.model
+        with meta_attention():
+            traced = extrapolated(network, trace) if fast else trace()
         mode = {True: "checkpointing", "rollout": "checkpointed rollout", False: "no checkpointing"}[
             settings.gradient_checkpointing]
-        rows = [Component(f"activations: {name}", peak, "training peak", f"batch {settings.batch_size}, {mode}")
-                for name, peak in worst.items()]
-        rows += [Component(f"activations: {name}", peak, "inference peak", f"batch {settings.batch_size}")
-                 for name, peak in inference.items()]
+        how = ", extrapolated from 1-2 blocks" if fast else ""
+        rows = [Component(f"activations: {name}", traced[name], "training peak",
+                          f"batch {settings.batch_size}, {mode}{how}") for name in TRAINING_TRACES]
+        rows += [Component(f"activations: {name}", traced[name], "inference peak", f"batch {settings.batch_size}{how}")
+                 for name in INFERENCE_TRACES]
         _ACTIVATIONS[key] = rows
     return _ACTIVATIONS[key]
 
 
-def components(settings: PlanSettings) -> tuple[list[Component], dict]:
+def components(settings: PlanSettings, fast: bool = False) -> tuple[list[Component], dict]:
     rows, facts = weight_rows(settings)
-    return rows + activation_rows(settings), facts
+    return rows + activation_rows(settings, fast), facts
 
 
 def peaks(rows: list[Component]) -> dict[str, int]:

@@ -46,15 +46,16 @@ def _fsdp_candidates(settings: PlanSettings):
                 yield f"fsdp over {n} GPUs", dict(processes=n)
 
 
-def plan(settings: PlanSettings, budget: int | None = None, suggest: bool = True) -> dict:
+def plan(settings: PlanSettings, budget: int | None = None, suggest: bool = True, fast: bool = False) -> dict:
     """One object: ``components``, ``peak_bytes`` (training), ``inference_peak_bytes``, ``budget_bytes``, ``fits``
-    (None without a budget) and ``suggestions`` (the changes, applied together, that make it fit)."""
-    rows, facts = components(settings)
+    (None without a budget) and ``suggestions`` (the changes, applied together, that make it fit). ``fast``: the
+    activations extrapolated from shortened block stacks (pdmd.plan.stacks)."""
+    rows, facts = components(settings, fast)
     result_peaks = peaks(rows)
     fits = None if budget is None else result_peaks["peak"] <= budget
     suggestions: list[str] = []
     if fits is False and suggest:
-        suggestions = _cheapest_fix(settings, facts, budget)
+        suggestions = _cheapest_fix(settings, facts, budget, fast)
     return {"teacher": settings.teacher, "settings": _describe(settings), **facts,
             "components": [{"name": r.name, "bytes": r.bytes, "gib": round(r.bytes / GIB, 3), "counts_in": r.when,
                             "note": r.note} for r in rows],
@@ -63,17 +64,17 @@ def plan(settings: PlanSettings, budget: int | None = None, suggest: bool = True
             "suggestions": suggestions}
 
 
-def _cheapest_fix(settings: PlanSettings, facts: dict, budget: int) -> list[str]:
+def _cheapest_fix(settings: PlanSettings, facts: dict, budget: int, fast: bool) -> list[str]:
     """Single-device changes first (accumulated), then FSDP on top of checkpointing and offload."""
     applied, current = [], settings
     for description, change in _candidates(settings, facts):
         current = replace(current, **change)
         applied.append(description)
-        if peaks(components(current)[0])["peak"] <= budget:
+        if peaks(components(current, fast)[0])["peak"] <= budget:
             return applied
     base = replace(settings, gradient_checkpointing=True, offload=True)
     for description, change in _fsdp_candidates(settings):
-        if peaks(components(replace(base, **change))[0])["peak"] <= budget:
+        if peaks(components(replace(base, **change), fast)[0])["peak"] <= budget:
             return ["gradient_checkpointing: true", "offload: true", description]
     return ["does not fit even with every option; use a GPU with more memory"]
 

@@ -17,25 +17,6 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_PREFIX = "step-"
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """An Adam-style optimizer's per-parameter state as flat named tensors."""
-    tensors = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value).clone()
-    return tensors
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    saved = optimizer.state_dict()
-    saved["state"] = state
-    optimizer.load_state_dict(saved)
-
-
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
                     keep: int = 2) -> Path:
     """Write ``run_dir/step-XXXXXX`` atomically and delete all but the newest ``keep`` checkpoints."""

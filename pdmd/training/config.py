@@ -15,6 +15,7 @@ from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students.manifest import LoraSpec
 from pdmd.teachers.quantize import QUANTIZATIONS
+from pdmd.training.optimizers import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,8 @@ class TrainConfig:
     # the frozen transformer(s) loaded quantized: "none", "int8", "fp8" (torchao, CPU or GPU) or "nf4"
     # (bitsandbytes, CUDA); LoRA experts and the fake adapter train on top (pdmd.teachers.quantize)
     quantize: str = "none"
+    # the adapters' optimizer: "adamw" (torch) or "adamw8bit" (torchao's 8-bit states; pdmd.training.optimizers)
+    optimizer: str = "adamw"
     # shard the frozen base across the launched processes with FSDP2 (pdmd.training.fsdp); adapters stay whole
     fsdp: bool = False
 
@@ -156,6 +159,8 @@ class TrainConfig:
             set_(name, tuple(value))
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize = {self.quantize!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.fsdp, bool):
             raise ConfigError(f"fsdp = {self.fsdp!r} must be true or false")
         if self.fsdp and self.sample_every <= self.total_updates:  # rank 0 alone cannot run a sharded network

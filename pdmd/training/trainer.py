@@ -26,6 +26,7 @@ from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.teachers import same_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.optimizers import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from pdmd.training.run_folder import RunFolder
 
 
@@ -110,9 +111,9 @@ class Trainer:
 
     def _build_optimizers(self, phase: int) -> None:
         c = self.config
-        generator = torch.optim.AdamW(self.roles.parameters_of(phase_adapter(phase)), lr=c.lr_generator,
-                                      weight_decay=c.weight_decay)
-        fake = torch.optim.AdamW(self.roles.parameters_of(FAKE), lr=c.lr_fake, weight_decay=c.weight_decay)
+        generator = build_optimizer(c.optimizer, self.roles.parameters_of(phase_adapter(phase)), c.lr_generator,
+                                    c.weight_decay)
+        fake = build_optimizer(c.optimizer, self.roles.parameters_of(FAKE), c.lr_fake, c.weight_decay)
         self.optimizers = dict(zip(("generator", "fake"), self.accelerator.prepare(generator, fake)))
         self.optimizer_phase = phase
 
@@ -131,7 +132,7 @@ class Trainer:
         tensors = self.roles.tensors()
         for role, optimizer in self.optimizers.items():
             tensors.update({f"optimizer/{role}/{k}": v for k, v in
-                            checkpoints.optimizer_tensors(optimizer.optimizer).items()})
+                            optimizer_tensors(optimizer.optimizer).items()})
         return tensors
 
     def save_checkpoint(self) -> Path | None:
@@ -156,7 +157,7 @@ class Trainer:
             prefix = f"optimizer/{role}/"
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if state:
-                checkpoints.load_optimizer_tensors(optimizer.optimizer, state)
+                load_optimizer_tensors(optimizer.optimizer, state)
 
     def resume(self, which: str = "latest", say=print) -> Path | None:
         """Load checkpoint ``which`` (a folder), or with "latest" the newest one that loads: a damaged one is
