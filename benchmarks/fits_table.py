@@ -19,8 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pdmd before an installed one
-
 SIZES = {"Wan-AI": dict(height=480, width=832, num_frames=81)}  # by owner; images at 1024x1024
 BUDGETS_GIB = (24, 48, 80)
 PROCESSES = (1, 2, 4, 8)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "assets" / "students" / "phased" / "config.yaml"
+from pdmd.paths import ROOT, SHIPPED_STUDENTS
+
+SHIPPED = SHIPPED_STUDENTS / "phased" / "config.yaml"
 
 
 def pdmd(*args: str) -> str:

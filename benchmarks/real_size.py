@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(*args.one)), flush=True)
         return 0
     rows = []
-    # this checkout's pdmd first (a script's sys.path starts at benchmarks/, not at the repository)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if args.glibc_fixed_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     print(f"{'model':14} {'dtype':6} {'s/step':>7} {'allocated GiB':>14} {'RSS GiB':>8} {'planned GiB':>12} "
