@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pdmd.cli import main
@@ -35,7 +34,6 @@ def _launch(path: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_shard_the_base_train_identically_and_resume_exactly(tiny_pipeline, tmp_path):
     from pdmd.plan.memory import PlanSettings, weight_rows
     from pdmd.training.config import TrainConfig
