@@ -28,7 +28,8 @@ def redact(message: str) -> str:
     """A message without this server's folders: a visitor learns which file, never where it lives."""
     places = {str(runs_dir()): "runs", str(ROOT): ".", tempfile.gettempdir(): "<tmp>", str(Path.home()): "~"}
     for place, shown in sorted(places.items(), key=lambda item: -len(item[0])):  # the longest first
-        message = message.replace(place, shown)
+        if len(place) > 1:  # a home of "/" would otherwise mangle every path separator
+            message = message.replace(place, shown)
     return message
 
 
