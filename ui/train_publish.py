@@ -30,7 +30,7 @@ def on_card(manager: JobManager, job_id):
         return gr.skip(), error_markdown(str(err))
     card = job.student / CARD
     if not card.is_file():  # a student trained before cards existed
-        write_card(job.student, run=job.run.path)
+        write_card(job.student, seconds=job.run.training_seconds(), sample_grid=job.run.latest_sample)
     DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
     target = DOWNLOAD_DIR / f"{job.name}-README.md"
     shutil.copyfile(card, target)

@@ -111,7 +111,7 @@ def schedule_rows(manifest: Manifest) -> list[dict]:
     return rows
 
 
-def training_text(manifest: Manifest, run: Path | None) -> str:
+def training_text(manifest: Manifest, seconds: float | None) -> str:
     if manifest.is_published:
         published = manifest.published
         return (f"Not trained here: published file(s) {', '.join(published.get('files', []))} at strength(s) "
@@ -124,17 +124,9 @@ def training_text(manifest: Manifest, run: Path | None) -> str:
     if manifest.ema_decay:
         parts.append(f"EMA {manifest.ema_decay:g}")
     text = "Budget: " + ", ".join(parts) + "."
-    seconds = training_seconds(run) if run else None
     if seconds:
         text += f" Time: {seconds / 60:.1f} min of updates (sum of the step times in `metrics.jsonl`)."
     return text
-
-
-def training_seconds(run: Path) -> float | None:
-    from pdmd.training.run_folder import RunFolder
-    rows = RunFolder(Path(run)).metrics()
-    speeds = [r.get("it_per_s") for r in rows if isinstance(r.get("it_per_s"), (int, float)) and r["it_per_s"] > 0]
-    return sum(1 / s for s in speeds) if speeds else None
 
 
 def evaluation_text(folder: Path) -> str:
@@ -221,9 +213,9 @@ def comfyui_usage(manifest: Manifest, name: str) -> str:
             f"spaces the steps evenly in its own way, so images are close to, not identical with, this student's.")
 
 
-def render_card(folder: str | Path, repo_id: str | None = None, run: Path | None = None) -> ModelCard:
+def render_card(folder: str | Path, repo_id: str | None = None, seconds: float | None = None) -> ModelCard:
     """The card of the student in ``folder``; ``repo_id`` names where it is published (default: a
-    placeholder), ``run`` the run folder it came from (for the training time)."""
+    placeholder), ``seconds`` the time its updates took (the run folder's ``training_seconds``)."""
     folder = Path(folder)
     manifest = Manifest.read(folder)
     name = student_title(folder)
@@ -241,7 +233,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, run: Path | None
         teacher_link=f"https://huggingface.co/{teacher}" if hub_teacher else "#",
         method=METHODS.get(manifest.method, manifest.method), nfe=manifest.schedule.nfe,
         shift=f"{manifest.schedule.shift:g}", cfg=f"{manifest.student_cfg:g}", phases=schedule_rows(manifest),
-        training=training_text(manifest, run), sample_grid=SAMPLE_GRID if (folder / SAMPLE_GRID).is_file() else "",
+        training=training_text(manifest, seconds), sample_grid=SAMPLE_GRID if (folder / SAMPLE_GRID).is_file() else "",
         evaluation=evaluation_text(folder), prompt=prompt,
         diffusers_usage=diffusers_usage(manifest, repo_id or f"YOUR-NAME/{name}", prompt) if manifest.family else
         "# the built-in 32x32 teacher is not a diffusers pipeline: use `python -m pdmd sample --student`",
@@ -250,11 +242,12 @@ def render_card(folder: str | Path, repo_id: str | None = None, run: Path | None
         suffix="mp4" if "num_frames" in manifest.teacher_options else "png")
 
 
-def write_card(folder: str | Path, repo_id: str | None = None, run: Path | None = None) -> Path:
-    """README.md in ``folder`` (with the run's latest sample grid copied beside it when there is one)."""
+def write_card(folder: str | Path, repo_id: str | None = None, seconds: float | None = None,
+               sample_grid: Path | None = None) -> Path:
+    """README.md in ``folder``, with ``sample_grid`` (the run's latest) copied beside it when there is one."""
     folder = Path(folder)
-    if run is not None and (Path(run) / "samples" / "latest.png").is_file():
-        shutil.copyfile(Path(run) / "samples" / "latest.png", folder / SAMPLE_GRID)
+    if sample_grid is not None and Path(sample_grid).is_file():
+        shutil.copyfile(sample_grid, folder / SAMPLE_GRID)
     path = folder / CARD
-    render_card(folder, repo_id, run).save(path)
+    render_card(folder, repo_id, seconds).save(path)
     return path

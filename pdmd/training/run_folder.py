@@ -158,6 +158,11 @@ class RunFolder:
                 return row["step"]
         return None
 
+    def training_seconds(self) -> float | None:
+        """Time the updates took: the sum of the logged steps' times (1 / it_per_s)."""
+        speeds = [r["it_per_s"] for r in self.metrics() if r["it_per_s"] > 0]  # NaN compares False
+        return sum(1 / s for s in speeds) if speeds else None
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(deque(_tail_lines(self.log_file, TAIL_BYTES), maxlen=lines)).rstrip()
 

@@ -299,7 +299,8 @@ class Trainer:
         with self.roles.ema_weights():
             checkpoints.atomic_export(self.run.student,
                                       lambda folder: save_student(folder, self.roles, self.schedule, **provenance))
-        write_card(self.run.student, run=self.run.path)  # README.md: the Hub model card of the finished student
+        # README.md, the Hub model card (named after the folder, so written once it has its final name)
+        write_card(self.run.student, seconds=self.run.training_seconds(), sample_grid=self.run.latest_sample)
         return self.run.student
 
     @torch.no_grad()
