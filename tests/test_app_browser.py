@@ -4,6 +4,7 @@ Screenshots of every tab go to test-artifacts/ (gitignored) for a person to look
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -86,15 +87,22 @@ def kill_trainers(database: Path) -> None:
                     os.killpg(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def page(app_url):
+@contextlib.contextmanager
+def browser_page(url: str, first_tab: str):
+    """Debian chromium on ``url``, once ``first_tab`` is drawn."""
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(app_url)
-        page.get_by_role("tab", name="Compare").wait_for()
+        page.goto(url)
+        page.get_by_role("tab", name=first_tab).wait_for()
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with browser_page(app_url, "Compare") as page:
+        yield page
 
 
 def screenshot(page, name: str) -> None:

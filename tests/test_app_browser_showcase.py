@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, playwright, screenshot, wait_until_serving
+from test_app_browser import ROOT, browser_page, free_port, playwright, screenshot, wait_until_serving
 from test_showcase import showcase_file  # noqa: F401  (fixture, shared)
 
 
@@ -36,13 +36,8 @@ def showcase_url(showcase_file, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def page(showcase_url):
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(showcase_url)
-        page.get_by_role("tab", name="Showcase").wait_for()
+    with browser_page(showcase_url, "Showcase") as page:
         yield page
-        browser.close()
 
 
 def pick(page, pair: str) -> None:
