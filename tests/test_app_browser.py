@@ -56,13 +56,13 @@ def app_runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.fixture(scope="module")
-def app_url(app_runs):
-    runs = app_runs
-    make_student(runs / "tiny" / "student")
+@contextlib.contextmanager
+def served_app(runs: Path, **env):
+    """``python app.py`` on a free port with its runs in ``runs`` (and ``env`` set), stopped on exit; the URL."""
     port = free_port()
     log = runs / "app.log"
-    env = {**os.environ, "PDMD_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "PDMD_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           **env}
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                                   stdout=out, stderr=subprocess.STDOUT)
@@ -73,7 +73,24 @@ def app_url(app_runs):
     finally:
         server.terminate()
         server.wait(timeout=30)
-        kill_trainers(runs / "jobs" / "jobs.sqlite")
+
+
+def assert_plays_mp4(page, selector: str) -> None:
+    """The <video> inside ``selector`` has an .mp4 source whose duration the browser could read."""
+    video = page.locator(f"{selector} video")
+    video.wait_for(timeout=30_000)
+    assert ".mp4" in video.get_attribute("src")
+    page.wait_for_function("v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(), timeout=30_000)
+
+
+@pytest.fixture(scope="module")
+def app_url(app_runs):
+    make_student(app_runs / "tiny" / "student")
+    try:
+        with served_app(app_runs) as url:
+            yield url
+    finally:
+        kill_trainers(app_runs / "jobs" / "jobs.sqlite")
 
 
 def kill_trainers(database: Path) -> None:

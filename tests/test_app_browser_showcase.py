@@ -7,31 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from test_app_browser import ROOT, browser_page, free_port, playwright, screenshot, wait_until_serving
+from test_app_browser import ROOT, assert_plays_mp4, browser_page, free_port, playwright, screenshot, served_app
 from test_showcase import showcase_file  # noqa: F401  (fixture, shared)
-
-
-def start_app(showcase, runs):
-    port = free_port()
-    env = {**os.environ, "PDMD_RUNS_DIR": str(runs), "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PDMD_TRAINING": "off", "PDMD_SHOWCASE": str(showcase)}  # off: a public server
-    log = runs / "app.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    return server, f"http://127.0.0.1:{port}/", log
 
 
 @pytest.fixture(scope="module")
 def showcase_url(showcase_file, tmp_path_factory):  # noqa: F811
-    runs = tmp_path_factory.mktemp("runs")
-    server, url, log = start_app(showcase_file, runs)
-    try:
-        wait_until_serving(url, server, log)
+    # training off: a public server
+    with served_app(tmp_path_factory.mktemp("runs"), PDMD_TRAINING="off", PDMD_SHOWCASE=str(showcase_file)) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +53,7 @@ def test_the_wan_pair_plays_two_mp4_videos_with_per_phase_strengths(page):
     page.locator("#showcase-run").click()
     playwright.expect(page.locator("#showcase-status")).to_contain_text("Done.", timeout=90_000)
     for side in ("teacher", "student"):
-        video = page.locator(f"#showcase-{side}-video video")
-        video.wait_for(timeout=30_000)
-        assert ".mp4" in video.get_attribute("src")
-        page.wait_for_function("v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(),
-                               timeout=30_000)
+        assert_plays_mp4(page, f"#showcase-{side}-video")
     playwright.expect(page.locator("#showcase-slider")).to_be_hidden()
     screenshot(page, "showcase-wan")
 
@@ -102,8 +82,10 @@ def test_the_api_refuses_any_other_teacher_folder_or_hub_id(showcase_url, showca
 def test_an_invalid_showcase_file_stops_the_app_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("teachers:\n  - name: x\n    model: nowhere-folder\n    students: []\n")
-    server, _, log = start_app(bad, tmp_path)
-    assert server.wait(timeout=120) != 0
-    lines = [line for line in log.read_text().splitlines() if "showcase refused" in line]
+    env = {**os.environ, "PDMD_RUNS_DIR": str(tmp_path), "PDMD_SHOWCASE": str(bad), "PDMD_TRAINING": "off"}
+    done = subprocess.run([sys.executable, "app.py", "--port", str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "showcase refused" in line]
     assert lines == ["app.py: showcase refused: bad.yaml: teachers[x].model: nowhere-folder is not a diffusers "
                      "pipeline folder (no model_index.json)"]

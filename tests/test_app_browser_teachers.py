@@ -4,7 +4,7 @@ test_app_browser.py)."""
 from __future__ import annotations
 
 import pytest
-from test_app_browser import app_runs, app_url, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
+from test_app_browser import app_runs, app_url, assert_plays_mp4, page, playwright, screenshot  # noqa: F401  (fixtures, shared)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,7 @@ def test_a_typed_wan_folder_loads_and_compare_plays_two_mp4_videos(page, wan_fol
     playwright.expect(page.locator("#student-caption")).to_contain_text("Baseline", timeout=60_000)
     playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
     for side in ("teacher", "student"):
-        video = page.locator(f"#{side}-video video")
-        video.wait_for(timeout=30_000)
-        assert ".mp4" in video.get_attribute("src")
-        page.wait_for_function("v => v.readyState >= 1 && v.duration > 0", arg=video.element_handle(),
-                               timeout=30_000)
+        assert_plays_mp4(page, f"#{side}-video")
         playwright.expect(page.locator(f"#{side}-image")).to_be_hidden()
     playwright.expect(page.locator("#compare-slider")).to_be_hidden()  # the slider is for images
     screenshot(page, "compare-wan")

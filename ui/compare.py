@@ -164,7 +164,7 @@ def on_refresh_students(current: str, teacher=BUILTIN):
     name = teacher_pick(teacher)[0]
     choices = students.picker_choices(name)
     values = [v for _, v in choices]
-    return gr.update(choices=choices, value=current if current in values else students.default_choice(name))
+    return gr.update(choices=choices, value=current if current in values else students.default_choice(name, choices))
 
 
 # --- layout -------------------------------------------------------------------------------------------------

@@ -84,13 +84,13 @@ def discover_students() -> list[StudentChoice]:
     return found
 
 
-def default_choice(teacher: str | None = None) -> str:
+def default_choice(teacher: str | None = None, choices: list[tuple[str, str]] | None = None) -> str:
     """The app opens on the shipped phased student (the method's story); another teacher opens on its newest
-    student; else the baseline."""
+    student (from ``choices``, its picker list, when the caller has it); else the baseline."""
     phased = SHIPPED_STUDENTS / "phased"
     if teacher in (None, BUILTIN):
         return str(phased) if (phased / MANIFEST).is_file() else BASELINE
-    own = picker_choices(teacher)[1:]
+    own = (picker_choices(teacher) if choices is None else choices)[1:]
     return own[0][1] if own else BASELINE
 
 

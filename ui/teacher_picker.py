@@ -49,7 +49,7 @@ def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, f
               f"{teacher.default_cfg:g} by default.")
     choices = students.picker_choices(name)
     return ({"name": name, "options": options}, status,
-            gr.update(choices=choices, value=students.default_choice(name)),
+            gr.update(choices=choices, value=students.default_choice(name, choices)),
             gr.update(value=min(teacher.default_steps, MAX_TEACHER_STEPS)), gr.update(value=teacher.default_cfg),
             gr.update(choices=teacher_choices(store), value=name))
 
