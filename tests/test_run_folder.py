@@ -24,6 +24,21 @@ def test_the_metrics_reader_tolerates_any_line(tmp_path):
     assert run.last_step() == 3
 
 
+def test_the_probe_reader_keeps_whole_rows_in_step_order(tmp_path):
+    run = RunFolder(tmp_path)
+    good = {"seconds": 1.5, "adherence": 0.9, "fd": 9.0, "diversity": 6.0, "position_spread": 2.4,
+            "size_spread": 0.9, "images": 96}
+    run.append_probe({"step": 20, **good})
+    run.append_probe({"step": 10, **good, "adherence": 0.5})
+    with open(run.probe_file, "a") as handle:
+        handle.write('{"step": 30, "seconds": 2.0}\n[1, 2]\n{"step": true, "seconds": 1}\n{"step": 40, "adher')
+    run.append_probe({"step": 20, **good, "fd": 8.0})  # measured again after a resume: the last row wins
+    rows = run.probes()
+    assert [row["step"] for row in rows] == [10, 20]
+    assert rows[0]["adherence"] == 0.5 and rows[1]["fd"] == 8.0 and rows[1]["seconds"] == 1.5
+    assert RunFolder(tmp_path / "missing").probes() == []
+
+
 def test_requests_are_taken_once_and_status_survives_garbage(tmp_path):
     run = RunFolder(tmp_path)
     assert run.take_request() is None

@@ -4,6 +4,9 @@
     config.json          the config as the trainer read it
     train.log            the trainer's stdout and stderr
     metrics.jsonl        one JSON row per optimizer update (losses, DMD diagnostics, speed, memory)
+    probe.jsonl          the student measured on a fixed probe set while it trains (``probe_every``): one row per
+                         measurement, {"step", "seconds" (training time so far), "adherence", "fd", "diversity",
+                         "position_spread", "size_spread", "images"}
     control.json         a request to the running trainer: {"action": "stop" | "sample" | "save"}
     status.json          how the last trainer process ended: {"state", "step", "error"}
     samples/latest.png   the newest sample grid (and samples/step-NNNNNN.png)
@@ -28,6 +31,7 @@ from pdmd.training import checkpoints
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
+PROBE_FILE = "probe.jsonl"
 CONTROL_FILE = "control.json"
 STATUS_FILE = "status.json"
 PROCESS_FILE = "process.json"
@@ -63,6 +67,10 @@ class RunFolder:
     @property
     def metrics_file(self) -> Path:
         return self.path / METRICS_FILE
+
+    @property
+    def probe_file(self) -> Path:
+        return self.path / PROBE_FILE
 
     @property
     def checkpoints(self) -> Path:
@@ -163,6 +171,34 @@ class RunFolder:
         speeds = [r["it_per_s"] for r in self.metrics() if r["it_per_s"] > 0]  # NaN compares False
         return sum(1 / s for s in speeds) if speeds else None
 
+    def append_probe(self, row: dict) -> None:
+        with open(self.probe_file, "a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            cut = handle.tell() > 0 and (handle.seek(-1, os.SEEK_END), handle.read(1))[1] != b"\n"
+            handle.write((("\n" if cut else "") + json.dumps(row) + "\n").encode())  # a killed writer's half line stays apart
+
+    def probes(self) -> list[dict]:
+        """The probe measurements in step order (a step measured twice, after a resume, keeps its last row);
+        rows that are cut short or lack a number are skipped."""
+        rows: dict[int, dict] = {}
+        try:
+            lines = self.probe_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            step = row.get("step")
+            values = [row.get(k) for k in PROBE_KEYS]
+            if (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**53
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                rows[step] = {"step": step, **dict(zip(PROBE_KEYS, map(float, values)))}
+        return [rows[k] for k in sorted(rows)]
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(deque(_tail_lines(self.log_file, TAIL_BYTES), maxlen=lines)).rstrip()
 
@@ -180,6 +216,7 @@ def _tail_lines(path: Path, size: int) -> list[str]:
         return []
 
 
+PROBE_KEYS = ("seconds", "adherence", "fd", "diversity", "position_spread", "size_spread")
 NUMBER_KEYS = ("loss_generator", "loss_fake", "grad_norm", "it_per_s", "memory_mb")
 
 
