@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pdmd.cli import main
+from pdmd.commands import bench_train
 from pdmd.students import StudentError
 from pdmd.students.folder import load_student
 from pdmd.students.roles import FAKE
@@ -407,7 +408,21 @@ def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
     assert report["train_peak_mb"] > 0 and report["memory_ratio"] == pytest.approx(
         report["train_peak_mb"] / report["teacher_inference_peak_mb"], abs=1e-3)
     assert main(["bench-train", "--config", str(config), "--steps", "3"]) == 2  # 3 + warm-up > phase 1's 3 steps
-    assert "exceeds the shortest phase" in capsys.readouterr().err
+    assert "more than the shortest phase" in capsys.readouterr().err
+
+
+def test_bench_train_profile_labels_every_part_of_an_update(tmp_path, capsys):
+    config = write(tmp_path, tiny(tmp_path, updates_per_phase=[4, 4], ema_decay=0.9))
+    assert main(["bench-train", "--config", str(config), "--steps", "1", "--threads", "1", "--profile", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [p["phase"] for p in report["phases"]] == [1, 2]
+    for phase in report["phases"]:
+        assert all(phase["parts_ms"][label] > 0 for label in bench_train.LABELS), phase["parts_ms"]
+        assert sum(phase["parts_ms"].values()) < 1000 * phase["seconds_per_update"] * 3  # profiler overhead bounded
+        assert phase["flops_per_update"] > 0
+    assert report["phases"][1]["flops_per_update"] > report["phases"][0]["flops_per_update"]  # phase 2 rolls out more
+    assert report["matmul_flops_per_second"] > 1e8 and report["checkpoint_ms_per_update"] > 0
+    assert main(["bench-train", "--config", str(config), "--steps", "2", "--profile"]) == 2  # 2 x 2 + 2 > 4
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in

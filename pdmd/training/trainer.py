@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function  # labels for bench-train --profile; near free when off
 
 from pdmd.core import distill
 from pdmd.core.sampling import phase_sigmas
@@ -214,8 +215,8 @@ class Trainer:
     def _update(self, role: str, adapter: str, loss: Tensor) -> float:
         optimizer = self.optimizers[role]
         params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
-        with self.roles.active(adapter):  # gradient checkpointing re-runs forwards: with the same adapter
-            self.accelerator.backward(loss)
+        with self.roles.active(adapter), record_function(f"{role}/backward"):
+            self.accelerator.backward(loss)  # with the adapter active: gradient checkpointing re-runs forwards
         self._average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         if not torch.isfinite(norm):  # checked after the all-reduce, so every rank stops at the same step
@@ -226,8 +227,9 @@ class Trainer:
                 f"the {role} update of step {self.step + 1} (phase {phase + 1}) diverged: loss {loss.item():g}, "
                 f"gradient norm {float(norm):g}; nothing was applied. Lower {rate} (now "
                 f"{getattr(self.config, rate):g}) and resume: the latest checkpoint is from before this step")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(f"{role}/optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def _batch(self, generator: torch.Generator):
@@ -263,16 +265,16 @@ class Trainer:
         fake_losses = []
         for _ in range(c.fake_ratio):
             noise, cond, _ = self._batch(generator)
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                          sgts=self.method.sgts, generator=generator)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), record_function("fake/forward"):
                 loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.renoise_shift, generator=generator)
             self._update("fake", FAKE, loss)
             fake_losses.append(loss.item())
 
         noise, cond, uncond = self._batch(generator)
-        with self._checkpointed_rollout(), self.accelerator.autocast():
+        with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
         with self.accelerator.autocast():
@@ -281,7 +283,8 @@ class Trainer:
                 shift=c.renoise_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         if c.ema_decay:
-            self.roles.update_ema(phase_adapter(phase), c.ema_decay)
+            with record_function("generator/ema"):
+                self.roles.update_ema(phase_adapter(phase), c.ema_decay)
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
