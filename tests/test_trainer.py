@@ -18,7 +18,7 @@ from pdmd.students.roles import FAKE
 from pdmd.teachers import load_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
-from pdmd.training.run_folder import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE
+from pdmd.training.run_folder import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, RunFolder
 from pdmd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +387,25 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
                 torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{mode}: {key}")
     with pytest.raises(ConfigError, match="gradient_checkpointing = 'fake' must be true, false or 'rollout'"):
         TrainConfig.from_dict(tiny(tmp_path, gradient_checkpointing="fake"))
+
+
+def test_probe_every_writes_the_curve_and_leaves_training_unchanged(tmp_path):
+    probed = tiny(tmp_path, updates_per_phase=[2, 1], probe_every=2, probe_per_prompt=1, ema_decay=0.5,
+                  checkpoint_every=3)
+    plain = tiny(tmp_path, updates_per_phase=[2, 1], ema_decay=0.5, checkpoint_every=3,
+                 output_dir=str(tmp_path / "plain"))
+    Trainer(TrainConfig.from_dict(probed)).fit(progress=False)
+    Trainer(TrainConfig.from_dict(plain)).fit(progress=False)
+    rows = RunFolder(probed["output_dir"]).probes()
+    assert [row["step"] for row in rows] == [2, 3]  # every 2 updates, and at the end
+    assert all(0 <= row["adherence"] <= 1 and row["fd"] > 0 and row["seconds"] > 0 for row in rows)
+    assert rows[1]["seconds"] > rows[0]["seconds"]
+    a, b = adapters(Path(probed["output_dir"])), adapters(Path(plain["output_dir"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # measuring draws no training randomness
+    with pytest.raises(ConfigError, match="probe_every measures with the built-in teacher's probe"):
+        TrainConfig.from_dict(tiny(tmp_path, teacher="tiny-sd3", probe_every=5))
+    with pytest.raises(ConfigError, match="probe_per_prompt = 100 must be at most 64"):
+        TrainConfig.from_dict(tiny(tmp_path, probe_per_prompt=100))
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):

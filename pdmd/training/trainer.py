@@ -103,6 +103,7 @@ class Trainer:
         self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
         self.optimizers = None
         self.optimizer_phase = -1
+        self._probe = None  # the probe network, loaded at the first probe_every measurement
         self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
 
     # --- state -------------------------------------------------------------------------------------------
@@ -315,6 +316,24 @@ class Trainer:
         save_png(images, self.run.latest_sample)
         return save_png(images, self.run.sample_file(self.step))
 
+    @torch.no_grad()
+    def probe(self) -> dict:
+        """The student as it would be exported (EMA weights when on) measured on the fixed probe set, appended to
+        probe.jsonl with the training time so far: one point of the adherence / FD curve."""
+        from pdmd.builtin.evaluate import eval_prompts, evaluate
+
+        if self._probe is None:
+            from pdmd.builtin.metrics import load_probe
+            self._probe = load_probe()
+        with self.roles.ema_weights():
+            measured = evaluate(self.teacher, self.schedule, self.config.student_cfg, seed=0, prompts=eval_prompts(12),
+                                per_prompt=self.config.probe_per_prompt, experts=self.experts, probe=self._probe)
+        row = {"step": self.step, "seconds": round(self.run.training_seconds() or 0.0, 2),
+               **{k: round(float(measured[k]), 4) for k in ("adherence", "fd", "diversity", "position_spread",
+                                                           "size_spread")}, "images": measured["images"]}
+        self.run.append_probe(row)
+        return row
+
     # --- the loop ----------------------------------------------------------------------------------------
     def _control(self) -> str | None:
         """The job manager's request, read by the main process and shared with every rank."""
@@ -352,6 +371,8 @@ class Trainer:
                         self.accelerator.log(row, step=self.step)
                     if self.step % c.sample_every == 0 or action == "sample":
                         self.save_samples()
+                    if c.probe_every and (self.step % c.probe_every == 0 or self.step == c.total_updates):
+                        self.probe()
                 if self.step % c.checkpoint_every == 0 or action in ("save", "stop") or self.step == end:
                     self.save_checkpoint()
                 if action == "stop":
