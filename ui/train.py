@@ -219,7 +219,8 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
     command = keep if not fresh else f"```bash\n{jobs.display_command(job)}\n```"
     download = keep
     if fresh or seen.get("download") != (job.id, job.finished, job.ended):
-        download = (gr.update(value=student_download(job), visible=True) if job.finished
+        # a finished job whose student folder was deleted has nothing to download (and must not break the poll)
+        download = (gr.update(value=student_download(job), visible=True) if job.finished and job.run.has_student()
                     else gr.update(value=None, visible=False))
     seen.update(job=job.id, state=state, sample=sample_mtime, log=log_size, download=(job.id, job.finished, job.ended))
     return (progress, *plots, sample, log, command, table, picker, download, students_changed, seen)

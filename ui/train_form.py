@@ -32,9 +32,9 @@ def preset_config(name: str) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise JobError(f"preset {name!r} ({path.relative_to(CONFIGS.parent)}) cannot be read: {err}") from None
+        raise JobError(f"preset {name!r} ({path.name}) cannot be read: {err}") from None
     if not isinstance(config, dict):
-        raise JobError(f"preset {name!r} ({path.relative_to(CONFIGS.parent)}) is not a mapping of config fields")
+        raise JobError(f"preset {name!r} ({path.name}) is not a mapping of config fields")
     config.pop("output_dir", None)
     return config
 
