@@ -46,7 +46,7 @@ def served_start(config: TrainConfig, folder, start_phase, served: list[Path]) -
     """A request's student and phase K, checked: the folder must be one of ``served`` (never a path taken from a
     request as is: the trainer would read it), K a whole number from 2 to its phases, and the student must fit
     ``config``. Returns the folder (resolved) and K; raises StudentError / ConfigError with one line."""
-    if not isinstance(folder, str) or not folder or len(folder) > limits.MAX_NAME_CHARS:
+    if not isinstance(folder, (str, Path)) or not str(folder) or len(str(folder)) > limits.MAX_NAME_CHARS:
         raise StudentError("pick the student to retrain from")
     student = Path(folder).resolve()
     if student not in served:
