@@ -199,6 +199,7 @@ def test_retrain_refuses_unserved_students_bad_phases_and_misfits_with_one_line(
         (str(copied), 2, "not one this app serves"),
         ("/etc", 2, "not one this app serves"),
         (None, 2, "pick the student to retrain from"),
+        (None, None, "pick the student to retrain from"),  # nothing picked: no job at all, not a full run
         (["a list"], 2, "pick the student to retrain from"),
         (folder, 1, f"must be a whole number from 2 to {phases}"),
         (folder, phases + 1, f"must be a whole number from 2 to {phases}"),

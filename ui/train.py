@@ -61,22 +61,22 @@ def on_preset(name):
 # --- requests (each one passes the gate first) --------------------------------------------------------
 def on_start(manager: JobManager, gate: Gate, token, name, threads, *fields):
     """Outputs: message, the job picker (selects the new job)."""
-    return _submit(manager, gate, token, name, threads, fields)
+    return _submit(manager, gate, token, name, threads, fields, {})
 
 
 def on_retrain(manager: JobManager, gate: Gate, token, name, threads, student, start_phase, *fields):
     """A job that keeps ``student``'s experts before ``start_phase`` and trains on with the form's config.
     Outputs: message, the job picker."""
-    return _submit(manager, gate, token, name, threads, fields, student, start_phase)
+    # nothing picked is still a retrain request ("" not None), which the manager refuses: never a full-run job
+    return _submit(manager, gate, token, name, threads, fields,
+                   {"from_student": "" if student is None else student, "start_phase": start_phase})
 
 
-def _submit(manager: JobManager, gate: Gate, token, name, threads, fields, student=None, start_phase=None):
+def _submit(manager: JobManager, gate: Gate, token, name, threads, fields, retrain: dict):
     try:
         gate.check(token)
         config = form_config(*fields)
         name = (name or "").strip() or new_run_name(config["method"])
-        retrain = {} if student is None and start_phase is None else {"from_student": student,
-                                                                       "start_phase": start_phase}
         job = manager.submit(name, config, threads=check_threads(threads), **retrain)
     except USER_ERRORS as err:
         return error_markdown(str(err)), gr.skip()
