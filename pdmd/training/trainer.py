@@ -17,16 +17,15 @@ from torch import Tensor
 from torch.profiler import record_function  # labels for bench-train --profile; near free when off
 
 from pdmd.core import distill
-from pdmd.core.sampling import phase_sigmas
 from pdmd.media import as_stills, save_png
 from pdmd.students import StudentError
 from pdmd.students.card import write_card
 from pdmd.students.folder import load_phases, save_student, warn_about_shared_phases
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
-from pdmd.teachers import same_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.from_student import check_student_fits
 from pdmd.training.optimizers import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from pdmd.training.run_folder import RunFolder
 
@@ -181,19 +180,9 @@ class Trainer:
         on, as an unbroken run of this config would from that phase boundary (docs/method.md §2: a later phase can be
         retrained without changing what earlier phases decided). Their sampling steps must be this schedule's."""
         folder = Path(folder)
-        if not 2 <= start_phase <= self.schedule.num_phases:
-            raise ConfigError(f"--start-phase {start_phase}: the schedule has phases 1..{self.schedule.num_phases} "
-                              "and phase 1 has no earlier expert to keep; give 2 or more")
         manifest = Manifest.read(folder)
+        check_student_fits(manifest, self.config, start_phase, str(folder))
         kept = range(start_phase - 1)
-        if not same_teacher(manifest.teacher, self.config.teacher):
-            raise StudentError(f"{folder} is a student of {manifest.teacher!r}, this config's teacher is "
-                               f"{self.config.teacher!r}")
-        theirs = manifest.schedule
-        for k in kept:
-            if k >= theirs.num_phases or phase_sigmas(theirs, k) != phase_sigmas(self.schedule, k):
-                raise StudentError(f"{folder}: its phase {k + 1} does not sample the timesteps of this config's "
-                                   f"phase {k + 1} ({theirs.describe()} vs {self.schedule.describe()})")
         lora = manifest.lora
         if (lora.rank, lora.alpha, set(lora.target_modules)) != (
                 self.roles.lora.rank, self.roles.lora.alpha, set(self.roles.lora.target_modules)):
