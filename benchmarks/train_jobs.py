@@ -28,7 +28,7 @@ from gradio_client import Client
 from pdmd.paths import ROOT, SHIPPED_STUDENTS
 from pdmd.training import checkpoints, jobs
 from pdmd.training.jobs import JobManager
-from ui.train import PRESETS, QUICK
+from ui.train_form import QUICK, preset_config
 
 STUDENT = str(SHIPPED_STUDENTS / "phased")
 
@@ -46,7 +46,7 @@ def clicks(client: Client, n: int) -> dict:
 
 
 def stop_to_exit(manager: JobManager, name: str, force: bool, after_steps: int = 3) -> dict:
-    job = manager.submit(name, PRESETS["default"])
+    job = manager.submit(name, preset_config("default"))
     job = wait(manager, job.id, lambda j: j.step >= after_steps)
     pid, started = job.pid, job.pid_started
     begin = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> int:
 
         manager = JobManager(runs / "jobs")
         submitted = time.time()
-        job = manager.submit("quick", PRESETS[QUICK])
+        job = manager.submit("quick", preset_config(QUICK))
         wait(manager, job.id, lambda j: j.step >= 1)
         result["compare_with_job"] = clicks(client, args.clicks)
         job = wait(manager, job.id, lambda j: j.status == jobs.FINISHED)

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 from ui_fixtures import make_student
 
+from pdmd.training.config import TrainConfig
+from ui.train_form import PRESET_FILES, QUICK
+
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -213,7 +216,8 @@ def test_train_tab_starts_the_quick_preset_shows_progress_and_stops_it(page):
     page.locator("#train-start").click()
     progress = page.locator("#train-progress-text")
     playwright.expect(progress).to_contain_text("browser-quick — running", timeout=60_000)
-    playwright.expect(progress).to_contain_text(re.compile(r"step [1-9]\d*/300"), timeout=120_000)
+    total = TrainConfig.from_yaml(PRESET_FILES[QUICK]).total_updates  # the preset is its file
+    playwright.expect(progress).to_contain_text(re.compile(rf"step [1-9]\d*/{total}"), timeout=120_000)
     playwright.expect(page.locator("#train-command")).to_contain_text("python -m pdmd train --config")
     screenshot(page, "train")
     page.locator("#train-stop").click()

@@ -9,14 +9,17 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import time
 
 import pytest
 import yaml
 
+from pdmd.paths import SHIPPED_STUDENTS
 from pdmd.training import checkpoints
-from pdmd.training.config import ConfigError
+from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.gate import Gate, GateClosed
+from pdmd.training.job_table import SCHEMA_VERSION
 from pdmd.training.jobs import (
     FAILED,
     FINISHED,
@@ -217,3 +220,66 @@ def test_a_damaged_or_deleted_jobs_table_is_rebuilt_with_the_running_trainer_ado
     assert adopted.status == RUNNING and adopted.pid == running.pid
     assert restarted.submit("another", tiny()).status == QUEUED  # one job per device, even after the loss
     restarted.stop(adopted.id, force=True)
+
+
+def test_a_job_from_a_student_passes_its_flags_keeps_them_on_resume_and_in_a_rebuilt_table(manager, tmp_path):
+    source = wait_for(manager, manager.submit("source", tiny()).id, lambda j: j.finished, "finished")
+    student = str(source.student.resolve())
+    assert student in map(str, manager.students())
+    job = manager.submit("phase2", tiny(updates_per_phase=[2, 100_000]), from_student=student, start_phase=2)
+    flags = f"--from-student {student} --start-phase 2"
+    assert flags in display_command(job) and RunFolder(job.folder).from_student() == {"student": student,
+                                                                                       "start_phase": 2}
+    job = wait_for(manager, job.id, lambda j: j.step >= 3, "trained phase 2")  # phase 1 kept: it starts at step 2
+    assert RunFolder(job.folder).metrics()[0]["step"] == 3
+    manager.stop(job.id)
+    stopped = wait_for(manager, job.id, lambda j: j.status == STOPPED, "stopped")
+    resumed = manager.resume(job.id)
+    assert display_command(resumed).endswith(f"{flags} --resume latest")
+    wait_for(manager, job.id, lambda j: j.step > stopped.step, "resumed")
+    manager.stop(job.id, force=True)
+    wait_for(manager, job.id, lambda j: j.status == STOPPED, "was force-stopped")
+
+    for path in tmp_path.glob("jobs/jobs.sqlite*"):  # lost: the rebuilt row still trains on from the student
+        path.unlink()
+    rebuilt = _adopted(JobManager(tmp_path / "jobs", device="cpu"), "phase2")
+    assert (rebuilt.from_student, rebuilt.start_phase) == (student, 2) and flags in display_command(rebuilt)
+
+
+@pytest.mark.parametrize("student, start_phase, message", [
+    ("/etc", 2, "not one this app serves"),
+    ("", 2, "pick the student to retrain from"),
+    (None, 2, "pick the student to retrain from"),
+    (str(SHIPPED_STUDENTS / "phased"), 0, "must be a whole number from 2 to"),
+    (str(SHIPPED_STUDENTS / "phased"), True, "must be a whole number from 2 to"),
+])
+def test_a_job_from_an_unserved_student_or_a_bad_phase_is_refused_before_anything_is_written(manager, student,
+                                                                                            start_phase, message):
+    with pytest.raises(JobError, match=message):
+        manager.submit("refused", tiny(), from_student=student, start_phase=start_phase)
+    assert manager.jobs() == [] and [p.name for p in manager.root.iterdir() if p.is_dir()] == []
+
+
+VERSION_1_SCHEMA = """CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+    config TEXT NOT NULL, status TEXT NOT NULL, device TEXT NOT NULL, threads INTEGER NOT NULL,
+    resume INTEGER NOT NULL DEFAULT 0, requested TEXT, pid INTEGER, pid_started INTEGER, created REAL NOT NULL,
+    started REAL, ended REAL, step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL, error TEXT)"""
+
+
+def test_a_version_1_table_gains_the_new_columns_and_its_rows_keep_working(tmp_path):
+    root = tmp_path / "jobs"
+    (root / "old").mkdir(parents=True)
+    config = TrainConfig.from_dict(tiny(), output_dir=str(root / "old")).as_dict()
+    with sqlite3.connect(root / "jobs.sqlite") as db:
+        db.execute(VERSION_1_SCHEMA)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO jobs (name, config, status, device, threads, resume, created, step, total, error) "
+                   "VALUES ('old', ?, 'stopped', 'cpu', 1, 1, 0, 2, 4, NULL)", (json.dumps(config),))
+    db.close()
+    old = JobManager(root, device="cpu").get(1)
+    assert (old.name, old.status, old.step, old.from_student, old.start_phase) == ("old", STOPPED, 2, None, None)
+    assert "--from-student" not in display_command(old) and display_command(old).endswith("--resume latest")
+    with sqlite3.connect(root / "jobs.sqlite") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert {"from_student", "start_phase"} <= {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    db.close()

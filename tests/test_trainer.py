@@ -11,13 +11,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from pdmd.cli import main
+from pdmd.commands import bench_train
 from pdmd.students import StudentError
 from pdmd.students.folder import load_student
 from pdmd.students.roles import FAKE
 from pdmd.teachers import load_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
-from pdmd.training.run_folder import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE
+from pdmd.training.run_folder import CHECKPOINT_DIR, CONTROL_FILE, METRICS_FILE, RunFolder
 from pdmd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,6 +389,25 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path):
         TrainConfig.from_dict(tiny(tmp_path, gradient_checkpointing="fake"))
 
 
+def test_probe_every_writes_the_curve_and_leaves_training_unchanged(tmp_path):
+    probed = tiny(tmp_path, updates_per_phase=[2, 1], probe_every=2, probe_per_prompt=1, ema_decay=0.5,
+                  checkpoint_every=3)
+    plain = tiny(tmp_path, updates_per_phase=[2, 1], ema_decay=0.5, checkpoint_every=3,
+                 output_dir=str(tmp_path / "plain"))
+    Trainer(TrainConfig.from_dict(probed)).fit(progress=False)
+    Trainer(TrainConfig.from_dict(plain)).fit(progress=False)
+    rows = RunFolder(probed["output_dir"]).probes()
+    assert [row["step"] for row in rows] == [2, 3]  # every 2 updates, and at the end
+    assert all(0 <= row["adherence"] <= 1 and row["fd"] > 0 and row["seconds"] > 0 for row in rows)
+    assert rows[1]["seconds"] > rows[0]["seconds"]
+    a, b = adapters(Path(probed["output_dir"])), adapters(Path(plain["output_dir"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # measuring draws no training randomness
+    with pytest.raises(ConfigError, match="probe_every measures with the built-in teacher's probe"):
+        TrainConfig.from_dict(tiny(tmp_path, teacher="tiny-sd3", probe_every=5))
+    with pytest.raises(ConfigError, match="probe_per_prompt = 100 must be at most 64"):
+        TrainConfig.from_dict(tiny(tmp_path, probe_per_prompt=100))
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     config = TrainConfig.from_dict(tiny(tmp_path, updates_per_phase=1, mixed_precision="bf16"))
     trainer = Trainer(config)
@@ -407,7 +427,21 @@ def test_bench_train_times_every_phase_and_estimates_the_run(tmp_path, capsys):
     assert report["train_peak_mb"] > 0 and report["memory_ratio"] == pytest.approx(
         report["train_peak_mb"] / report["teacher_inference_peak_mb"], abs=1e-3)
     assert main(["bench-train", "--config", str(config), "--steps", "3"]) == 2  # 3 + warm-up > phase 1's 3 steps
-    assert "exceeds the shortest phase" in capsys.readouterr().err
+    assert "more than the shortest phase" in capsys.readouterr().err
+
+
+def test_bench_train_profile_labels_every_part_of_an_update(tmp_path, capsys):
+    config = write(tmp_path, tiny(tmp_path, updates_per_phase=[4, 4], ema_decay=0.9))
+    assert main(["bench-train", "--config", str(config), "--steps", "1", "--threads", "1", "--profile", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [p["phase"] for p in report["phases"]] == [1, 2]
+    for phase in report["phases"]:
+        assert all(phase["parts_ms"][label] > 0 for label in bench_train.LABELS), phase["parts_ms"]
+        assert sum(phase["parts_ms"].values()) < 1000 * phase["seconds_per_update"] * 3  # profiler overhead bounded
+        assert phase["flops_per_update"] > 0
+    assert report["phases"][1]["flops_per_update"] > report["phases"][0]["flops_per_update"]  # phase 2 rolls out more
+    assert report["matmul_flops_per_second"] > 1e8 and report["checkpoint_ms_per_update"] > 0
+    assert main(["bench-train", "--config", str(config), "--steps", "2", "--profile"]) == 2  # 2 x 2 + 2 > 4
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in

@@ -7,128 +7,91 @@ waits for training). Every request passes the gate (PDMD_TRAINING / PDMD_TRAIN_T
 from __future__ import annotations
 
 import html
-import os
 import time
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
-import yaml
 from PIL import Image
 
 from pdmd.core.distill import METHODS
-from pdmd.core.schedule import PhaseSchedule, ScheduleError
-from pdmd.paths import SHIPPED_STUDENTS
+from pdmd.core.schedule import ScheduleError
+from pdmd.students import StudentError
 from pdmd.students.manifest import MANIFEST
 from pdmd.training import jobs
 from pdmd.training.config import ConfigError
+from pdmd.training.from_student import student_name
 from pdmd.training.gate import Gate, GateClosed
 from pdmd.training.jobs import JobError, JobManager
 from ui import comparison
-from ui.inputs import InputError, error_markdown, schedule_of
+from ui.inputs import InputError, error_markdown
+from ui.train_curves import duration, loss_frames, probe_frames, probe_line
+from ui.train_form import (
+    EDIT_HERE,
+    FORM_FIELDS,
+    FROM_PHASES,
+    METHOD_DEFAULT,
+    PRESET_FILES,
+    QUICK,
+    check_threads,
+    form_config,
+    new_run_name,
+    preset_fields,
+)
 from ui.train_publish import build_publish_row
+from ui.train_retrain import build_retrain_row
 
 POLL_SECONDS = 1.5
-PLOT_EVERY_S = 4.0   # the loss plots redraw at most this often: the page stays light while a job trains
+PLOT_EVERY_S = 4.0   # the loss and probe plots redraw at most this often: the page stays light while a job trains
 LOG_LINES = 30
 DOWNLOAD_DIR = comparison.DOWNLOAD_DIR / "students"  # cleaned with the rest of the app's downloads
-METHOD_DEFAULT, FROM_PHASES, EDIT_HERE = "the method's own", "from the Phases tab", "edit here"
-USER_ERRORS = (JobError, GateClosed, ConfigError, ScheduleError, InputError)
-
-
-def _shipped_default() -> dict:
-    config = yaml.safe_load((SHIPPED_STUDENTS / "phased" / "config.yaml").read_text())
-    config.pop("output_dir", None)
-    return config
-
-
-# A preset is a whole config: the form shows its main fields; the rest (guidance, seed...) come along as is.
-DEFAULT_CONFIG = _shipped_default()
-PRESETS = {
-    # measured in docs/benchmarks.md: finishes well inside 5 minutes on 2 shared CPU cores with 1 thread
-    "quick demo": {**DEFAULT_CONFIG, "updates_per_phase": 150, "batch_size": 4, "fake_ratio": 2,
-                   "lora": {"rank": 8, "alpha": 8}, "sample_every": 50, "checkpoint_every": 25},
-    "default": DEFAULT_CONFIG,
-}
-QUICK = "quick demo"
+USER_ERRORS = (JobError, GateClosed, ConfigError, ScheduleError, InputError, StudentError)
 JOB_HEADERS = ["#", "name", "method", "status", "step", "created", "ended", "note"]
 
 
-# --- the form --------------------------------------------------------------------------------------------
-def preset_fields(name: str) -> list:
-    """A preset as the form's values (method, schedule source and text, LoRA, steps, rates, batch, prompts)."""
-    config = PRESETS[name]
-    schedule = config_schedule(config)
-    steps = config["updates_per_phase"]
-    return [config["teacher"], config["method"], METHOD_DEFAULT if name == QUICK else EDIT_HERE,
-            ", ".join(f"{b:g}" for b in schedule.boundaries), ", ".join(map(str, schedule.steps)),
-            f"{schedule.shift:g}", config["lora"]["rank"], config["lora"]["alpha"],
-            ", ".join(map(str, steps)) if isinstance(steps, list) else str(steps),
-            config["lr_generator"], config["lr_fake"], config["batch_size"], config["fake_ratio"],
-            "\n".join(config.get("sample_prompts", [])), config["sample_every"], config["checkpoint_every"]]
-
-
-def config_schedule(config: dict) -> PhaseSchedule:
-    return PhaseSchedule.from_dict(config["schedule"])
-
-
-def form_config(preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, phases_schedule,
-                rank, alpha, updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
-                sample_every, checkpoint_every) -> dict:
-    """The form as a config dict; TrainConfig (in JobManager.submit) then checks every value."""
-    if preset not in PRESETS:
-        raise JobError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if method not in METHODS:
-        raise JobError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
-    if schedule_source == METHOD_DEFAULT:
-        schedule = METHODS[method].schedule.as_dict()
-    elif schedule_source == FROM_PHASES:
-        schedule = schedule_of(phases_schedule).as_dict()
-    else:
-        schedule = PhaseSchedule.parse(boundaries or "", schedule_steps or "", shift or "").as_dict()
-    steps = [s.strip() for s in str(updates_per_phase or "").split(",")]
-    if not any(steps):
-        raise JobError("updates per phase is empty: give one number (every phase) or one per phase")
-    prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
-    return {**PRESETS[preset], "teacher": (teacher or "").strip(), "method": method, "schedule": schedule,
-            "updates_per_phase": steps, "lora": {"rank": rank, "alpha": alpha}, "lr_generator": lr_generator,
-            "lr_fake": lr_fake, "batch_size": batch_size, "fake_ratio": fake_ratio, "sample_prompts": prompts,
-            "sample_every": sample_every, "checkpoint_every": checkpoint_every}
-
-
-def check_threads(value) -> int:
-    cores = os.cpu_count() or 1
+def on_preset(name):
+    """Fill the form with a preset. An unknown name (posted to the API) or a file that does not read changes
+    nothing: Start then reports the problem as one line."""
     try:
-        threads = float(value)
-    except (TypeError, ValueError):
-        raise JobError(f"CPU threads {value!r} is not a number") from None
-    if threads != int(threads) or not 1 <= threads <= cores:
-        raise JobError(f"CPU threads {value!r} must be a whole number from 1 to {cores}")
-    return int(threads)
-
-
-def new_run_name(method: str) -> str:
-    return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return preset_fields(name)
+    except (JobError, ConfigError, ScheduleError):
+        return [gr.skip()] * len(FORM_FIELDS)
 
 
 # --- requests (each one passes the gate first) --------------------------------------------------------
 def on_start(manager: JobManager, gate: Gate, token, name, threads, *fields):
     """Outputs: message, the job picker (selects the new job)."""
+    return _submit(manager, gate, token, name, threads, fields, {})
+
+
+def on_retrain(manager: JobManager, gate: Gate, token, name, threads, student, start_phase, *fields):
+    """A job that keeps ``student``'s experts before ``start_phase`` and trains on with the form's config.
+    Outputs: message, the job picker."""
+    # nothing picked is still a retrain request ("" not None), which the manager refuses: never a full-run job
+    return _submit(manager, gate, token, name, threads, fields,
+                   {"from_student": "" if student is None else student, "start_phase": start_phase})
+
+
+def _submit(manager: JobManager, gate: Gate, token, name, threads, fields, retrain: dict):
     try:
         gate.check(token)
         config = form_config(*fields)
         name = (name or "").strip() or new_run_name(config["method"])
-        job = manager.submit(name, config, threads=check_threads(threads))
+        job = manager.submit(name, config, threads=check_threads(threads), **retrain)
     except USER_ERRORS as err:
         return error_markdown(str(err)), gr.skip()
+    kept = f"; phases before {job.start_phase} kept from {_origin(job)}" if job.from_student else ""
     if job.status == jobs.QUEUED:
         running = manager.running()
-        message = (f"⏳ Job #{job.id} **{job.name}** is queued: #{running.id} {running.name} is running on "
+        message = (f"⏳ Job #{job.id} **{job.name}** is queued{kept}: #{running.id} {running.name} is running on "
                    f"{manager.device} (one job per device); it starts when that one ends.")
     else:
-        message = f"✓ Job #{job.id} **{job.name}** started ({job.total} steps)."
+        message = f"✓ Job #{job.id} **{job.name}** started ({job.total} steps{kept})."
     return message, gr.update(choices=job_choices(manager.jobs()), value=job.id)
+
+
+def _origin(job: jobs.Job) -> str:
+    return student_name(Path(job.from_student))
 
 
 def on_stop(manager: JobManager, gate: Gate, token, job_id, force: bool = False) -> str:
@@ -180,29 +143,21 @@ def job_table(all_jobs: list[jobs.Job]) -> list[list]:
             for job in all_jobs]
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
-
-
-def progress_html(job: jobs.Job, rows: list[dict]) -> str:
-    """A progress bar with step/total, phase, percentage and ETA, and the job's status and note."""
+def progress_html(job: jobs.Job, rows: list[dict], probes: list[dict]) -> str:
+    """A progress bar with step/total, phase, percentage and ETA, the latest probe figures, and the job's status
+    and note."""
     percent = 100 * job.step / max(job.total, 1)
     phase = f" · phase {rows[-1]['phase']}/{len(job.config['updates_per_phase'])}" if rows else ""
     eta = jobs.eta_seconds(job, rows)
-    eta_text = f" · ETA {_duration(eta)}" if eta is not None else ""
+    eta_text = f" · ETA {duration(eta)}" if eta is not None else ""
+    kept = (f"<div>phases before {job.start_phase} kept from {html.escape(_origin(job))}</div>"
+            if job.from_student else "")
+    probe = f"<div id='train-probe-text'>{html.escape(probe_line(probes))}</div>" if probes else ""
     note = (f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{html.escape(job.error)}</pre>"
             if job.error else "")
     return (f"<div id='train-progress-text'><b>#{job.id} {html.escape(job.name)}</b> — {job.status} · "
-            f"step {job.step}/{job.total} ({percent:.0f}%){phase}{eta_text}</div>"
+            f"step {job.step}/{job.total} ({percent:.0f}%){phase}{eta_text}</div>{kept}{probe}"
             f"<progress value='{job.step}' max='{job.total}' style='width:100%;height:1.2em'></progress>{note}")
-
-
-def loss_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Generator and fake-score loss per step, one curve per phase (gr.LinePlot's long format)."""
-    return tuple(pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r[key] for r in rows],
-                               "phase": [f"phase {r['phase']}" for r in rows]})
-                 for key in ("loss_generator", "loss_fake"))
 
 
 def enlarged(path: Path, height: int = 192) -> Image.Image:
@@ -222,8 +177,8 @@ def student_download(job: jobs.Job) -> str:
 
 
 def on_poll(manager: JobManager, job_value, seen: dict | None):
-    """Outputs: progress, generator-loss plot, fake-loss plot, latest samples, log tail, command, job table,
-    job picker, download button, the students-changed signal (Compare's picker listens), seen.
+    """Outputs: progress, generator-loss plot, fake-loss plot, adherence plot, FD plot, latest samples, log tail,
+    command, job table, job picker, download button, the students-changed signal (Compare's picker listens), seen.
     Only what changed since the last tick is sent."""
     seen = dict(seen or {})
     keep = gr.skip()
@@ -240,18 +195,20 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
     seen.update(table=signature, ids=ids, finished=finished)
     job = next((j for j in all_jobs if j.id == job_value), None)
     if job is None:
-        return ("<i>No job yet: pick a preset and press Start.</i>", keep, keep, keep, "", "", table, picker,
-                gr.update(visible=False), students_changed, seen)
+        return ("<i>No job yet: pick a preset and press Start.</i>", keep, keep, keep, keep, keep, "", "", table,
+                picker, gr.update(visible=False), students_changed, seen)
 
-    rows = job.run.metrics()
+    rows, probes = job.run.metrics(), job.run.probes()
     fresh = seen.get("job") != job.id
-    state = (job.id, job.status, job.step, job.error)
-    progress = keep if not fresh and seen.get("state") == state else progress_html(job, rows)
-    plots = (keep, keep)
-    if fresh or (seen.get("plotted") != (job.id, job.step)
+    state = (job.id, job.status, job.step, job.error, len(probes))
+    progress = keep if not fresh and seen.get("state") == state else progress_html(job, rows, probes)
+    plots = (keep,) * 4
+    drawn = (job.id, job.step, len(probes))  # a probe row can come after the last step
+    if fresh or (seen.get("plotted") != drawn
                  and (time.time() - seen.get("plotted_at", 0) > PLOT_EVERY_S or job.status != jobs.RUNNING)):
-        plots = loss_frames(rows)
-        seen.update(plotted=(job.id, job.step), plotted_at=time.time())
+        plots = (*loss_frames(rows), *(gr.update(value=frame, visible=bool(probes))
+                                      for frame in probe_frames(probes)))
+        seen.update(plotted=drawn, plotted_at=time.time())
     sample_path = job.run.latest_sample
     sample_mtime = sample_path.stat().st_mtime if sample_path.is_file() else None
     sample = keep if not fresh and seen.get("sample") == sample_mtime else (
@@ -262,7 +219,8 @@ def on_poll(manager: JobManager, job_value, seen: dict | None):
     command = keep if not fresh else f"```bash\n{jobs.display_command(job)}\n```"
     download = keep
     if fresh or seen.get("download") != (job.id, job.finished, job.ended):
-        download = (gr.update(value=student_download(job), visible=True) if job.finished
+        # a finished job whose student folder was deleted has nothing to download (and must not break the poll)
+        download = (gr.update(value=student_download(job), visible=True) if job.finished and job.run.has_student()
                     else gr.update(value=None, visible=False))
     seen.update(job=job.id, state=state, sample=sample_mtime, log=log_size, download=(job.id, job.finished, job.ended))
     return (progress, *plots, sample, log, command, table, picker, download, students_changed, seen)
@@ -274,11 +232,13 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
     repaired = f"\n\n⚠️ {manager.table.notice}." if manager.table.notice else ""  # a rebuilt jobs table says so
     gr.Markdown(gate.describe() + repaired, elem_id="train-gate")
     defaults = preset_fields(QUICK)
+    usable = gate.mode != "off"
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
-                preset = gr.Dropdown(list(PRESETS), value=QUICK, label="Preset", elem_id="train-preset",
-                                     info="quick demo: a few minutes on 2 CPU cores; default: the shipped student's")
+                preset = gr.Dropdown(list(PRESET_FILES), value=QUICK, label="Preset", elem_id="train-preset",
+                                     info=" · ".join(f"{name}: configs/{path.name}"
+                                                     for name, path in PRESET_FILES.items()))
                 name = gr.Textbox(label="Run name", placeholder="empty: <method>-<date>-<time>",
                                   elem_id="train-name", info="letters, digits, - and _ (runs/jobs/<name>/)")
             with gr.Row():
@@ -310,13 +270,13 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
             token = gr.Textbox(label="Training token", type="password", visible=gate.mode == "token",
                                elem_id="train-token")
             with gr.Row():  # greyed out when training is off; the handlers check the gate regardless
-                usable = gate.mode != "off"
                 start = gr.Button("Start", variant="primary", elem_id="train-start", interactive=usable)
                 stop = gr.Button("Stop", elem_id="train-stop", interactive=usable)
                 kill = gr.Button("Force stop", variant="stop", elem_id="train-kill", interactive=usable)
                 resume = gr.Button("Resume", elem_id="train-resume", interactive=usable)
                 sample_now = gr.Button("Sample now", interactive=usable)
                 save_now = gr.Button("Save now", interactive=usable)
+            retrain_student, retrain_phase, retrain = build_retrain_row(manager, usable, students_changed)
             message = gr.Markdown(elem_id="train-message")
         with gr.Column(scale=3):
             job = gr.Dropdown(job_choices(manager.jobs()), value=None, label="Job", elem_id="train-job")
@@ -326,6 +286,11 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 generator_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Generator loss (DMD)",
                                              height=220)
                 fake_plot = gr.LinePlot(x="step", y="loss", color="phase", label="Fake-score loss", height=220)
+            with gr.Row():  # shown once the trainer has measured the student on the probe set
+                adherence_plot = gr.LinePlot(x="seconds", y="adherence", label="Probe adherence (training seconds)",
+                                             height=180, visible=False, elem_id="train-adherence")
+                fd_plot = gr.LinePlot(x="seconds", y="fd", label="Probe FD (training seconds)", height=180,
+                                      visible=False, elem_id="train-fd")
             sample = gr.Image(label="Latest samples", type="pil", interactive=False, elem_id="train-sample")
             download = gr.DownloadButton("Download student (.zip)", visible=False, elem_id="train-download")
             build_publish_row(manager, gate, job)  # the model card; a Hub push where training is open
@@ -340,9 +305,12 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
     preset_outputs = [teacher, method, schedule_source, boundaries, schedule_steps, shift, rank, alpha,
                       updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
                       sample_every, checkpoint_every]
-    preset.change(preset_fields, preset, preset_outputs)
+    preset.change(on_preset, preset, preset_outputs)
     start.click(partial(on_start, manager, gate), [token, name, threads, *fields], [message, job],
                 concurrency_limit=None)
+    retrain.click(partial(on_retrain, manager, gate),
+                  [token, name, threads, retrain_student, retrain_phase, *fields], [message, job],
+                  concurrency_limit=None)
     stop.click(partial(on_stop, manager, gate), [token, job], message, concurrency_limit=None)
     kill.click(partial(on_stop, manager, gate, force=True), [token, job], message, concurrency_limit=None)
     resume.click(partial(on_resume, manager, gate), [token, job], message, concurrency_limit=None)
@@ -353,7 +321,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
     timer = gr.Timer(POLL_SECONDS)
     # every open page polls: no queue slot is held, so a page never waits behind another one's work
     timer.tick(partial(on_poll, manager), [job, seen],
-               [progress, generator_plot, fake_plot, sample, log, command, table, job, download, students_changed,
-                seen], concurrency_limit=None, show_progress="hidden")
+               [progress, generator_plot, fake_plot, adherence_plot, fd_plot, sample, log, command, table, job,
+                download, students_changed, seen], concurrency_limit=None, show_progress="hidden")
     job.change(lambda: {}, None, seen)  # a new selection redraws everything on the next tick
     return {"job": job, "message": message, "progress": progress, "timer": timer}

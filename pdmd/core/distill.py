@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function  # bench-train --profile's labels
 
 from pdmd.core import rectified_flow as rf
 from pdmd.core.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
@@ -90,8 +91,10 @@ def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, con
         raise ValueError(f"unknown DMD gradient form {gradient!r}; use 'x0' or 'velocity'")
     t, _, x_t = renoise(x_s.detach(), s, shift, generator)
     with torch.no_grad():
-        v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg, combine)
-        v_fake = fake(x_t, t, cond)
+        with record_function("generator/real score"):
+            v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg, combine)
+        with record_function("generator/fake score"):
+            v_fake = fake(x_t, t, cond)
         x0_real, x0_fake = rf.x0_from_velocity(x_t, t, v_real), rf.x0_from_velocity(x_t, t, v_fake)
         if gradient == "velocity":
             grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)

@@ -63,6 +63,11 @@ class TrainConfig:
     prompts: tuple[str, ...] = ()                # distillation is data-free: prompts only
     sample_prompts: tuple[str, ...] = ()
     sample_every: int = 50
+    # measure the student on the fixed probe set (12 eval prompts x probe_per_prompt images, seed 0) every this many
+    # updates and at the end, into probe.jsonl: the adherence / FD curve against training time (built-in teacher;
+    # 0 = off). 96 images cost about one phase-2 update, so every 25 updates adds ~4%.
+    probe_every: int = 0
+    probe_per_prompt: int = 8
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     mixed_precision: str = "no"                  # "no", "bf16" or "fp16" (accelerate)
@@ -114,8 +119,16 @@ class TrainConfig:
         set_("schedule", schedule)
         set_("updates_per_phase", steps)
         set_("lora", lora)
-        for name in ("batch_size", "fake_ratio", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("batch_size", "fake_ratio", "sample_every", "checkpoint_every", "keep_checkpoints",
+                     "probe_per_prompt"):
             set_(name, _positive(name, getattr(self, name), integer=True))
+        set_("probe_every", _positive("probe_every", self.probe_every, integer=True, allow_zero=True))
+        if self.probe_every and self.teacher != "builtin":
+            raise ConfigError("probe_every measures with the built-in teacher's probe; other teachers have none: "
+                              "set it to 0")
+        if self.probe_per_prompt > limits.MAX_PROBE_PER_PROMPT:
+            raise ConfigError(f"probe_per_prompt = {self.probe_per_prompt} must be at most "
+                              f"{limits.MAX_PROBE_PER_PROMPT}")
         for name in ("lr_generator", "lr_fake", "grad_clip", "renoise_shift"):
             set_(name, _positive(name, getattr(self, name)))
         for name in ("weight_decay", "teacher_cfg", "student_cfg"):
@@ -163,6 +176,9 @@ class TrainConfig:
             raise ConfigError(f"optimizer = {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.fsdp, bool):
             raise ConfigError(f"fsdp = {self.fsdp!r} must be true or false")
+        if self.fsdp and self.probe_every:
+            raise ConfigError("fsdp: true cannot probe while training (rank 0 alone cannot run a sharded network): "
+                              "set probe_every to 0 and evaluate the finished student")
         if self.fsdp and self.sample_every <= self.total_updates:  # rank 0 alone cannot run a sharded network
             raise ConfigError("fsdp: true draws no samples while training: set sample_every above the run's "
                               f"{self.total_updates} updates and sample the finished student")

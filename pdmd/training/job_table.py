@@ -22,7 +22,7 @@ from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.processes import is_alive
 from pdmd.training.run_folder import RunFolder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATABASE = "jobs.sqlite"
 QUEUED, RUNNING, STOPPING = "queued", "running", "stopping"
 FINISHED, STOPPED, INTERRUPTED, FAILED = "finished", "stopped", "interrupted", "failed"
@@ -44,10 +44,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     ended REAL,
     step INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL,
-    error TEXT
+    error TEXT,
+    from_student TEXT,                 -- with start_phase: the launch passes --from-student and --start-phase
+    start_phase INTEGER
 )"""
+# schema 1 -> 2: the columns a version-1 table gets (NULL in its old rows: jobs that train every phase)
+ADDED_IN_2 = (("from_student", "TEXT"), ("start_phase", "INTEGER"))
 COLUMNS = ("name", "config", "status", "device", "threads", "resume", "pid", "pid_started", "created", "started",
-           "ended", "step", "total", "error")
+           "ended", "step", "total", "error", "from_student", "start_phase")
 
 
 class SchemaTooNew(RuntimeError):
@@ -73,6 +77,8 @@ class Job:
     total: int
     error: str | None
     folder: Path
+    from_student: str | None = None   # the student folder whose experts before start_phase the job keeps
+    start_phase: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -125,10 +131,27 @@ class JobTable:
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(f"{self.path} has schema {version}; this pdmd knows {SCHEMA_VERSION}")
             db.execute("SELECT 1 FROM jobs LIMIT 0")  # "no such table" when the file was deleted or is new
+            if version < SCHEMA_VERSION:
+                self._migrate(db)
         except BaseException:
             db.close()
             raise
         return db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """An older table gets the newer columns, in one transaction (another app may be migrating it too)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            present = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_IN_2:
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _repair(self, err: sqlite3.DatabaseError) -> None:
         missing_table = isinstance(err, sqlite3.OperationalError) and "no such table" in str(err)
@@ -182,6 +205,7 @@ class JobTable:
         status = RUNNING if alive else state if state in (FINISHED, STOPPED, FAILED) else INTERRUPTED
         step = run.last_step() or 0
         created = folder.stat().st_mtime
+        origin = run.from_student()
         return {"name": folder.name, "config": json.dumps(config.as_dict()), "status": status,
                 "device": process.get("device") or self.device, "threads": int(process.get("threads") or 1),
                 "resume": 1 if step else 0, "pid": process.get("pid") if alive else None,
@@ -189,4 +213,5 @@ class JobTable:
                 "started": created if alive else None, "ended": None if alive else time.time(), "step": step,
                 "total": config.total_updates,
                 "error": None if status in (RUNNING, FINISHED, STOPPED) else
-                "rebuilt from its run folder after the jobs table was lost; resume it"}
+                "rebuilt from its run folder after the jobs table was lost; resume it",
+                "from_student": origin.get("student"), "start_phase": origin.get("start_phase")}

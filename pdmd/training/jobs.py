@@ -27,8 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from pdmd.paths import ROOT, jobs_dir
-from pdmd.training.config import TrainConfig
+from pdmd.paths import ROOT, SHIPPED_STUDENTS, jobs_dir
+from pdmd.students import StudentError
+from pdmd.students.manifest import MANIFEST
+from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.from_student import served_start
 from pdmd.training.job_table import (
     ACTIVE,
     FAILED,
@@ -107,27 +110,46 @@ class JobManager:
         return self._job(row) if row else None
 
     # --- requests ------------------------------------------------------------------------------------------
-    def submit(self, name: str, config: dict, threads: int | None = None) -> Job:
+    def submit(self, name: str, config: dict, threads: int | None = None, from_student=None,
+               start_phase=None) -> Job:
         """Validate, write runs/jobs/<name>/config.yaml and queue the job (it starts now if the device is free).
-        Raises JobError / ConfigError naming the problem; nothing is written then."""
+        With ``from_student`` (one of ``students()``) and ``start_phase`` K, the job keeps that student's experts
+        1..K-1 and trains from phase K on. Raises JobError / ConfigError naming the problem; nothing is written
+        then."""
         name = check_name(name)
         folder = self.root / name
         validated = TrainConfig.from_dict(dict(config), output_dir=str(folder))  # ConfigError names the field
         threads = default_threads() if threads is None else threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise JobError(f"threads = {threads!r} must be a whole number of at least 1")
+        student = None
+        if from_student is not None or start_phase is not None:
+            try:
+                student, start_phase = served_start(validated, from_student, start_phase, self.students())
+            except (ConfigError, StudentError) as err:
+                raise JobError(str(err)) from None
         with self._lock, self._connect() as db:
             if db.execute("SELECT 1 FROM jobs WHERE name = ?", (name,)).fetchone() or folder.exists():
                 raise JobError(f"a job named {name!r} already exists: resume it, or pick another name")
             folder.mkdir(parents=True)
-            RunFolder(folder).config_file.write_text(yaml.safe_dump(validated.as_dict(), sort_keys=False))
+            run = RunFolder(folder)
+            run.config_file.write_text(yaml.safe_dump(validated.as_dict(), sort_keys=False))
+            if student is not None:
+                run.write_from_student(student, start_phase)
             cursor = db.execute(
-                "INSERT INTO jobs (name, config, status, device, threads, created, total) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO jobs (name, config, status, device, threads, created, total, from_student, start_phase)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (name, json.dumps(validated.as_dict()), QUEUED, self.device, threads, time.time(),
-                 validated.total_updates))
+                 validated.total_updates, student, start_phase))
             job_id = cursor.lastrowid
         self.poll()
         return self.get(job_id)
+
+    def students(self) -> list[Path]:
+        """The students a job may train on from: the shipped ones and this manager's finished jobs' -- never a
+        folder a request names (the trainer would read any path)."""
+        shipped = sorted(m.parent.resolve() for m in SHIPPED_STUDENTS.glob(f"*/{MANIFEST}"))
+        return shipped + [job.student.resolve() for job in self.jobs() if job.finished and job.run.has_student()]
 
     def stop(self, job_id, force: bool = False) -> Job:
         """Graceful: control.json + SIGTERM, the trainer checkpoints and exits after its current step.
@@ -312,6 +334,8 @@ def command(job: Job, python: str = sys.executable) -> list[str]:
     """Exactly what the job runs: the CLI's ``python -m pdmd train``."""
     argv = [python, "-m", "pdmd", "train", "--config", str(job.run.config_file),
             "--output-dir", str(job.folder), "--no-progress", "--threads", str(job.threads)]
+    if job.from_student:  # kept on a resume too: the trainer takes the experts only when it starts at step 0
+        argv += ["--from-student", job.from_student, "--start-phase", str(job.start_phase)]
     return argv + (["--resume", "latest"] if job.resume else [])
 
 

@@ -7,6 +7,8 @@
     probe.jsonl          the student measured on a fixed probe set while it trains (``probe_every``): one row per
                          measurement, {"step", "seconds" (training time so far), "adherence", "fd", "diversity",
                          "position_spread", "size_spread", "images"}
+    from_student.json    a job that trains on from a finished student: {"student", "start_phase"} (the job
+                         manager's; the jobs table is rebuilt with it)
     control.json         a request to the running trainer: {"action": "stop" | "sample" | "save"}
     status.json          how the last trainer process ended: {"state", "step", "error"}
     samples/latest.png   the newest sample grid (and samples/step-NNNNNN.png)
@@ -35,6 +37,7 @@ PROBE_FILE = "probe.jsonl"
 CONTROL_FILE = "control.json"
 STATUS_FILE = "status.json"
 PROCESS_FILE = "process.json"
+FROM_STUDENT_FILE = "from_student.json"
 CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
 LATEST_SAMPLE = "samples/latest.png"
@@ -138,6 +141,21 @@ class RunFolder:
         if not isinstance(said, dict) or not all(isinstance(said.get(k), int) for k in ("pid", "started")):
             return {}
         return said
+
+    # --- from a student: the job's --from-student and --start-phase --------------------------------------------
+    def write_from_student(self, student: str, start_phase: int) -> None:
+        _write_atomic(self.path / FROM_STUDENT_FILE, json.dumps({"student": student, "start_phase": start_phase}))
+
+    def from_student(self) -> dict:
+        """{"student", "start_phase"}, or {} for a job that trains every phase (or an unreadable file)."""
+        try:
+            said = json.loads((self.path / FROM_STUDENT_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if (not isinstance(said, dict) or not isinstance(said.get("student"), str)
+                or not isinstance(said.get("start_phase"), int) or isinstance(said.get("start_phase"), bool)):
+            return {}
+        return {"student": said["student"], "start_phase": said["start_phase"]}
 
     # --- metrics -------------------------------------------------------------------------------------------
     def append_metrics(self, handle, row: dict) -> None:

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function  # labels for bench-train --profile; near free when off
 
 from pdmd.core import distill
-from pdmd.core.sampling import phase_sigmas
 from pdmd.media import as_stills, save_png
 from pdmd.students import StudentError
 from pdmd.students.card import write_card
 from pdmd.students.folder import load_phases, save_student, warn_about_shared_phases
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
-from pdmd.teachers import same_teacher
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
+from pdmd.training.from_student import check_student_fits
 from pdmd.training.optimizers import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from pdmd.training.run_folder import RunFolder
 
@@ -102,6 +102,7 @@ class Trainer:
         self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
         self.optimizers = None
         self.optimizer_phase = -1
+        self._probe = None  # the probe network, loaded at the first probe_every measurement
         self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
 
     # --- state -------------------------------------------------------------------------------------------
@@ -179,19 +180,9 @@ class Trainer:
         on, as an unbroken run of this config would from that phase boundary (docs/method.md §2: a later phase can be
         retrained without changing what earlier phases decided). Their sampling steps must be this schedule's."""
         folder = Path(folder)
-        if not 2 <= start_phase <= self.schedule.num_phases:
-            raise ConfigError(f"--start-phase {start_phase}: the schedule has phases 1..{self.schedule.num_phases} "
-                              "and phase 1 has no earlier expert to keep; give 2 or more")
         manifest = Manifest.read(folder)
+        check_student_fits(manifest, self.config, start_phase, str(folder))
         kept = range(start_phase - 1)
-        if not same_teacher(manifest.teacher, self.config.teacher):
-            raise StudentError(f"{folder} is a student of {manifest.teacher!r}, this config's teacher is "
-                               f"{self.config.teacher!r}")
-        theirs = manifest.schedule
-        for k in kept:
-            if k >= theirs.num_phases or phase_sigmas(theirs, k) != phase_sigmas(self.schedule, k):
-                raise StudentError(f"{folder}: its phase {k + 1} does not sample the timesteps of this config's "
-                                   f"phase {k + 1} ({theirs.describe()} vs {self.schedule.describe()})")
         lora = manifest.lora
         if (lora.rank, lora.alpha, set(lora.target_modules)) != (
                 self.roles.lora.rank, self.roles.lora.alpha, set(self.roles.lora.target_modules)):
@@ -214,8 +205,8 @@ class Trainer:
     def _update(self, role: str, adapter: str, loss: Tensor) -> float:
         optimizer = self.optimizers[role]
         params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
-        with self.roles.active(adapter):  # gradient checkpointing re-runs forwards: with the same adapter
-            self.accelerator.backward(loss)
+        with self.roles.active(adapter), record_function(f"{role}/backward"):
+            self.accelerator.backward(loss)  # with the adapter active: gradient checkpointing re-runs forwards
         self._average_gradients(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         if not torch.isfinite(norm):  # checked after the all-reduce, so every rank stops at the same step
@@ -226,8 +217,9 @@ class Trainer:
                 f"the {role} update of step {self.step + 1} (phase {phase + 1}) diverged: loss {loss.item():g}, "
                 f"gradient norm {float(norm):g}; nothing was applied. Lower {rate} (now "
                 f"{getattr(self.config, rate):g}) and resume: the latest checkpoint is from before this step")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(f"{role}/optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
     def _batch(self, generator: torch.Generator):
@@ -263,16 +255,16 @@ class Trainer:
         fake_losses = []
         for _ in range(c.fake_ratio):
             noise, cond, _ = self._batch(generator)
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                          sgts=self.method.sgts, generator=generator)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), record_function("fake/forward"):
                 loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.renoise_shift, generator=generator)
             self._update("fake", FAKE, loss)
             fake_losses.append(loss.item())
 
         noise, cond, uncond = self._batch(generator)
-        with self._checkpointed_rollout(), self.accelerator.autocast():
+        with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                      sgts=self.method.sgts, generator=generator)
         with self.accelerator.autocast():
@@ -281,7 +273,8 @@ class Trainer:
                 shift=c.renoise_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         if c.ema_decay:
-            self.roles.update_ema(phase_adapter(phase), c.ema_decay)
+            with record_function("generator/ema"):
+                self.roles.update_ema(phase_adapter(phase), c.ema_decay)
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
@@ -311,6 +304,24 @@ class Trainer:
         images = as_stills(self.teacher.decode(result.sample))
         save_png(images, self.run.latest_sample)
         return save_png(images, self.run.sample_file(self.step))
+
+    @torch.no_grad()
+    def probe(self) -> dict:
+        """The student as it would be exported (EMA weights when on) measured on the fixed probe set, appended to
+        probe.jsonl with the training time so far: one point of the adherence / FD curve."""
+        from pdmd.builtin.evaluate import eval_prompts, evaluate
+
+        if self._probe is None:
+            from pdmd.builtin.metrics import load_probe
+            self._probe = load_probe()
+        with self.roles.ema_weights():
+            measured = evaluate(self.teacher, self.schedule, self.config.student_cfg, seed=0, prompts=eval_prompts(12),
+                                per_prompt=self.config.probe_per_prompt, experts=self.experts, probe=self._probe)
+        row = {"step": self.step, "seconds": round(self.run.training_seconds() or 0.0, 2),
+               **{k: round(float(measured[k]), 4) for k in ("adherence", "fd", "diversity", "position_spread",
+                                                           "size_spread")}, "images": measured["images"]}
+        self.run.append_probe(row)
+        return row
 
     # --- the loop ----------------------------------------------------------------------------------------
     def _control(self) -> str | None:
@@ -349,6 +360,8 @@ class Trainer:
                         self.accelerator.log(row, step=self.step)
                     if self.step % c.sample_every == 0 or action == "sample":
                         self.save_samples()
+                    if c.probe_every and (self.step % c.probe_every == 0 or self.step == c.total_updates):
+                        self.probe()
                 if self.step % c.checkpoint_every == 0 or action in ("save", "stop") or self.step == end:
                     self.save_checkpoint()
                 if action == "stop":

@@ -1,0 +1,92 @@
+"""Time to a usable student: adherence and FD against training seconds, from the probe.jsonl runs write.
+
+    python -m pdmd train --config configs/default.yaml --threads 1 --no-progress          # probe_every is on
+    python benchmarks/time_to_student.py runs/default runs/default-dmd-sgts --plot docs/time-to-student.png
+
+Each run folder's probe rows (its student measured on the fixed probe set while it trained: 12 eval prompts,
+seed 0) are drawn against the training seconds so far, next to the teacher on the same probe set. The table
+gives, per run, the first measured time at which the student was within the targets (adherence >= 0.95x the
+teacher's, FD <= 1.5x), and its last row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pdmd.builtin.evaluate import eval_prompts, evaluate
+from pdmd.teachers import load_teacher
+from pdmd.training.run_folder import RunFolder
+
+ADHERENCE_RATIO, FD_RATIO = 0.95, 1.5  # the quick preset's targets (issue 16), relative to the teacher
+
+
+def label_of(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return f"{folder.name} ({config['method']})"
+    except (OSError, ValueError, KeyError):
+        return folder.name
+
+
+def first_within(rows: list[dict], teacher: dict) -> float | None:
+    for row in rows:
+        if row["adherence"] >= ADHERENCE_RATIO * teacher["adherence"] and row["fd"] <= FD_RATIO * teacher["fd"]:
+            return row["seconds"]
+    return None
+
+
+def plot(curves: dict[str, list[dict]], teacher: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, name in ((axes[0], "adherence", "adherence"), (axes[1], "fd", "FD (lower is better)")):
+        for label, rows in curves.items():
+            ax.plot([r["seconds"] / 60 for r in rows], [r[key] for r in rows], marker="o", markersize=3, label=label)
+        ax.axhline(teacher[key], color="black", linestyle="--", linewidth=1, label="teacher (64 NFE)")
+        bound = ADHERENCE_RATIO * teacher[key] if key == "adherence" else FD_RATIO * teacher[key]
+        ax.axhline(bound, color="grey", linestyle=":", linewidth=1, label=f"target ({'0.95' if key == 'adherence' else '1.5'}x)")
+        ax.set_xlabel("training minutes (updates only)")
+        ax.set_title(name, fontsize=10)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders with a probe.jsonl")
+    parser.add_argument("--plot", type=Path, help="write the curves as a PNG")
+    parser.add_argument("--per-prompt", type=int, default=8, help="the runs' probe_per_prompt (the teacher's too)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    teacher_eval = evaluate(load_teacher("builtin"), seed=0, prompts=eval_prompts(12), per_prompt=args.per_prompt)
+    teacher = {k: teacher_eval[k] for k in ("adherence", "fd", "diversity", "position_spread")}
+    curves = {label_of(folder): RunFolder(folder).probes() for folder in args.runs}
+    print(f"teacher on the probe set: adherence {teacher['adherence']:.3f}, FD {teacher['fd']:.2f}, "
+          f"diversity {teacher['diversity']:.2f}, position std {teacher['position_spread']:.2f}\n")
+    print("| run | first within targets | last row: minutes | updates | adherence | FD | diversity | position std |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, rows in curves.items():
+        if not rows:
+            print(f"| {label} | no probe rows | | | | | | |")
+            continue
+        reached, last = first_within(rows, teacher), rows[-1]
+        print(f"| {label} | {'not reached' if reached is None else f'{reached / 60:.1f} min'} | "
+              f"{last['seconds'] / 60:.1f} | {last['step']} | {last['adherence']:.3f} | {last['fd']:.2f} | "
+              f"{last['diversity']:.2f} | {last['position_spread']:.2f} |")
+    if args.plot:
+        plot(curves, teacher, args.plot)
+        print(f"\nwrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
