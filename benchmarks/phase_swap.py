@@ -6,8 +6,9 @@ For each phase k, the student's own experts run every other phase and the teache
 ``--teacher-steps`` Euler steps) runs phase k, from the same noise. If handing phase k back recovers the
 teacher's adherence or FD, phase k's expert is the one to train longer or differently (`python -m pdmd train
 --from-student DIR --start-phase K` retrains a later phase alone). As a reference, the teacher also runs every
-phase itself with phase k cut to the student's step count: what those few steps cost even the teacher. Prints a markdown table, then one JSON
-line per row.
+phase itself with phase k cut to the student's step count: what those few steps cost even the teacher. The
+hand-over is ``Student.with_teacher_phases`` (pdmd.students.folder); the app's Compare tab does the same per
+image. Prints a markdown table, then one JSON line per row.
 """
 from __future__ import annotations
 
@@ -19,24 +20,10 @@ from pathlib import Path
 import torch
 
 from pdmd.builtin.evaluate import evaluate
-from pdmd.core.sampling import guided_velocity
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students.folder import load_student
-from pdmd.training.trainer import select
 
 COLUMNS = ("adherence", "diversity", "position_spread", "size_spread", "fd")
-
-
-def guided_teacher(student, cfg: float):
-    """The teacher's velocity under its guidance, as a phase expert (the student samples without CFG)."""
-    teacher = student.roles.teacher
-    plain = student.roles.velocity(None)
-    _, unconditional = teacher.encode_prompts(teacher.default_prompts[:1])  # the same for every prompt
-
-    def velocity(x, t, cond):
-        uncond = select(unconditional, torch.zeros(x.shape[0], dtype=torch.long))
-        return guided_velocity(plain, x, t, cond, uncond, cfg, teacher.combine_guidance)
-    return velocity
 
 
 def main() -> int:
@@ -53,26 +40,23 @@ def main() -> int:
 
     student = load_student(args.student)
     teacher, schedule = student.roles.teacher, student.schedule
-    teacher_steps = args.teacher_steps or max(1, teacher.default_steps // schedule.num_phases)
-    rows = [("student", evaluate(teacher, schedule, student.cfg, args.seed, per_prompt=args.per_prompt,
-                                 experts=student.experts))]
-    for k in range(schedule.num_phases):
-        steps = list(schedule.steps)
-        steps[k] = teacher_steps
-        hybrid = PhaseSchedule(schedule.boundaries, tuple(steps), schedule.shift)
-        experts = student.experts
-        experts[k] = guided_teacher(student, teacher.default_cfg)
-        rows.append((f"phase {k + 1} by the teacher ({teacher_steps} steps, CFG {teacher.default_cfg:g})",
-                     evaluate(teacher, hybrid, student.cfg, args.seed, per_prompt=args.per_prompt,
-                              experts=experts)))
-    for k in range(schedule.num_phases):  # the reference: what the student's step count costs the teacher itself
-        steps = [teacher_steps] * schedule.num_phases
-        steps[k] = schedule.steps[k]
-        rows.append((f"teacher, phase {k + 1} in the student's {steps[k]} step{'s' * (steps[k] != 1)}",
-                     evaluate(teacher, PhaseSchedule(schedule.boundaries, tuple(steps), schedule.shift), student.cfg,
-                              args.seed, per_prompt=args.per_prompt,
-                              experts=[guided_teacher(student, teacher.default_cfg)] * schedule.num_phases)))
-    with student.roles.active(None):
+    teacher_steps = args.teacher_steps or student.teacher_steps_per_phase()
+
+    def student_with_teacher(phases) -> dict:
+        hybrid, experts, cfg = student.with_teacher_phases(phases, teacher_steps=teacher_steps)
+        with student.roles.active(None):
+            return evaluate(teacher, hybrid, cfg, args.seed, per_prompt=args.per_prompt, experts=experts)
+
+    rows = [("student", student_with_teacher(()))]
+    rows += [(f"phase {k + 1} by the teacher ({teacher_steps} steps, CFG {teacher.default_cfg:g})",
+              student_with_teacher([k])) for k in range(schedule.num_phases)]
+    with student.roles.active(None):  # the plain teacher from here on
+        for k in range(schedule.num_phases):  # the reference: what the student's step count costs the teacher itself
+            steps = [teacher_steps] * schedule.num_phases
+            steps[k] = schedule.steps[k]
+            rows.append((f"teacher, phase {k + 1} in the student's {steps[k]} step{'s' * (steps[k] != 1)}",
+                         evaluate(teacher, PhaseSchedule(schedule.boundaries, tuple(steps), schedule.shift),
+                                  seed=args.seed, per_prompt=args.per_prompt)))
         rows.append((f"teacher ({teacher.default_steps} steps, CFG {teacher.default_cfg:g})",
                      evaluate(teacher, seed=args.seed, per_prompt=args.per_prompt)))
 

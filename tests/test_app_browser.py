@@ -152,6 +152,22 @@ def test_compare_shows_teacher_and_student_with_nfe_and_timings(page):
     screenshot(page, "compare")
 
 
+def test_compare_hands_a_checked_phase_to_the_teacher(page):
+    open_tab(page, "Compare")
+    page.locator("#compare-student input").click()
+    page.get_by_role("option", name=re.compile("run: tiny")).click()
+    phase_2 = page.locator("#compare-teacher-phases").get_by_label("phase 2")
+    playwright.expect(phase_2).to_be_visible(timeout=30_000)
+    phase_2.check()
+    page.locator("#compare-run").click()
+    caption = page.locator("#student-caption")
+    playwright.expect(caption).to_contain_text("phase 2 by the teacher (16 steps each, CFG 5)", timeout=60_000)
+    playwright.expect(caption).to_contain_text("NFE 34")  # 2 student steps + 16 guided teacher steps
+    playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
+    screenshot(page, "compare-teacher-phase")
+    phase_2.uncheck()  # the student alone again for the tests after this one
+
+
 def test_one_click_example_runs_the_comparison(page):
     open_tab(page, "Compare")
     page.get_by_text("a blue circle on a light background").first.click()

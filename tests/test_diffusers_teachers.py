@@ -96,6 +96,15 @@ def test_guidance_distilled_flux_takes_guidance_as_input_not_a_cfg_pair(tiny_pip
     assert not torch.allclose(low(x, t, cond), high(x, t, cond))
 
 
+def test_guidance_distilled_flux_takes_one_guidance_per_phase(tiny_pipeline):
+    teacher = teacher_of(tiny_pipeline, "flux-dev")
+    schedule = PhaseSchedule((0.5,), (1, 1))
+    same, per_phase = (teacher.sample(PROMPTS[:1], 0, schedule, cfg).sample for cfg in (5.0, (5.0, 5.0)))
+    assert torch.equal(same, per_phase)  # a scale given per phase is the same scale given once
+    mixed = teacher.sample(PROMPTS[:1], 0, schedule, (5.0, 1.0))
+    assert not torch.equal(mixed.sample, same) and mixed.nfe == 2  # guidance is a network input: 1 evaluation
+
+
 def tiny_config(tmp_path, family, **overrides) -> dict:
     config = dict(teacher=str(overrides.pop("folder")), method="phased", schedule=EXPERT_SPLIT, updates_per_phase=1,
                   batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2}, prompts=PROMPTS + ["a green tree"],

@@ -60,8 +60,9 @@ def copy_student(runs: Path, name: str) -> Path:
 
 
 def run_student(store, prompt=PROMPT, seed=0, value=None, source=comparison.AS_TRAINED, schedule=PAPER, cfg=3.0,
-                randomise=False):
-    return compare.on_compare_student(store, prompt, seed, randomise, value or students.BASELINE, source, schedule, cfg)
+                randomise=False, teacher_phases=()):
+    return compare.on_compare_student(store, prompt, seed, randomise, value or students.BASELINE, source, schedule, cfg,
+                                      teacher_phases=teacher_phases)
 
 
 # --- Compare -------------------------------------------------------------------------------------------------
@@ -121,6 +122,44 @@ def test_bad_teacher_settings_give_a_message(store, steps, cfg, needle):
     run = run_student(store)[5]
     outputs = compare.on_compare_teacher(store, run, steps, cfg, progress=no_progress)
     assert all(skipped(v) for v in outputs[:7]) and needle in outputs[7]
+
+
+def test_the_teacher_takes_the_checked_phases_of_the_student(store, student):
+    _, image, caption, _, _, run = run_student(store, value=student, teacher_phases=["phase 2"])
+    # 2 student steps, then the teacher's 32 / 2 steps at CFG 3, each 2 evaluations
+    assert "phase 2 by the teacher (16 steps each, CFG 3)" in caption and "NFE 34" in caption
+    assert run["boundaries"] == [0.5] and image["visible"]
+    *_, strip, download, _, done = compare.on_compare_teacher(store, run, 32, 3.0, progress=no_progress)
+    assert isinstance(strip, Image.Image) and Path(download).is_file() and done == "Done."
+    caption = run_student(store, value=student, teacher_phases=["phase 2", "phase 1"])[2]
+    assert "phases 1 and 2 by the teacher" in caption and "NFE 64" in caption
+
+
+@pytest.mark.parametrize("teacher_phases, needle", [
+    (["phase 3"], "'phase 3' is not a phase of this student (phase 1 to phase 2)"),
+    (["phase 0"], "'phase 0' is not a phase"),
+    (["teacher"], "'teacher' is not a phase"),
+    ([["phase 1"]], "a teacher phase must be text"),
+    ({"phase": 1}, "must be a list of labels"),
+    (["phase 1"] * 3, "3 teacher phases for a student of 2 phase(s)"),
+])
+def test_bad_teacher_phases_are_refused_and_load_nothing(student, teacher_phases, needle):
+    store = ModelStore()  # its own, so that nothing a rejected request loaded could hide among earlier loads
+    video, image, _, _, status, run = run_student(store, value=student, teacher_phases=teacher_phases)
+    assert skipped(video) and skipped(image) and run is None and needle in status and "pdmd-error" in status
+    assert store.student_bytes() == 0
+
+
+def test_the_baseline_takes_no_teacher_phases(store):
+    status, run = run_student(store, teacher_phases=["phase 1"])[4:]
+    assert run is None and "baseline is the teacher already" in status
+
+
+def test_teacher_phase_boxes_follow_the_picked_student(store, student):
+    update = compare.on_pick_student(store, student)
+    assert update["choices"] == ["phase 1", "phase 2"] and update["value"] == [] and update["visible"]
+    assert not compare.on_pick_student(store, students.BASELINE)["visible"]
+    assert not compare.on_pick_student(store, str(SHIPPED_STUDENTS / "dmd"))["visible"]  # one phase
 
 
 def test_student_folder_without_manifest(store, runs):

@@ -36,10 +36,20 @@ from ui.comparison import (
     still,
     strength_sliders,
     strength_updates,
+    student_phase_count,
     student_schedule,
     teacher_schedule,
 )
-from ui.inputs import USER_ERRORS, InputError, bounded_number, check_prompt, error_markdown, resolve_seed, schedule_of
+from ui.inputs import (
+    USER_ERRORS,
+    InputError,
+    bounded_number,
+    check_prompt,
+    error_markdown,
+    phase_choices,
+    resolve_seed,
+    schedule_of,
+)
 from ui.models import ModelStore
 from ui.student_files import on_export_student, on_import_published, on_upload
 from ui.teacher_picker import on_load_teacher, teacher_choices, teacher_pick
@@ -73,15 +83,16 @@ def describe_student(store: ModelStore, value: str, source: str, phases_schedule
 
 
 def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value, source, phases_schedule,
-                       teacher_cfg, teacher=BUILTIN):
+                       teacher_cfg, teacher=BUILTIN, teacher_phases=()):
     """Outputs: student video, student image (see comparison.media), its caption, the seed used (written back to
-    the seed box), status, run state (None when the input is bad)."""
+    the seed box), status, run state (None when the input is bad). ``teacher_phases``: the "phase k" labels the
+    teacher takes over from the student (its steps / phases Euler steps each, at ``teacher_cfg``)."""
     try:
         prompt, note = check_prompt(prompt, teacher_pick(teacher)[0])
         seed = resolve_seed(seed, randomise)
         cfg = bounded_number(teacher_cfg, "CFG", 0, MAX_CFG)
         label, schedule, (pictures, nfe, seconds, states), own = run_student_side(
-            store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher)
+            store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher, teacher_phases)
     except USER_ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err)), None
     caption = f"**{label}** — NFE {nfe}, {seconds:.2f} s, seed {seed}"
@@ -150,6 +161,13 @@ def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, 
     return grids[0], grids[1], text
 
 
+def on_pick_student(store: ModelStore, value: str, teacher=BUILTIN) -> dict:
+    """The "Teacher takes phase" boxes: one per phase of the picked student, none checked; hidden for the
+    baseline and for a one-phase student (handing back its only phase is the teacher's own comparison)."""
+    phases = student_phase_count(store, value, teacher)
+    return gr.update(choices=phase_choices(phases), value=[], visible=phases > 1)
+
+
 def on_phase_count(phases_schedule) -> list[dict]:
     """The published-LoRA strength sliders: one visible per phase of the Phases tab's schedule."""
     try:
@@ -202,6 +220,11 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                                      scale=4, elem_id="compare-student")
                 refresh = gr.Button("↻", scale=0, min_width=40)
             source = gr.Radio([AS_TRAINED, FROM_PHASES], value=AS_TRAINED, label="Student schedule")
+            teacher_phases = gr.CheckboxGroup(
+                phase_choices(MAX_PHASES), value=[], label="Teacher takes phase", elem_id="compare-teacher-phases",
+                visible=student_phase_count(store, picker.value) > 1,
+                info="the teacher samples the checked phases instead of the student's experts (its steps / "
+                     "phases Euler steps each, at the teacher CFG), same noise: which phase costs the student")
             schedule_info = gr.Markdown(elem_id="compare-schedule")
             with gr.Row():
                 run_button = gr.Button("Run comparison", variant="primary", elem_id="compare-run", scale=3)
@@ -245,7 +268,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
             export_file = gr.DownloadButton("Download the LoRAs (.zip)")
         export_status = gr.Markdown()
 
-    student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state]
+    student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state, teacher_phases]
     student_outputs = [*student_side, seed, status, gr.State()]
     run_state = student_outputs[-1]
     teacher_outputs = [*teacher_side, summary, strip, download, slider, status]
@@ -265,6 +288,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     describe_inputs = [picker, source, schedule_state]
     for trigger in (picker.change, source.change, schedule_state.change):
         trigger(partial(describe_student, store), describe_inputs, schedule_info, show_progress="hidden")
+    picker.change(partial(on_pick_student, store), [picker, teacher_state], teacher_phases, show_progress="hidden")
     schedule_state.change(on_phase_count, schedule_state, strengths, show_progress="hidden")
     gr.on([refresh.click, *refresh_on], on_refresh_students, [picker, teacher_state], picker)
     upload.upload(partial(on_upload, store), upload, [picker, upload_status], concurrency_id="files")

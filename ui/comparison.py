@@ -24,7 +24,7 @@ from pdmd.teachers import same_teacher
 from pdmd.teachers.base import Teacher
 from ui import images, students
 from ui.gpu import gpu_seconds, run_on_gpu
-from ui.inputs import InputError, schedule_of
+from ui.inputs import USER_ERRORS, InputError, parse_teacher_phases, schedule_of
 from ui.models import ModelStore
 from ui.teacher_picker import teacher_pick
 
@@ -180,26 +180,47 @@ def student_of(store: ModelStore, value: str, teacher_name: str) -> tuple[Path, 
 
 
 def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: str, source: str,
-                     phases_schedule: dict | None, teacher_cfg: float, teacher=None):
+                     phases_schedule: dict | None, teacher_cfg: float, teacher=None, teacher_phases=None):
     """Sample the picked student (or the baseline); returns (label, schedule, sample_side's result, the
-    teacher state the teacher side must use: the student's own teacher at its resolution)."""
+    teacher state the teacher side must use: the student's own teacher at its resolution). ``teacher_phases``:
+    the checked "phase k" labels the teacher takes instead of the student's experts (Student.with_teacher_phases,
+    at ``teacher_cfg``), checked before anything loads."""
     name, options = teacher_pick(teacher)
     if value == students.BASELINE:
+        if teacher_phases:
+            raise InputError("the baseline is the teacher already: handing phases to the teacher needs a student")
         schedule = schedule_of(phases_schedule)
         entry = store.loaded_teacher(name, options)
         with entry.lock:
             side = sample_side(entry.teacher, prompts, seed, schedule, teacher_cfg)
         return "Baseline (teacher, no distillation)", schedule, side, {"name": name, "options": options}
     folder, manifest = student_of(store, value, name)
+    handed_back = parse_teacher_phases(teacher_phases, manifest.schedule.num_phases)
+    schedule = student_schedule(manifest.schedule, source, phases_schedule)
     loaded = store.student(folder)
-    schedule = student_schedule(loaded.student.schedule, source, phases_schedule)
+    student = loaded.student
+    schedule, experts, cfg = student.with_teacher_phases(handed_back, schedule, teacher_cfg=teacher_cfg)
     # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
     # teacher shares that network with its student, so it must be the plain teacher again afterwards
-    with loaded.lock, loaded.student.roles.active(None):
-        side = sample_side(loaded.student.roles.teacher, prompts, seed, schedule, loaded.student.cfg,
-                           loaded.student.experts)
+    with loaded.lock, student.roles.active(None):
+        side = sample_side(student.roles.teacher, prompts, seed, schedule, cfg, experts)
     own = {"name": manifest.teacher, "options": manifest.teacher_options}
-    return f"Student {students.student_name(folder)}", schedule, side, own
+    label = f"Student {students.student_name(folder)}"
+    if handed_back:
+        taken = " and ".join(f"{k + 1}" for k in handed_back)
+        label += (f", phase{'s' * (len(handed_back) > 1)} {taken} by the teacher "
+                  f"({schedule.steps[handed_back[0]]} steps each, CFG {teacher_cfg:g})")
+    return label, schedule, side, own
+
+
+def student_phase_count(store: ModelStore, value: str, teacher=None) -> int:
+    """Phases of the picked student (0 for the baseline, or a pick that cannot be read)."""
+    if value == students.BASELINE:
+        return 0
+    try:
+        return student_of(store, value, teacher_pick(teacher)[0])[1].schedule.num_phases
+    except USER_ERRORS:
+        return 0
 
 
 def boundary_strip(student_run: dict, teacher_run: dict) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import math
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -107,6 +108,32 @@ def parse_strengths(values, phases: int) -> list[float]:
     if len(values) != phases:
         raise InputError(f"{len(values)} strength(s) for {phases} phase(s): give one per phase")
     return [bounded_number(v, f"phase {k + 1} strength", 0, limits.MAX_STRENGTH) for k, v in enumerate(values)]
+
+
+def phase_choices(phases: int) -> list[str]:
+    """The labels of a student's phases as Compare's "Teacher takes phase" boxes list them: "phase 1", ..."""
+    return [f"phase {k + 1}" for k in range(phases)]
+
+
+def parse_teacher_phases(values, phases: int) -> tuple[int, ...]:
+    """The phases a student hands back to the teacher, from the checked labels (phase_choices) as sorted 0-based
+    indices; an unknown label or a phase the student does not have is refused, so the work stays bounded by
+    the student's own phase count."""
+    if values is None or values == "":
+        return ()
+    values = [values] if isinstance(values, str) else values
+    if not isinstance(values, (list, tuple)):
+        raise InputError(f"teacher phases {values!r} must be a list of labels such as ['phase 2']")
+    if len(values) > phases:
+        raise InputError(f"{len(values)} teacher phases for a student of {phases} phase(s)")
+    chosen = set()
+    for value in values:
+        label = text(value, "a teacher phase", 32).strip()
+        number = re.fullmatch(r"phase (\d{1,3})", label)
+        if number is None or not 1 <= int(number[1]) <= phases:
+            raise InputError(f"teacher phase {label!r} is not a phase of this student (phase 1 to phase {phases})")
+        chosen.add(int(number[1]) - 1)
+    return tuple(sorted(chosen))
 
 
 def random_seed() -> int:

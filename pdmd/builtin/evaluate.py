@@ -1,12 +1,15 @@
 """``python -m pdmd eval``: generate images for a fixed prompt set and measure them with pdmd.builtin.metrics.
 
 ``evaluate`` works on any Teacher; pass ``experts`` (one velocity callable per phase of ``schedule``) to
-evaluate a student instead of the teacher's own sampler.
+evaluate a student instead of the teacher's own sampler. ``boundary_fidelity`` measures a phased student at each
+of its boundaries; ``mean_and_std`` summarises rows over eval seeds.
 """
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,6 +18,9 @@ from pdmd.builtin import metrics, scenes
 from pdmd.core.sampling import Velocity
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.teachers.base import Teacher
+
+if TYPE_CHECKING:
+    from pdmd.students.folder import Student
 
 # Dataset images per prompt in the FD reference: more than we generate, so the reference is the better estimate.
 REFERENCE_PER_PROMPT = 32
@@ -94,3 +100,31 @@ def evaluate(teacher: Teacher, schedule: PhaseSchedule | None = None, cfg: float
     groups, nfe, seconds = generate(teacher, prompts, per_prompt, seed, schedule, cfg, experts)
     return {**measure(groups, prompts, probe), "nfe": nfe, "seconds": seconds,
             "images": sum(g.shape[0] for g in groups)}
+
+
+def boundary_fidelity(student: Student, seed: int = 0, prompts: list[str] | None = None, per_prompt: int = 8,
+                      teacher_steps: int | None = None, probe: metrics.Probe | None = None) -> dict[float, float]:
+    """How close a phased student's x_{t_k} is to the teacher's marginal p_{t_k} (docs/method.md §2, after Eq.
+    (11): expert k should land on p_{t_k}), for every interior boundary t_k: the FD of probe features of images
+    the *teacher* finishes from the student's own x_{t_k} (phases k+1..K handed back, Student.with_teacher_phases)
+    against the dataset reference. If x_{t_k} were a teacher sample, this would be the teacher's own FD. Returns
+    {t_k: FD}; empty for a one-phase student."""
+    probe = probe or metrics.load_probe()
+    phases = student.schedule.num_phases
+    result = {}
+    for k, t in enumerate(student.schedule.boundaries):
+        schedule, experts, cfg = student.with_teacher_phases(range(k + 1, phases), teacher_steps=teacher_steps)
+        with student.roles.active(None):
+            row = evaluate(student.roles.teacher, schedule, cfg, seed, prompts, per_prompt, experts, probe)
+        result[t] = row["fd"]
+    return result
+
+
+def mean_and_std(rows: list[dict], keys) -> dict[str, tuple[float, float]]:
+    """{key: (mean, sample standard deviation)} of ``rows[i][key]`` over rows (e.g. one row per eval seed); the
+    deviation is 0.0 for a single row."""
+    summary = {}
+    for key in keys:
+        values = [float(row[key]) for row in rows]
+        summary[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return summary

@@ -66,24 +66,54 @@ def phase_sigmas(schedule: PhaseSchedule, phase: int) -> tuple[float, ...]:
     return schedule.timesteps[ends[phase]: ends[phase + 1] + 1]
 
 
+def per_phase(value, phases: int, what: str = "values") -> tuple:
+    """``value`` as one entry per phase: a single value (a callable, a number) is repeated for every phase."""
+    if callable(value) or not isinstance(value, (list, tuple)):
+        return (value,) * phases
+    if len(value) != phases:
+        raise ValueError(f"{len(value)} {what} for a schedule of {phases} phases")
+    return tuple(value)
+
+
 def sample_phased(experts: Velocity | Sequence[Velocity], x: Tensor, schedule: PhaseSchedule, cond=None, *,
-                  uncond=None, cfg: float = 1.0, combine: Combine = cfg_combine,
+                  uncond=None, cfg: float | Sequence[float] = 1.0, combine: Combine = cfg_combine,
                   callback: Callback | None = None) -> PhasedSample:
     """docs/method.md §2, Eq. (11): the student as a mixture of experts -- phase k's steps use expert k.
 
     ``experts`` is one callable per phase, or a single callable for all of them (a teacher: with a one-phase
-    schedule this is the plain N-step sampler). Returns the final sample, the state at every interior
-    boundary and the NFE.
+    schedule this is the plain N-step sampler); ``cfg`` likewise one guidance scale, or one per phase (a
+    phase handed back to the teacher runs at the teacher's CFG: ``teacher_takes_phases``). Returns the final
+    sample, the state at every interior boundary and the NFE, each phase's CFG counted.
     """
-    if callable(experts):
-        experts = [experts] * schedule.num_phases
-    if len(experts) != schedule.num_phases:
-        raise ValueError(f"{len(experts)} experts for a schedule of {schedule.num_phases} phases")
-    boundary_states = []
-    for k, expert in enumerate(experts):
+    experts = per_phase(experts, schedule.num_phases, "experts")
+    scales = per_phase(cfg, schedule.num_phases, "CFG scales")
+    boundary_states, nfe = [], 0
+    for k, (expert, scale) in enumerate(zip(experts, scales)):
         sigmas = phase_sigmas(schedule, k)
-        x = sample_euler(expert, x, sigmas, cond, uncond=uncond, cfg=cfg, combine=combine, callback=callback,
+        x = sample_euler(expert, x, sigmas, cond, uncond=uncond, cfg=scale, combine=combine, callback=callback,
                          step_offset=(0, *schedule.boundary_step_indices)[k], phase=k)
+        nfe += schedule.steps[k] * evaluations_per_step(uncond, scale)
         if k < schedule.num_phases - 1:
             boundary_states.append((sigmas[-1], x))
-    return PhasedSample(x, boundary_states, schedule.nfe * evaluations_per_step(uncond, cfg))
+    return PhasedSample(x, boundary_states, nfe)
+
+
+def teacher_takes_phases(schedule: PhaseSchedule, experts: Sequence[Velocity], cfg: float | Sequence[float],
+                         teacher: Velocity, teacher_cfg: float, phases, teacher_steps: int
+                         ) -> tuple[PhaseSchedule, list[Velocity], tuple[float, ...]]:
+    """A student with the 0-based ``phases`` handed back to the teacher: (schedule, experts, CFG per phase) for
+    ``sample_phased``. Phase k's expert becomes ``teacher`` (unguided velocity; the sampler guides it at
+    ``teacher_cfg``), run with ``teacher_steps`` Euler steps spaced by Eq. (9) on the same interval
+    [t_k, t_{k-1}]; the boundaries stay, so every other phase keeps its own timesteps and expert
+    (docs/method.md §2, Eq. (11): which expert costs the student its quality)."""
+    phases = set(phases)
+    outside = sorted(k for k in phases if not 0 <= k < schedule.num_phases)
+    if outside:
+        raise ValueError(f"phase(s) {[k + 1 for k in outside]} outside the schedule's "
+                         f"{schedule.num_phases} phase(s)")
+    experts = per_phase(experts, schedule.num_phases, "experts")
+    scales = per_phase(cfg, schedule.num_phases, "CFG scales")
+    steps = tuple(teacher_steps if k in phases else n for k, n in enumerate(schedule.steps))
+    return (PhaseSchedule(schedule.boundaries, steps, schedule.shift),
+            [teacher if k in phases else e for k, e in enumerate(experts)],
+            tuple(teacher_cfg if k in phases else c for k, c in enumerate(scales)))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pdmd.core.sampling import phase_sigmas
+from pdmd.core.sampling import phase_sigmas, teacher_takes_phases
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import StudentError
 from pdmd.students.manifest import MANIFEST, Manifest
@@ -113,10 +113,30 @@ class Student:
         serves the plain teacher afterwards."""
         return [self.roles.folded_velocity(phase_adapter(k)) for k in range(self.schedule.num_phases)]
 
+    def teacher_steps_per_phase(self, schedule: PhaseSchedule | None = None) -> int:
+        """Euler steps the teacher takes in a phase handed back to it: its own step count split evenly over the
+        phases (16 of the built-in teacher's 32 for a two-phase student)."""
+        return max(1, self.roles.teacher.default_steps // (schedule or self.schedule).num_phases)
+
+    def with_teacher_phases(self, phases=(), schedule: PhaseSchedule | None = None, teacher_steps: int | None = None,
+                            teacher_cfg: float | None = None) -> tuple[PhaseSchedule, list, tuple[float, ...]]:
+        """(schedule, experts, CFG per phase) for ``Teacher.sample``: this student on ``schedule`` (default: its
+        own) with the 0-based ``phases`` taken by the teacher -- its velocity at ``teacher_cfg`` (default: its
+        own CFG) with ``teacher_steps`` Euler steps (default: teacher_steps_per_phase) on each such phase's
+        interval (pdmd.core.sampling.teacher_takes_phases). No phases: the student itself. Wrap the sampling in
+        ``roles.active(None)``, as ``sample`` does."""
+        schedule = schedule or self.schedule
+        teacher = self.roles.teacher
+        return teacher_takes_phases(schedule, self.experts, self.cfg, self.roles.velocity(None),
+                                    teacher.default_cfg if teacher_cfg is None else teacher_cfg, phases,
+                                    teacher_steps or self.teacher_steps_per_phase(schedule))
+
     @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int = 0, callback=None):
+    def sample(self, prompts: list[str], seed: int = 0, callback=None, teacher_phases=()):
+        """The student's samples; ``teacher_phases`` (0-based) are taken by the teacher (with_teacher_phases)."""
+        schedule, experts, cfg = self.with_teacher_phases(teacher_phases)
         with self.roles.active(None):  # on exit the network holds the base weights again, not a merged phase
-            return self.roles.teacher.sample(prompts, seed, self.schedule, self.cfg, self.experts, callback)
+            return self.roles.teacher.sample(prompts, seed, schedule, cfg, experts, callback)
 
 
 def load_student(folder: str | Path, teacher: Teacher | None = None, manifest: Manifest | None = None) -> Student:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pdmd.core.sampling import Callback, PhasedSample, Velocity, cfg_combine, sample_phased
+from pdmd.core.sampling import Callback, PhasedSample, Velocity, cfg_combine, per_phase, sample_phased
 from pdmd.core.schedule import PhaseSchedule
 
 # LoRA targets of a diffusers transformer: every attention projection (what published students adapt too)
@@ -98,15 +98,16 @@ class Teacher(ABC):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, schedule: PhaseSchedule | None = None,
-               cfg: float | None = None, experts: Velocity | list[Velocity] | None = None,
+               cfg: float | list[float] | None = None, experts: Velocity | list[Velocity] | None = None,
                callback: Callback | None = None) -> PhasedSample:
-        """Teacher sampling by default (its own steps/shift/CFG); pass ``experts`` to sample a student."""
+        """Teacher sampling by default (its own steps/shift/CFG); pass ``experts`` to sample a student, and
+        ``cfg`` per phase where phases run at different guidance (pdmd.core.sampling.teacher_takes_phases)."""
         schedule = schedule or PhaseSchedule.uniform(self.default_steps, self.default_shift)
         cfg = self.default_cfg if cfg is None else cfg
         cond, uncond = self.encode_prompts(list(prompts))
         experts = experts or self.velocity
         if self.guidance_embedded:  # the scale is a network input, not a (cond, uncond) pair
-            experts = ([self.with_guidance(e, cfg) for e in experts] if isinstance(experts, (list, tuple))
-                       else self.with_guidance(experts, cfg))
+            experts = [self.with_guidance(e, c) for e, c in zip(per_phase(experts, schedule.num_phases, "experts"),
+                                                                per_phase(cfg, schedule.num_phases, "CFG scales"))]
         return sample_phased(experts, self.noise(len(prompts), seed), schedule, cond,
                              uncond=uncond, cfg=cfg, combine=self.combine_guidance, callback=callback)
