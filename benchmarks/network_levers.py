@@ -1,4 +1,4 @@
-"""Levers on the network itself, for the training step's forward + backward: memory format, torch.compile, threads.
+"""Levers on the network itself, for the training step's forward + backward: memory format, bf16, torch.compile.
 
     python benchmarks/network_levers.py --threads 1 --batch 4
 
@@ -58,6 +58,8 @@ def main() -> None:
     rows.append(("channels_last weights and input", step_seconds(
         velocity, x.contiguous(memory_format=torch.channels_last), t, cond, params, args.repeats), None))
     teacher.model.to(memory_format=torch.contiguous_format)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what mixed_precision: bf16 runs on the CPU
+        rows.append(("bf16 autocast", step_seconds(velocity, x, t, cond, params, args.repeats), None))
     if args.compile:
         started = time.perf_counter()
         teacher.model.forward = torch.compile(teacher.model.forward)
