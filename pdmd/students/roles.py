@@ -214,6 +214,12 @@ class Roles:
         previous = self.ema.get(name, current)
         self.ema[name] = {k: decay * previous[k] + (1 - decay) * v for k, v in current.items()}
 
+    def adopt_ema(self, name: str) -> None:
+        """Adapter ``name`` takes its EMA weights for good: a finished phase's expert, so that later phases train
+        on the states the exported student will produce."""
+        if name in self.ema:
+            self.load_state_dict(name, self.ema[name])
+
     @contextmanager
     def ema_weights(self):
         """The EMA weights in place of the trained ones (for an export), the trained ones back on exit."""

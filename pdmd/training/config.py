@@ -49,6 +49,9 @@ class TrainConfig:
     updates_per_phase: tuple[int, ...] = (200,)   # generator updates of each phase (one value: every phase)
     batch_size: int = 8
     fake_ratio: int = 5                          # fake-score updates per generator update (paper, DMD2)
+    # what the fake score trains on: "fresh" rollouts of its own (fake_ratio more rollouts per update), or
+    # "generator": the generator update's own x_s, after that update, as DMD2 does (no extra rollouts)
+    fake_rollout: str = "fresh"
     lr_generator: float = 1e-4
     lr_fake: float = 1e-4
     weight_decay: float = 0.0
@@ -144,6 +147,8 @@ class TrainConfig:
         set_("ema_decay", _positive("ema_decay", self.ema_decay, allow_zero=True))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
+        if self.fake_rollout not in ("fresh", "generator"):
+            raise ConfigError(f"fake_rollout = {self.fake_rollout!r} must be 'fresh' or 'generator'")
         if self.gradient not in ("x0", "velocity"):
             raise ConfigError(f"gradient = {self.gradient!r} must be 'x0' or 'velocity'")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

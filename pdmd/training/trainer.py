@@ -123,6 +123,8 @@ class Trainer:
             trainable = name in (phase_adapter(phase), FAKE)
             for param in self.roles.parameters_of(name):
                 param.requires_grad_(trainable)
+        if fresh and phase > 0:  # the finished expert as it will be exported (its EMA, when on) rolls out from now on
+            self.roles.adopt_ema(phase_adapter(phase - 1))
         if fresh:  # docs/method.md §4: the fake score restarts from the teacher in every phase (seeded: resumable)
             torch.manual_seed(self.config.seed * 1_000_003 + phase)
             self.roles.reset(FAKE)
@@ -242,10 +244,19 @@ class Trainer:
         finally:
             self.teacher.enable_gradient_checkpointing(False)
 
+    def _fake_update(self, x_s: Tensor, s: float, cond, generator: torch.Generator) -> float:
+        """One update of the fake score on the generator's samples x_s (docs/method.md §4, Eq. (20))."""
+        with self.accelerator.autocast(), record_function("fake/forward"):
+            loss = distill.fake_loss(self.fake, x_s, s, cond, shift=self.config.renoise_shift, generator=generator)
+        self._update("fake", FAKE, loss)
+        return loss.item()
+
     def train_step(self) -> dict:
         """One generator update of the current phase k (docs/method.md §5): ``fake_ratio`` updates of the fake
-        score on fresh rollouts (§4, Eq. (20)), then one DMD update of expert k on a rollout that carries its
-        gradient (§3, Eqs. (12)-(14))."""
+        score (§4, Eq. (20)) and one DMD update of expert k on a rollout that carries its gradient (§3, Eqs.
+        (12)-(14)). ``fake_rollout: fresh`` draws a rollout for every fake update, before the generator's;
+        ``generator`` (DMD2's way) runs them after it, on the generator's own detached x_s, each with fresh
+        re-noising: no rollouts besides the generator's, so the fake updates cost a forward and backward each."""
         c, phase = self.config, _phase_of(self.config, self.step)[0]
         if self.optimizer_phase != phase:
             self._start_phase(phase, fresh=True)
@@ -253,15 +264,12 @@ class Trainer:
         started = time.perf_counter()
 
         fake_losses = []
-        for _ in range(c.fake_ratio):
+        for _ in range(c.fake_ratio if c.fake_rollout == "fresh" else 0):
             noise, cond, _ = self._batch(generator)
             with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                          sgts=self.method.sgts, generator=generator)
-            with self.accelerator.autocast(), record_function("fake/forward"):
-                loss = distill.fake_loss(self.fake, x_s, s, cond, shift=c.renoise_shift, generator=generator)
-            self._update("fake", FAKE, loss)
-            fake_losses.append(loss.item())
+            fake_losses.append(self._fake_update(x_s, s, cond, generator))
 
         noise, cond, uncond = self._batch(generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
@@ -275,6 +283,8 @@ class Trainer:
         if c.ema_decay:
             with record_function("generator/ema"):
                 self.roles.update_ema(phase_adapter(phase), c.ema_decay)
+        for _ in range(c.fake_ratio if c.fake_rollout == "generator" else 0):
+            fake_losses.append(self._fake_update(x_s.detach(), s, cond, generator))
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
