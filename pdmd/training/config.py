@@ -54,6 +54,9 @@ class TrainConfig:
     fake_rollout: str = "fresh"
     lr_generator: float = 1e-4
     lr_fake: float = 1e-4
+    # the generator's learning rate over each phase: "constant", or "linear" to zero at the phase's end (the last
+    # updates anneal instead of adding noise); the fake score keeps its rate, as it must go on tracking the student
+    lr_decay: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0                       # 0 = off
@@ -147,6 +150,8 @@ class TrainConfig:
         set_("ema_decay", _positive("ema_decay", self.ema_decay, allow_zero=True))
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay = {self.ema_decay!r} must be in [0, 1)")
+        if self.lr_decay not in ("constant", "linear"):
+            raise ConfigError(f"lr_decay = {self.lr_decay!r} must be 'constant' or 'linear'")
         if self.fake_rollout not in ("fresh", "generator"):
             raise ConfigError(f"fake_rollout = {self.fake_rollout!r} must be 'fresh' or 'generator'")
         if self.gradient not in ("x0", "velocity"):

@@ -257,9 +257,12 @@ class Trainer:
         (12)-(14)). ``fake_rollout: fresh`` draws a rollout for every fake update, before the generator's;
         ``generator`` (DMD2's way) runs them after it, on the generator's own detached x_s, each with fresh
         re-noising: no rollouts besides the generator's, so the fake updates cost a forward and backward each."""
-        c, phase = self.config, _phase_of(self.config, self.step)[0]
+        c, (phase, update) = self.config, _phase_of(self.config, self.step)
         if self.optimizer_phase != phase:
             self._start_phase(phase, fresh=True)
+        if c.lr_decay == "linear":  # set from the step alone, so a resumed run has the same rate
+            for group in self.optimizers["generator"].param_groups:
+                group["lr"] = c.lr_generator * (1 - update / c.updates_per_phase[phase])
         generator = _step_generator(c, self.accelerator.process_index, self.step)
         started = time.perf_counter()
 
