@@ -408,6 +408,15 @@ def test_probe_every_writes_the_curve_and_leaves_training_unchanged(tmp_path):
         TrainConfig.from_dict(tiny(tmp_path, probe_per_prompt=100))
 
 
+def test_linear_lr_decay_anneals_the_generator_to_zero_in_every_phase(tmp_path):
+    config = tiny(tmp_path, updates_per_phase=[2, 4], lr_generator=1e-3, lr_decay="linear")
+    Trainer(TrainConfig.from_dict(config)).fit(progress=False)
+    rows = [json.loads(line) for line in RunFolder(config["output_dir"]).metrics_file.read_text().splitlines()]
+    assert [row["lr_generator"] for row in rows] == pytest.approx([1e-3, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    with pytest.raises(ConfigError, match="lr_decay = 'cosine' must be 'constant' or 'linear'"):
+        TrainConfig.from_dict(tiny(tmp_path, lr_decay="cosine"))
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     config = TrainConfig.from_dict(tiny(tmp_path, updates_per_phase=1, mixed_precision="bf16"))
     trainer = Trainer(config)

@@ -291,6 +291,7 @@ class Trainer:
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
+                "lr_generator": self.optimizers["generator"].param_groups[0]["lr"],
                 "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
                 **{name: float(value) for name, value in diagnostics.items()},
                 "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
