@@ -1,4 +1,5 @@
 """The 8-bit optimizer option: torchao's AdamW8bit, its states saved in our safetensors checkpoints and resumed."""
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 from pdmd.training import checkpoints
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.optimizers import build_optimizer, load_optimizer_tensors, optimizer_tensors
-from pdmd.training.run_folder import CHECKPOINT_DIR
+from pdmd.training.run_folder import CHECKPOINT_DIR, RunFolder
 from pdmd.training.trainer import Trainer
 
 
@@ -20,8 +21,9 @@ def fresh_accelerator_state():
 
 
 def config(folder: Path) -> dict:
-    # rank 16: the built-in UNet's LoRA matrices reach 4096 values, the size AdamW8bit starts quantizing at
-    return dict(teacher="builtin", optimizer="adamw8bit", schedule={"boundaries": [0.5], "steps": [1, 1]},
+    # rank 16: the built-in UNet's LoRA matrices reach 4096 values, the size AdamW8bit starts quantizing at;
+    # lr_decay linear: torchao keeps the rate a tensor, which the decay must fill in place
+    return dict(teacher="builtin", optimizer="adamw8bit", lr_decay="linear", lr_generator=1e-3, schedule={"boundaries": [0.5], "steps": [1, 1]},
                 updates_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 16, "alpha": 16},
                 sample_every=100, checkpoint_every=1, keep_checkpoints=10, output_dir=str(folder / "run"))
 
@@ -60,6 +62,8 @@ def test_a_resumed_adamw8bit_run_matches_an_uninterrupted_one(tmp_path):
     straight = config(tmp_path / "a")
     Trainer(TrainConfig.from_dict(straight)).fit(progress=False)
     reference = adapters(Path(straight["output_dir"]))
+    rows = [json.loads(line) for line in RunFolder(straight["output_dir"]).metrics_file.read_text().splitlines()]
+    assert [row["lr_generator"] for row in rows] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])
 
     broken = config(tmp_path / "b")
     Trainer(TrainConfig.from_dict(broken)).fit(max_steps=1, progress=False)  # inside phase 1: states matter

@@ -262,7 +262,11 @@ class Trainer:
             self._start_phase(phase, fresh=True)
         if c.lr_decay == "linear":  # set from the step alone, so a resumed run has the same rate
             for group in self.optimizers["generator"].param_groups:
-                group["lr"] = c.lr_generator * (1 - update / c.updates_per_phase[phase])
+                rate = c.lr_generator * (1 - update / c.updates_per_phase[phase])
+                if isinstance(group["lr"], torch.Tensor):  # torchao's 8-bit AdamW keeps it a tensor, filled in place
+                    group["lr"].fill_(rate)
+                else:
+                    group["lr"] = rate
         generator = _step_generator(c, self.accelerator.process_index, self.step)
         started = time.perf_counter()
 
@@ -291,7 +295,7 @@ class Trainer:
         self.step += 1
 
         return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
-                "lr_generator": self.optimizers["generator"].param_groups[0]["lr"],
+                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]),  # torchao keeps it a tensor
                 "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
                 **{name: float(value) for name, value in diagnostics.items()},
                 "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
