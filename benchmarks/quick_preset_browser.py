@@ -2,8 +2,8 @@
 
     python benchmarks/quick_preset_browser.py [--preset "quick demo"] [--per-prompt 32]
 
-Starts ``python app.py`` (a temporary runs folder; the job trains with the tab's default of one thread), opens it
-in Debian chromium (Playwright), presses Start on the Train tab and waits until the progress line says
+Starts ``python app.py`` (a temporary runs folder), opens it in Debian chromium (Playwright), sets the tab's
+"CPU threads" (``--threads``; the tab's default is one, keeping a core for the app), presses Start on the Train tab and waits until the progress line says
 "finished". Reports the wall time from the click to that line, the tab's own last probe line (the adherence
 it shows), and ``python -m pdmd eval --student <job>/student --per-prompt 32 --json`` next to the teacher's
 eval at the same size (the issue's 384-image targets). Prints one JSON object.
@@ -38,6 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick demo")
     parser.add_argument("--per-prompt", type=int, default=32, help="eval images per prompt (12 prompts)")
+    parser.add_argument("--threads", type=int, default=2, help="the job's CPU threads, as typed into the tab")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
     runs = Path(tempfile.mkdtemp(prefix="pdmd-quick-"))
@@ -51,6 +52,7 @@ def main() -> int:
             page.locator("#train-preset input").fill(args.preset)
             page.locator("#train-preset input").press("Enter")
             page.locator("#train-name textarea").fill("quick-from-browser")
+            page.locator("#train-threads input").fill(str(args.threads))
             page.locator("#train-start").click()
             clicked = time.perf_counter()
             progress = page.locator("#train-progress-text")
@@ -63,7 +65,7 @@ def main() -> int:
         server.terminate()
         server.wait(timeout=30)
     student = next(runs.glob("jobs/*/student"))
-    print(json.dumps({"preset": args.preset, "click_to_finished_s": round(seconds, 1), "tab_probe_line": probe_line,
+    print(json.dumps({"preset": args.preset, "threads": args.threads, "click_to_finished_s": round(seconds, 1), "tab_probe_line": probe_line,
                       "screenshot": str(runs / "train-tab-finished.png"),
                       "student": evaluate(args.per_prompt, student), "teacher": evaluate(args.per_prompt, None)},
                      indent=2))

@@ -7,11 +7,21 @@ Each run folder's probe rows (its student measured on the fixed probe set while 
 seed 0) are drawn against the training seconds so far, next to the teacher on the same probe set. The table
 gives, per run, the first measured time at which the student was within the targets (adherence >= 0.95x the
 teacher's, FD <= 1.5x), and its last row.
+
+Runs of one recipe on several training seeds (folders ``<recipe>-seed<k>``, as train_levers.py names them) are
+also summarised as mean ± std over the seeds, at equal updates (``--at-step``, default: the last step every
+run reached) and at equal training time (``--at-minutes``, default: the shortest run's training time; each run's
+last probe row at or before it, so the resolution is the probe interval):
+
+    python benchmarks/train_levers.py --out runs/seeds base dmd-sgts --seeds 0 1 2
+    python benchmarks/time_to_student.py runs/seeds/* --per-prompt 16
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 import torch
@@ -36,6 +46,35 @@ def first_within(rows: list[dict], teacher: dict) -> float | None:
         if row["adherence"] >= ADHERENCE_RATIO * teacher["adherence"] and row["fd"] <= FD_RATIO * teacher["fd"]:
             return row["seconds"]
     return None
+
+
+METRICS = ("adherence", "fd", "diversity", "position_spread")
+
+
+def by_recipe(curves: dict[Path, list[dict]]) -> dict[str, list[list[dict]]]:
+    """Seed runs grouped by recipe: ``name-seed3`` goes with ``name-seed0``; a folder without the suffix stays alone."""
+    groups: dict[str, list[list[dict]]] = {}
+    for folder, rows in curves.items():
+        groups.setdefault(re.sub(r"-seed\d+$", "", folder.name), []).append(rows)
+    return groups
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def seeds_table(groups: dict[str, list[list[dict]]], title: str, pick) -> None:
+    """One row per recipe: each run's row that ``pick(rows)`` chooses, as mean ± std over the runs."""
+    print(f"\n{title}\n\n| recipe | seeds | updates | training minutes | " + " | ".join(METRICS) + " |")
+    print("|---|---|---|---|" + "---|" * len(METRICS))
+    for name, runs in groups.items():
+        picked = [row for row in map(pick, runs) if row is not None]
+        if not picked:
+            continue
+        cells = [mean_std([row["step"] for row in picked], 0), mean_std([row["seconds"] / 60 for row in picked], 1),
+                 *(mean_std([row[key] for row in picked], 3 if key == "adherence" else 2) for key in METRICS)]
+        print(f"| {name} | {len(picked)} | " + " | ".join(cells) + " |")
 
 
 def plot(curves: dict[str, list[dict]], teacher: dict, path: Path) -> None:
@@ -64,13 +103,16 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders with a probe.jsonl")
     parser.add_argument("--plot", type=Path, help="write the curves as a PNG")
     parser.add_argument("--per-prompt", type=int, default=8, help="the runs' probe_per_prompt (the teacher's too)")
+    parser.add_argument("--at-step", type=int, help="seed table at this many updates (a probed step)")
+    parser.add_argument("--at-minutes", type=float, help="seed table at this much training time")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     teacher_eval = evaluate(load_teacher("builtin"), seed=0, prompts=eval_prompts(12), per_prompt=args.per_prompt)
     teacher = {k: teacher_eval[k] for k in ("adherence", "fd", "diversity", "position_spread")}
-    curves = {label_of(folder): RunFolder(folder).probes() for folder in args.runs}
+    probes = {folder: RunFolder(folder).probes() for folder in args.runs}
+    curves = {label_of(folder): rows for folder, rows in probes.items()}
     print(f"teacher on the probe set: adherence {teacher['adherence']:.3f}, FD {teacher['fd']:.2f}, "
           f"diversity {teacher['diversity']:.2f}, position std {teacher['position_spread']:.2f}\n")
     print("| run | first within targets | last row: minutes | updates | adherence | FD | diversity | position std |")
@@ -83,6 +125,14 @@ def main() -> None:
         print(f"| {label} | {'not reached' if reached is None else f'{reached / 60:.1f} min'} | "
               f"{last['seconds'] / 60:.1f} | {last['step']} | {last['adherence']:.3f} | {last['fd']:.2f} | "
               f"{last['diversity']:.2f} | {last['position_spread']:.2f} |")
+    groups = {name: runs for name, runs in by_recipe({f: r for f, r in probes.items() if r}).items() if len(runs) > 1}
+    if groups:
+        step = args.at_step or min(rows[-1]["step"] for runs in groups.values() for rows in runs)
+        seeds_table(groups, f"Over training seeds, at {step} updates:",
+                    lambda rows: next((row for row in rows if row["step"] == step), None))
+        minutes = args.at_minutes or min(rows[-1]["seconds"] for runs in groups.values() for rows in runs) / 60
+        seeds_table(groups, f"Over training seeds, at {minutes:.1f} training minutes:",
+                    lambda rows: next((row for row in reversed(rows) if row["seconds"] <= minutes * 60), None))
     if args.plot:
         plot(curves, teacher, args.plot)
         print(f"\nwrote {args.plot}")

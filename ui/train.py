@@ -265,7 +265,7 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
             with gr.Row():
                 sample_every = gr.Number(defaults[14], label="Sample every (steps)", precision=0)
                 checkpoint_every = gr.Number(defaults[15], label="Checkpoint every (steps)", precision=0)
-                threads = gr.Number(jobs.default_threads(), label="CPU threads", precision=0, minimum=1,
+                threads = gr.Number(jobs.default_threads(), label="CPU threads", precision=0, minimum=1, elem_id="train-threads",
                                     info="1 keeps the other core free for the app")
             token = gr.Textbox(label="Training token", type="password", visible=gate.mode == "token",
                                elem_id="train-token")
