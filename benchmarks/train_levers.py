@@ -29,6 +29,8 @@ LEVERS: dict[str, dict] = {
     "phase1-100": {"updates_per_phase": [100, 300]},
     "fake-ratio-4": {"fake_ratio": 4},
     "batch-8": {"batch_size": 8},
+    # a warm start: each phase's first 25 updates regress on 64 teacher trajectories (12 Euler steps, CFG 5)
+    "regression-25": {"regression_updates": 25, "regression_pairs": 64},
     # the same recipe for the other 4-step method: one phase over the same 4 Euler steps, the same 350 updates
     "dmd-sgts": {"method": "dmd-sgts", "schedule": {"steps": 4}, "updates_per_phase": [350]},
 }

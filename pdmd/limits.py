@@ -18,6 +18,7 @@ MAX_STRENGTH = 2.0              # per-phase LoRA strength of a published student
 MAX_SIDE = 4096                 # pixels
 MAX_FRAMES = 1024
 MAX_PROBE_PER_PROMPT = 64       # images per eval prompt of a training run's probe (12 prompts)
+MAX_REGRESSION_PAIRS = 1024     # teacher trajectories a run solves up front for its regression warm start
 MIN_SHIFT, MAX_SHIFT = 1e-2, 1e2  # timestep shift: SD3 3, Wan 5-12; beyond this the grid collapses to 0 or 1
 MAX_SCHEDULE_STEPS = 1000       # a teacher's own schedule
 

@@ -59,3 +59,20 @@ def test_generator_loss_rejects_an_unknown_gradient_form():
     expert = CountingExpert()
     with pytest.raises(ValueError, match="unknown DMD gradient form 'score'"):
         distill.generator_loss(torch.randn(4, 2), 0.0, expert, expert, gradient="score")
+
+
+def test_regression_pairs_are_the_teachers_own_steps_and_a_teacher_expert_reproduces_them():
+    """teacher_states solves each phase with its own Euler steps; an expert that is the teacher, taking the same
+    number of steps per phase, lands exactly on the next state (zero regression loss) -- any other does not."""
+    schedule = PhaseSchedule((0.6,), (2, 2))
+    teacher = lambda x, t, cond: x - 1.0  # noqa: E731 (an affine velocity: Euler steps do not solve it exactly)
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    states = distill.teacher_states(teacher, schedule, noise, steps_per_phase=2)
+    assert len(states) == 3 and torch.equal(states[0], noise)
+    for phase in range(2):
+        assert distill.regression_loss([teacher, teacher], phase, schedule, states[phase], states[phase + 1]) == 0
+    finer = distill.teacher_states(teacher, schedule, noise, steps_per_phase=8)
+    assert distill.regression_loss([teacher, teacher], 0, schedule, finer[0], finer[1]) > 1e-4
+    expert = CountingExpert()
+    distill.regression_loss([expert, expert], 1, schedule, states[1], states[2]).backward()
+    assert [t for t, _ in expert.calls] == [0.6, 0.3] and expert.weight.grad is not None

@@ -2,6 +2,8 @@
 as gr.LinePlot frames, and the probe's latest figures as one line."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 
@@ -11,10 +13,14 @@ def duration(seconds: float) -> str:
 
 
 def loss_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Generator and fake-score loss per step, one curve per phase (gr.LinePlot's long format)."""
-    return tuple(pd.DataFrame({"step": [r["step"] for r in rows], "loss": [r[key] for r in rows],
-                               "phase": [f"phase {r['phase']}" for r in rows]})
-                 for key in ("loss_generator", "loss_fake"))
+    """Generator and fake-score loss per step, one curve per phase (gr.LinePlot's long format); the updates of a
+    regression warm start have neither (NaN in RunFolder's rows) and are left out."""
+    frames = []
+    for key in ("loss_generator", "loss_fake"):
+        kept = [r for r in rows if math.isfinite(r[key])]
+        frames.append(pd.DataFrame({"step": [r["step"] for r in kept], "loss": [r[key] for r in kept],
+                                    "phase": [f"phase {r['phase']}" for r in kept]}))
+    return tuple(frames)
 
 
 def probe_frames(probes: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.profiler import record_function  # bench-train --profile's labels
 
 from pdmd.core import rectified_flow as rf
+from pdmd.core import sampling
 from pdmd.core.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
 from pdmd.core.schedule import PhaseSchedule, preset
 
@@ -114,3 +115,24 @@ def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float 
     x_s = x_s.detach()
     t, eps, x_t = renoise(x_s, s, shift, generator)
     return rf.subinterval_loss(fake(x_t, t, cond), x_s, eps, s, t)
+
+
+def teacher_states(teacher: Velocity, schedule: PhaseSchedule, noise: Tensor, cond=None, uncond=None,
+                   cfg: float = 1.0, *, combine: Combine = cfg_combine, steps_per_phase: int = 6) -> list[Tensor]:
+    """The teacher's own ODE solution from ``noise`` at every boundary of ``schedule``: [x_1 (the noise),
+    x_{t_1}, ..., x_0], each phase solved with ``steps_per_phase`` guided Euler steps (spaced by Eq. (9)):
+    the paired targets of ``regression_loss``."""
+    phases = range(schedule.num_phases)
+    steps, experts, scales = sampling.teacher_takes_phases(schedule, [teacher] * len(phases), cfg, teacher, cfg, phases,
+                                                  steps_per_phase)
+    out = sampling.sample_phased(experts, noise, steps, cond, uncond=uncond, cfg=scales, combine=combine)
+    return [noise, *(x for _, x in out.boundary_states), out.sample]
+
+
+def regression_loss(experts: list[Velocity], phase: int, schedule: PhaseSchedule, start: Tensor, target: Tensor,
+                    cond=None) -> Tensor:
+    """DMD's regression loss on paired teacher trajectories (Yin et al. 2024, Eq. 6; mean squared error where
+    they use LPIPS), per phase: expert k's own steps from the teacher's x_{t_{k-1}} should land on the teacher's
+    x_{t_k}. A warm start: it points each expert at the teacher's mapping before the DMD updates sharpen it."""
+    x = sample_euler(experts[phase], start, phase_sigmas(schedule, phase), cond)
+    return (x - target).square().mean()

@@ -57,6 +57,13 @@ class TrainConfig:
     # the generator's learning rate over each phase: "constant", or "linear" to zero at the phase's end (the last
     # updates anneal instead of adding noise); the fake score keeps its rate, as it must go on tracking the student
     lr_decay: str = "constant"
+    # a warm start by regression on the teacher's own trajectories (distill.regression_loss): the first
+    # regression_updates updates of every phase regress expert k's steps from the teacher's x_{t_{k-1}} onto its
+    # x_{t_k} instead of the DMD loss (no fake updates), over regression_pairs noises solved once by the teacher
+    # with regression_teacher_steps Euler steps per phase (seeded: a resumed run solves the same pairs); 0 = off
+    regression_updates: int = 0
+    regression_pairs: int = 32
+    regression_teacher_steps: int = 6
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.0                       # 0 = off
@@ -129,6 +136,16 @@ class TrainConfig:
                      "probe_per_prompt"):
             set_(name, _positive(name, getattr(self, name), integer=True))
         set_("probe_every", _positive("probe_every", self.probe_every, integer=True, allow_zero=True))
+        set_("regression_updates", _positive("regression_updates", self.regression_updates, integer=True,
+                                             allow_zero=True))
+        for name, high in (("regression_pairs", limits.MAX_REGRESSION_PAIRS),
+                           ("regression_teacher_steps", limits.MAX_STUDENT_STEPS)):
+            set_(name, _positive(name, getattr(self, name), integer=True))
+            if getattr(self, name) > high:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be at most {high}")
+        if any(self.regression_updates > n for n in steps):
+            raise ConfigError(f"regression_updates = {self.regression_updates} is more than a phase's updates "
+                              f"{list(steps)}")
         if self.probe_every and self.teacher != "builtin":
             raise ConfigError("probe_every measures with the built-in teacher's probe; other teachers have none: "
                               "set it to 0")

@@ -46,6 +46,9 @@ def select(cond, index: Tensor):
     return cond
 
 
+LOSS_NAMES = {"g": "loss_generator", "f": "loss_fake", "r": "loss_regression"}  # the progress bar's short names
+
+
 def _step_generator(config: TrainConfig, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7_919 + step)
 
@@ -103,6 +106,7 @@ class Trainer:
         self.optimizers = None
         self.optimizer_phase = -1
         self._probe = None  # the probe network, loaded at the first probe_every measurement
+        self._pairs = None  # the teacher's trajectories of the regression warm start, solved when first needed
         self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
 
     # --- state -------------------------------------------------------------------------------------------
@@ -251,6 +255,40 @@ class Trainer:
         self._update("fake", FAKE, loss)
         return loss.item()
 
+    def _teacher_pairs(self) -> tuple[list[Tensor], object]:
+        """The teacher's trajectories of the regression warm start, solved once per run (in batch-size chunks)
+        from noises and prompts drawn from the run's seed alone: [x_1, x_{t_1}, ..., x_0] and their cond."""
+        if self._pairs is None:
+            c = self.config
+            generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_983)
+            index = torch.randint(len(self.prompts), (c.regression_pairs,), generator=generator)
+            noise = torch.randn((c.regression_pairs, *self.teacher.latent_shape), generator=generator)
+            chunks = []
+            with torch.no_grad(), self.accelerator.autocast(), record_function("regression/teacher pairs"):
+                for part in torch.arange(c.regression_pairs).split(c.batch_size):
+                    chunks.append(distill.teacher_states(
+                        self.real, self.schedule, noise[part].to(self.accelerator.device),
+                        select(self.cond, index[part]), select(self.uncond, index[part]), self.teacher_cfg,
+                        combine=self.teacher.combine_guidance, steps_per_phase=c.regression_teacher_steps))
+            self._pairs = [torch.cat(states) for states in zip(*chunks)], select(self.cond, index)
+        return self._pairs
+
+    def _regression_step(self, phase: int, generator: torch.Generator) -> dict:
+        """One warm-start update of expert k by ``distill.regression_loss`` on a batch of the teacher's pairs."""
+        started = time.perf_counter()
+        states, cond = self._teacher_pairs()
+        index = torch.randint(len(states[0]), (self.config.batch_size,), generator=generator)
+        with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("regression/rollout"):
+            loss = distill.regression_loss(self.experts, phase, self.schedule, states[phase][index.to(states[0].device)],
+                                           states[phase + 1][index.to(states[0].device)], select(cond, index))
+        grad_norm = self._update("generator", phase_adapter(phase), loss)
+        if self.config.ema_decay:
+            self.roles.update_ema(phase_adapter(phase), self.config.ema_decay)
+        self.step += 1
+        return {"step": self.step, "phase": phase + 1, "loss_regression": loss.item(),
+                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]), "grad_norm": grad_norm,
+                "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
+
     def train_step(self) -> dict:
         """One generator update of the current phase k (docs/method.md §5): ``fake_ratio`` updates of the fake
         score (§4, Eq. (20)) and one DMD update of expert k on a rollout that carries its gradient (§3, Eqs.
@@ -268,6 +306,8 @@ class Trainer:
                 else:
                     group["lr"] = rate
         generator = _step_generator(c, self.accelerator.process_index, self.step)
+        if update < c.regression_updates:
+            return self._regression_step(phase, generator)
         started = time.perf_counter()
 
         fake_losses = []
@@ -370,7 +410,8 @@ class Trainer:
             while self.step < end:
                 row = self.train_step()
                 bar.update(1)
-                bar.set_postfix(phase=row["phase"], g=f"{row['loss_generator']:.3g}", f=f"{row['loss_fake']:.3g}")
+                bar.set_postfix(phase=row["phase"], **{short: f"{row[key]:.3g}" for short, key in LOSS_NAMES.items()
+                                                       if key in row})
                 action = self._control()
                 if self.is_main:
                     self.run.append_metrics(log, row)
