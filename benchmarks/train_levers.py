@@ -31,7 +31,8 @@ LEVERS: dict[str, dict] = {
     "batch-8": {"batch_size": 8},
     # the same updates without recomputing the rollout's activations (more memory, less time), and 50 + 400 of them
     "no-checkpointing": {"gradient_checkpointing": False},
-    "no-checkpointing-450": {"gradient_checkpointing": False, "updates_per_phase": [50, 400]},
+    "regression-450": {"regression_updates": 25, "regression_pairs": 64, "gradient_checkpointing": False,
+                       "updates_per_phase": [50, 400]},
     # a warm start: each phase's first 25 updates regress on 64 teacher trajectories (12 Euler steps, CFG 5)
     "regression-25": {"regression_updates": 25, "regression_pairs": 64},
     # the same recipe for the other 4-step method: one phase over the same 4 Euler steps, the same 350 updates
