@@ -37,6 +37,9 @@ LEVERS: dict[str, dict] = {
     "regression-25": {"regression_updates": 25, "regression_pairs": 64},
     # the same recipe for the other 4-step method: one phase over the same 4 Euler steps, the same 350 updates
     "dmd-sgts": {"method": "dmd-sgts", "schedule": {"steps": 4}, "updates_per_phase": [350]},
+    # the phased vs dmd-sgts comparison over training seeds (issue 17), at 200 updates each
+    "phased-200": {"updates_per_phase": [50, 150]},
+    "dmd-sgts-200": {"method": "dmd-sgts", "schedule": {"steps": 4}, "updates_per_phase": [200]},
 }
 
 
