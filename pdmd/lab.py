@@ -255,6 +255,79 @@ def run_lab(methods: list[str], mixture: Mixture, teacher_kind: str = "exact", s
     return results, samples
 
 
+def run_lab_seeds(methods: list[str], mixture: Mixture, teacher_kind: str, seeds: list[int],
+                  config: LabConfig | None = None, progress=None) -> tuple[list[list[dict]], dict[str, Tensor]]:
+    """``run_lab`` once per seed: every seed's rows, and the first seed's samples (what a plot shows).
+
+    ``progress(done, total, name)`` counts methods over all seeds."""
+    runs, first_samples = [], {}
+    for index, seed in enumerate(seeds):
+        step = None if progress is None else (
+            lambda done, total, name, index=index: progress(index * total + done, len(seeds) * total,
+                                                            f"{name}, seed {seeds[index]}"))
+        rows, samples = run_lab(methods, mixture, teacher_kind, seed, config, step)
+        runs.append(rows)
+        if index == 0:
+            first_samples = samples
+    return runs, first_samples
+
+
+# --- several seeds: mean and std of every metric ------------------------------------------------------------
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(variance)}
+
+
+def summarize(runs: list[list[dict]]) -> list[dict]:
+    """Per method (in the first run's order), the mean and std over runs of every numeric metric, as
+    ``{"mean": m, "std": s}``; ``boundary_sliced_w`` is summarised per boundary time. ``runs`` holds one
+    ``run_lab`` result per seed, each with the same methods."""
+    summary = []
+    for position, first in enumerate(runs[0]):
+        rows = [run[position] for run in runs]
+        if any(row["method"] != first["method"] for row in rows):
+            raise ValueError(f"the runs list their methods in different orders at position {position}")
+        entry = {"method": first["method"], "runs": len(rows)}
+        for key, value in first.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                entry[key] = mean_std([row[key] for row in rows])
+        if "boundary_sliced_w" in first:
+            entry["boundary_sliced_w"] = [
+                {"t": boundary["t"], "sliced_w": mean_std([row["boundary_sliced_w"][i]["sliced_w"] for row in rows])}
+                for i, boundary in enumerate(first["boundary_sliced_w"])]
+        summary.append(entry)
+    return summary
+
+
+def cell_text(mean: float, std: float, digits: int = 2) -> str:
+    """'0.93 ± 0.02': a mean and its std at a fixed number of decimals."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+SUMMARY_COLUMNS = (  # (metric, header, decimals)
+    ("in_modes", "in modes", 3), ("modes_covered", "modes covered", 1), ("mode_kl", "mode KL", 3),
+    ("spread_ratio", "spread ratio", 2), ("sliced_w", "sliced W", 3), ("seconds", "seconds", 0))
+
+
+def summary_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and text rows (mean ± std) of a ``summarize`` result, the sliced W at each boundary last."""
+    headers = ["method", "NFE", *(header for _, header, _ in SUMMARY_COLUMNS), "sliced W of x_{t_1} to p_{t_1}"]
+    rows = []
+    for entry in summary:
+        boundary = "; ".join(f"{cell_text(b['sliced_w']['mean'], b['sliced_w']['std'], 3)} (t = {b['t']})"
+                             for b in entry.get("boundary_sliced_w", [])) or "–"
+        cells = [cell_text(entry[key]["mean"], entry[key]["std"], digits) for key, _, digits in SUMMARY_COLUMNS]
+        rows.append([entry["method"], f"{entry['nfe']['mean']:g}", *cells, boundary])
+    return headers, rows
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def plot(samples: dict[str, Tensor], results: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -262,14 +335,15 @@ def plot(samples: dict[str, Tensor], results: list[dict], path: str) -> None:
 
     by_name = {row["method"]: row for row in results}
     names = list(samples)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.9), squeeze=False)
     limit = float(samples["data"].abs().max()) * 1.25
     for ax, name in zip(axes[0], names):
         points = samples[name][:3000]
         ax.scatter(points[:, 0], points[:, 1], s=1.5, alpha=0.4, color="black" if name == "data" else "tab:blue")
         row = by_name.get(name)
         title = name if row is None else (f"{name} (NFE {row['nfe']})\nmodes {row['modes_covered']}/"
-                                          f"{row['modes_total']}  spread {row['spread_ratio']:.2f}  "
+                                          f"{row['modes_total']}  in modes {row['in_modes']:.2f}\n"
+                                          f"KL {row['mode_kl']:.3f}  spread {row['spread_ratio']:.2f}  "
                                           f"SW {row['sliced_w']:.3f}")
         ax.set_title(title, fontsize=8)
         ax.set_xlim(-limit, limit)
