@@ -28,13 +28,13 @@ class Mixture:
     std: float = 0.1
 
     @classmethod
-    def ring(cls, modes: int = 8, radius: float = 2.5, std: float = 0.1) -> "Mixture":
+    def ring(cls, modes: int = 8, radius: float = 2.5, std: float = 0.1) -> Mixture:
         angle = torch.arange(modes, dtype=torch.float64) * 2 * math.pi / modes
         means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
         return cls(means.float(), torch.full((modes,), 1.0 / modes), std)
 
     @classmethod
-    def grid(cls, side: int = 5, spacing: float = 1.0, std: float = 0.1) -> "Mixture":
+    def grid(cls, side: int = 5, spacing: float = 1.0, std: float = 0.1) -> Mixture:
         axis = (torch.arange(side) - (side - 1) / 2) * spacing
         means = torch.cartesian_prod(axis, axis)
         return cls(means.float(), torch.full((side * side,), 1.0 / side**2), std)
@@ -263,8 +263,8 @@ def run_lab_seeds(methods: list[str], mixture: Mixture, teacher_kind: str, seeds
     runs, first_samples = [], {}
     for index, seed in enumerate(seeds):
         step = None if progress is None else (
-            lambda done, total, name, index=index: progress(index * total + done, len(seeds) * total,
-                                                            f"{name}, seed {seeds[index]}"))
+            lambda done, total, name, index=index, seed=seed: progress(index * total + done, len(seeds) * total,
+                                                                       f"{name}, seed {seed}"))
         rows, samples = run_lab(methods, mixture, teacher_kind, seed, config, step)
         runs.append(rows)
         if index == 0:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pdmd.cli import main
-from pdmd.core import distill
 from pdmd.commands.arguments import seed_list
+from pdmd.core import distill
 from pdmd.lab import METHOD_CHOICES, LabConfig, Mixture, cell_text, run_lab, summarize, summary_table
 
 KEYS = {"method", "in_modes", "modes_total", "modes_covered", "mode_kl", "spread_ratio", "sliced_w", "seconds",
@@ -69,7 +69,8 @@ def test_bad_arguments_exit_2_with_a_message(args, message, capsys):
 
 
 def test_module_entry_point_exits_2_on_bad_input():
-    proc = subprocess.run([sys.executable, "-m", "pdmd", "lab", "--modes", "0"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pdmd", "lab", "--modes", "0"], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 2 and "--modes: 0 must be at least 1" in proc.stderr
 
 
