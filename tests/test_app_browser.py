@@ -226,13 +226,22 @@ def test_train_tab_starts_the_quick_preset_shows_progress_and_stops_it(page):
     playwright.expect(page.locator("#train-jobs")).to_contain_text("stopped")
 
 
-def test_lab_draws_its_plot(page):
+def test_lab_opens_on_the_grid_and_tabulates_mean_and_std_over_seeds(page):
     open_tab(page, "Lab")
+    playwright.expect(page.locator("#lab-caption")).to_contain_text("What to look for")
+    playwright.expect(page.locator("#lab-mixture").get_by_label("grid")).to_be_checked()
     page.locator("#lab-iters input").fill("2")
     page.locator("#lab-base-iters input").fill("5")
+    page.locator("#lab-seeds input").fill("9")
+    page.locator("#lab-run").click()
+    playwright.expect(page.locator("#lab-status")).to_contain_text("seeds 9 must lie between 1 and 5",
+                                                                   timeout=30_000)
+    page.locator("#lab-seeds input").fill("2")
     page.locator("#lab-run").click()
     playwright.expect(page.locator("#lab-plot img")).to_be_visible(timeout=90_000)
-    playwright.expect(page.locator("#lab-status")).to_contain_text("method(s)")
+    playwright.expect(page.locator("#lab-status")).to_contain_text("mean ± std over seeds 0-1", timeout=90_000)
+    playwright.expect(page.locator("#lab-table")).to_contain_text("±")
+    playwright.expect(page.locator("#lab-table")).to_contain_text("dmd-sgts")
     screenshot(page, "lab")
 
 

@@ -44,3 +44,30 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
+
+
+MAX_LAB_SEEDS = 10  # each seed reruns the whole lab (minutes on a CPU)
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type: seeds as a range '0-4' or a list '0,1,2' (or one seed), at most MAX_LAB_SEEDS, no repeats."""
+    try:
+        if "-" in text.strip().lstrip("-"):
+            first, last = (int(part) for part in text.split("-"))
+            if last < first:
+                raise argparse.ArgumentTypeError(f"{text!r}: the range ends before it starts")
+            if last - first >= MAX_LAB_SEEDS:  # checked before the list is built: '0-999999999' stays cheap
+                raise argparse.ArgumentTypeError(f"{text!r} names {last - first + 1} seeds; at most {MAX_LAB_SEEDS}")
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed list; write a range like 0-4 or a list like "
+                                         "0,1,2") from None
+    if len(seeds) > MAX_LAB_SEEDS:
+        raise argparse.ArgumentTypeError(f"{text!r} names {len(seeds)} seeds; at most {MAX_LAB_SEEDS}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
+    for value in seeds:
+        seed(str(value))  # each in [0, MAX_SEED], with that rule's message
+    return seeds
