@@ -11,10 +11,13 @@ teacher's, FD <= 1.5x), and its last row.
 Runs of one recipe on several training seeds (folders ``<recipe>-seed<k>``, as train_levers.py names them) are
 also summarised as mean ± std over the seeds, at equal updates (``--at-step``, default: the last step every
 run reached) and at equal training time (``--at-minutes``, default: the shortest run's training time; each run's
-last probe row at or before it, so the resolution is the probe interval):
+last probe row at or before it, so the resolution is the probe interval). Runs that shared a busy machine
+measured inflated, uneven seconds: ``--idle RECIPE=FILE`` puts each row of that recipe at the time its updates
+take on an idle machine instead, from ``bench-train --json`` seconds per update of each phase:
 
-    python benchmarks/train_levers.py --out runs/seeds base dmd-sgts --seeds 0 1 2
-    python benchmarks/time_to_student.py runs/seeds/* --per-prompt 16
+    python benchmarks/train_levers.py --out runs/seeds phased-200 dmd-sgts-200 --seeds 0 1 2
+    python -m pdmd bench-train --config runs/seeds/phased-200-seed0/lever.yaml --threads 1 > phased.json
+    python benchmarks/time_to_student.py runs/seeds/* --per-prompt 16 --idle phased-200=phased.json ...
 """
 from __future__ import annotations
 
@@ -57,6 +60,15 @@ def by_recipe(curves: dict[Path, list[dict]]) -> dict[str, list[list[dict]]]:
     for folder, rows in curves.items():
         groups.setdefault(re.sub(r"-seed\d+$", "", folder.name), []).append(rows)
     return groups
+
+
+def idle_seconds(step: int, bench: dict) -> float:
+    """Seconds the first ``step`` updates take at bench-train's per-update cost of each phase."""
+    seconds, start = 0.0, 0
+    for updates, cost in zip(bench["updates_per_phase"], bench["seconds_per_generator_step"]):
+        seconds += min(max(step - start, 0), updates) * cost
+        start += updates
+    return seconds
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -105,13 +117,20 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=8, help="the runs' probe_per_prompt (the teacher's too)")
     parser.add_argument("--at-step", type=int, help="seed table at this many updates (a probed step)")
     parser.add_argument("--at-minutes", type=float, help="seed table at this much training time")
+    parser.add_argument("--idle", action="append", default=[], metavar="RECIPE=FILE",
+                        help="time a recipe's rows by its bench-train --json costs (repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    idle = {name: json.loads(Path(file).read_text()) for name, file in (item.split("=", 1) for item in args.idle)}
     torch.set_num_threads(args.threads)
 
     teacher_eval = evaluate(load_teacher("builtin"), seed=0, prompts=eval_prompts(12), per_prompt=args.per_prompt)
     teacher = {k: teacher_eval[k] for k in ("adherence", "fd", "diversity", "position_spread")}
     probes = {folder: RunFolder(folder).probes() for folder in args.runs}
+    for folder, rows in probes.items():
+        bench = idle.get(re.sub(r"-seed\d+$", "", folder.name))
+        for row in rows if bench else []:
+            row["seconds"] = idle_seconds(row["step"], bench)
     curves = {label_of(folder): rows for folder, rows in probes.items()}
     print(f"teacher on the probe set: adherence {teacher['adherence']:.3f}, FD {teacher['fd']:.2f}, "
           f"diversity {teacher['diversity']:.2f}, position std {teacher['position_spread']:.2f}\n")
