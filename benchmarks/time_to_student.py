@@ -62,10 +62,10 @@ def by_recipe(curves: dict[Path, list[dict]]) -> dict[str, list[list[dict]]]:
     return groups
 
 
-def idle_seconds(step: int, bench: dict) -> float:
-    """Seconds the first ``step`` updates take at bench-train's per-update cost of each phase."""
+def idle_seconds(step: int, updates_per_phase: list[int], costs: list[float]) -> float:
+    """Seconds the first ``step`` updates take at a per-update cost for each phase."""
     seconds, start = 0.0, 0
-    for updates, cost in zip(bench["updates_per_phase"], bench["seconds_per_generator_step"]):
+    for updates, cost in zip(updates_per_phase, costs):
         seconds += min(max(step - start, 0), updates) * cost
         start += updates
     return seconds
@@ -129,8 +129,9 @@ def main() -> None:
     probes = {folder: RunFolder(folder).probes() for folder in args.runs}
     for folder, rows in probes.items():
         bench = idle.get(re.sub(r"-seed\d+$", "", folder.name))
+        updates = json.loads((folder / "config.json").read_text())["updates_per_phase"] if bench else []
         for row in rows if bench else []:
-            row["seconds"] = idle_seconds(row["step"], bench)
+            row["seconds"] = idle_seconds(row["step"], updates, bench["seconds_per_generator_step"])
     curves = {label_of(folder): rows for folder, rows in probes.items()}
     print(f"teacher on the probe set: adherence {teacher['adherence']:.3f}, FD {teacher['fd']:.2f}, "
           f"diversity {teacher['diversity']:.2f}, position std {teacher['position_spread']:.2f}\n")
