@@ -123,8 +123,8 @@ def teacher_states(teacher: Velocity, schedule: PhaseSchedule, noise: Tensor, co
     x_{t_1}, ..., x_0], each phase solved with ``steps_per_phase`` guided Euler steps (spaced by Eq. (9)):
     the paired targets of ``regression_loss``."""
     phases = range(schedule.num_phases)
-    steps, experts, scales = sampling.teacher_takes_phases(schedule, [teacher] * len(phases), cfg, teacher, cfg, phases,
-                                                  steps_per_phase)
+    steps, experts, scales = sampling.teacher_takes_phases(schedule, [teacher] * len(phases), cfg, teacher, cfg,
+                                                           phases, steps_per_phase)
     out = sampling.sample_phased(experts, noise, steps, cond, uncond=uncond, cfg=scales, combine=combine)
     return [noise, *(x for _, x in out.boundary_states), out.sample]
 

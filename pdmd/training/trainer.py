@@ -278,16 +278,21 @@ class Trainer:
         started = time.perf_counter()
         states, cond = self._teacher_pairs()
         index = torch.randint(len(states[0]), (self.config.batch_size,), generator=generator)
+        start, target = (states[k][index.to(states[k].device)] for k in (phase, phase + 1))
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("regression/rollout"):
-            loss = distill.regression_loss(self.experts, phase, self.schedule, states[phase][index.to(states[0].device)],
-                                           states[phase + 1][index.to(states[0].device)], select(cond, index))
+            loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, select(cond, index))
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         if self.config.ema_decay:
             self.roles.update_ema(phase_adapter(phase), self.config.ema_decay)
         self.step += 1
-        return {"step": self.step, "phase": phase + 1, "loss_regression": loss.item(),
-                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]), "grad_norm": grad_norm,
-                "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
+        return self._metrics_row(phase, started, grad_norm, loss_regression=loss.item())
+
+    def _metrics_row(self, phase: int, started: float, grad_norm: float, **losses) -> dict:
+        """One update's metrics.jsonl row: its losses and diagnostics beside the step, rate, speed and memory."""
+        return {"step": self.step, "phase": phase + 1, **losses, "grad_norm": grad_norm,
+                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]),  # torchao's is a tensor
+                "it_per_s": 1.0 / (time.perf_counter() - started),
+                "memory_mb": _peak_memory_mb(self.accelerator.device)}
 
     def train_step(self) -> dict:
         """One generator update of the current phase k (docs/method.md §5): ``fake_ratio`` updates of the fake
@@ -334,11 +339,9 @@ class Trainer:
             fake_losses.append(self._fake_update(x_s.detach(), s, cond, generator))
         self.step += 1
 
-        return {"step": self.step, "phase": phase + 1, "loss_generator": loss.item(),
-                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]),  # torchao keeps it a tensor
-                "loss_fake": sum(fake_losses) / len(fake_losses), "grad_norm": grad_norm,
-                **{name: float(value) for name, value in diagnostics.items()},
-                "it_per_s": 1.0 / (time.perf_counter() - started), "memory_mb": _peak_memory_mb(self.accelerator.device)}
+        return self._metrics_row(phase, started, grad_norm, loss_generator=loss.item(),
+                                 loss_fake=sum(fake_losses) / len(fake_losses),
+                                 **{name: float(value) for name, value in diagnostics.items()})
 
     # --- outputs -----------------------------------------------------------------------------------------
     def export_student(self) -> Path:
