@@ -50,8 +50,8 @@ def _measure_training(config_path: str, steps: int) -> dict:
         trainer = Trainer(TrainConfig.from_yaml(config_path, output_dir=folder))
         phase_starts = [sum(trainer.config.updates_per_phase[:k]) for k in range(len(trainer.config.updates_per_phase))]
         per_phase = []
-        for start in phase_starts:
-            trainer.step = start + trainer.config.regression_updates  # DMD updates (a warm start's are cheaper)
+        for phase, start in enumerate(phase_starts):
+            trainer.step = start + trainer.config.warm_start_updates(phase)  # DMD updates (a warm start's are cheaper)
             trainer.train_step()  # warm-up: the phase's fresh fake score and optimisers, first-call allocations
             started = time.perf_counter()
             for _ in range(steps):
@@ -93,7 +93,7 @@ def _profile_training(config_path: str, steps: int) -> dict:
         config = trainer.config
         phases = []
         for phase, start in enumerate(sum(config.updates_per_phase[:k]) for k in range(len(config.updates_per_phase))):
-            trainer.step = start + config.regression_updates  # a DMD update, past any regression warm start
+            trainer.step = start + config.warm_start_updates(phase)  # a DMD update, past any regression warm start
             trainer.train_step()  # warm-up
             started = time.perf_counter()
             for _ in range(steps):

@@ -311,7 +311,7 @@ class Trainer:
                 else:
                     group["lr"] = rate
         generator = _step_generator(c, self.accelerator.process_index, self.step)
-        if update < c.regression_updates:
+        if update < c.warm_start_updates(phase):
             return self._regression_step(phase, generator)
         started = time.perf_counter()
 
