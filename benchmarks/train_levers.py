@@ -1,8 +1,11 @@
 """Levers for the time to a usable student: a preset with one change each, trained one after another.
 
-    python benchmarks/train_levers.py --out runs/levers base cfg7 constant-lr          # one seed each
-    python benchmarks/train_levers.py --out runs/seeds base dmd-sgts --seeds 0 1 2     # training seeds
+    python benchmarks/train_levers.py --out runs/levers base cfg7 regression-25                 # one seed each
+    python benchmarks/train_levers.py --out runs/seeds phased-200 dmd-sgts-200 --seeds 0 1 2    # training seeds
+    python benchmarks/train_levers.py --preset configs/default.yaml --out runs/default phase2-600
     python benchmarks/time_to_student.py runs/levers/* --per-prompt 16 --plot levers.png
+
+The base is ``configs/levers-base.yaml`` (the quick recipe at 50 + 300 updates, no warm start) unless ``--preset``.
 
 Every run probes 12 prompts x ``--per-prompt`` images every 50 updates (probe.jsonl: adherence and FD against
 training seconds), trains with one torch thread (two runs share the 2 cores), and resumes from its latest
@@ -29,10 +32,7 @@ LEVERS: dict[str, dict] = {
     "phase1-100": {"updates_per_phase": [100, 300]},
     "fake-ratio-4": {"fake_ratio": 4},
     "batch-8": {"batch_size": 8},
-    # the same updates without recomputing the rollout's activations (more memory, less time), and 50 + 400 of them
-    "no-checkpointing": {"gradient_checkpointing": False},
-    "regression-450": {"regression_updates": 25, "regression_pairs": 64, "gradient_checkpointing": False,
-                       "updates_per_phase": [50, 400]},
+    "no-checkpointing": {"gradient_checkpointing": False},  # the same numbers: more memory, less recomputing
     # a warm start: each phase's first 25 updates regress on 64 teacher trajectories (12 Euler steps, CFG 5)
     "regression-25": {"regression_updates": 25, "regression_pairs": 64},
     # the same recipe for the other 4-step method: one phase over the same 4 Euler steps, the same 350 updates
@@ -40,13 +40,15 @@ LEVERS: dict[str, dict] = {
     # the phased vs dmd-sgts comparison over training seeds (issue 17), at 200 updates each
     "phased-200": {"updates_per_phase": [50, 150]},
     "dmd-sgts-200": {"method": "dmd-sgts", "schedule": {"steps": 4}, "updates_per_phase": [200]},
+    # with --preset configs/default.yaml: the default recipe as it was measured, 100 + 600 updates
+    "phase2-600": {"updates_per_phase": [100, 600]},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("levers", nargs="+", choices=sorted(LEVERS))
-    parser.add_argument("--preset", type=Path, default=Path("configs/quick.yaml"))
+    parser.add_argument("--preset", type=Path, default=Path("configs/levers-base.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/levers"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the probe set stays fixed)")
     parser.add_argument("--per-prompt", type=int, default=16, help="probe images per prompt (16: 192 images)")
