@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from pathlib import Path
 
 import torch
 
+from pdmd import lab
 from pdmd.builtin.evaluate import eval_prompts, evaluate
 from pdmd.teachers import load_teacher
 from pdmd.training.run_folder import RunFolder
@@ -58,8 +58,13 @@ def by_recipe(curves: dict[Path, list[dict]]) -> dict[str, list[list[dict]]]:
     """Seed runs grouped by recipe: ``name-seed3`` goes with ``name-seed0``; a folder without the suffix stays alone."""
     groups: dict[str, list[list[dict]]] = {}
     for folder, rows in curves.items():
-        groups.setdefault(re.sub(r"-seed\d+$", "", folder.name), []).append(rows)
+        groups.setdefault(recipe_of(folder), []).append(rows)
     return groups
+
+
+def recipe_of(folder: Path) -> str:
+    """A run folder's recipe: its name without train_levers' ``-seed<k>``."""
+    return re.sub(r"-seed\d+$", "", folder.name)
 
 
 def idle_seconds(step: int, updates_per_phase: list[int], costs: list[float]) -> float:
@@ -72,8 +77,7 @@ def idle_seconds(step: int, updates_per_phase: list[int], costs: list[float]) ->
 
 
 def mean_std(values: list[float], digits: int) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+    return lab.cell_text(**lab.mean_std(values), digits=digits)
 
 
 def seeds_table(groups: dict[str, list[list[dict]]], title: str, pick) -> None:
@@ -128,7 +132,7 @@ def main() -> None:
     teacher = {k: teacher_eval[k] for k in ("adherence", "fd", "diversity", "position_spread")}
     probes = {folder: RunFolder(folder).probes() for folder in args.runs}
     for folder, rows in probes.items():
-        bench = idle.get(re.sub(r"-seed\d+$", "", folder.name))
+        bench = idle.get(recipe_of(folder))
         updates = json.loads((folder / "config.json").read_text())["updates_per_phase"] if bench else []
         for row in rows if bench else []:
             row["seconds"] = idle_seconds(row["step"], updates, bench["seconds_per_generator_step"])

@@ -306,6 +306,8 @@ def cell_text(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+ROW_COLUMNS = ("method", "nfe", "in_modes", "modes_covered", "modes_total", "mode_kl", "spread_ratio", "sliced_w",
+               "seconds")  # one seed's table, in the CLI and the Lab tab
 SUMMARY_COLUMNS = (  # (metric, header, decimals)
     ("in_modes", "in modes", 3), ("modes_covered", "modes covered", 1), ("mode_kl", "mode KL", 3),
     ("spread_ratio", "spread ratio", 2), ("sliced_w", "sliced W", 3), ("seconds", "seconds", 0))

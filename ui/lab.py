@@ -12,9 +12,8 @@ from pdmd import lab, limits
 from ui.inputs import InputError, bounded_number, error_markdown
 
 MIXTURES = ("ring", "grid")
-TABLE_COLUMNS = ["method", "nfe", "in_modes", "modes_covered", "modes_total", "mode_kl", "spread_ratio", "sliced_w",
-                 "seconds"]
-DECIMALS = {"in_modes": 3, "modes_covered": 1, "mode_kl": 3, "spread_ratio": 2, "sliced_w": 3, "seconds": 0}
+TABLE_COLUMNS = list(lab.ROW_COLUMNS)
+DECIMALS = {key: digits for key, _, digits in lab.SUMMARY_COLUMNS}
 DEFAULT_METHODS = ["teacher", "dmd-sgts", "phased"]
 # about a minute and a half on one CPU core, and still enough for a phased student that keeps the grid's modes
 DEFAULT_ITERS, DEFAULT_BASE_ITERS = 800, 3000

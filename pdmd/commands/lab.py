@@ -8,10 +8,17 @@ import sys
 import torch
 
 from pdmd.commands.arguments import non_negative_float, positive_float, positive_int, seed, seed_list, whole_number
-from pdmd.lab import METHOD_CHOICES, LabConfig, Mixture, markdown_table, plot, run_lab_seeds, summarize, summary_table
-
-ROW_COLUMNS = ("method", "nfe", "in_modes", "modes_covered", "modes_total", "mode_kl", "spread_ratio", "sliced_w",
-               "seconds")
+from pdmd.lab import (
+    METHOD_CHOICES,
+    ROW_COLUMNS,
+    LabConfig,
+    Mixture,
+    markdown_table,
+    plot,
+    run_lab_seeds,
+    summarize,
+    summary_table,
+)
 
 
 def adam_beta(text: str) -> float:
