@@ -20,14 +20,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.fixture(scope="session")
-def showcase_file(tmp_path_factory) -> Path:
-    """examples/showcase.yaml next to freshly built tiny models (shared with the browser test)."""
+def showcase_file(built_once) -> Path:
+    """examples/showcase.yaml next to freshly built tiny models (shared with the browser test and every worker)."""
     import build_showcase
 
-    where = tmp_path_factory.mktemp("showcase")
-    build_showcase.build(where / "showcase-models")
-    shutil.copy(ROOT / "examples" / "showcase.yaml", where / "showcase.yaml")
-    return where / "showcase.yaml"
+    def build(where: Path) -> None:
+        build_showcase.build(where / "showcase-models")
+        shutil.copy(ROOT / "examples" / "showcase.yaml", where / "showcase.yaml")
+    return built_once("showcase", build) / "showcase.yaml"
 
 
 @pytest.fixture(autouse=True)
