@@ -1,0 +1,105 @@
+"""ui.batching.Batcher: requests of one key that wait while another runs go into the next call together, each
+getting its own results; a lone request runs at once; a failing request fails alone."""
+import threading
+import time
+
+import pytest
+
+from ui.batching import Batcher
+
+
+class Recorder:
+    """A run function that records each batch and can hold its first call until released."""
+
+    def __init__(self, hold_first: bool = False):
+        self.batches, self.release, self.started = [], threading.Event(), threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, key, rows):
+        self.batches.append((key, list(rows)))
+        if len(self.batches) == 1:
+            self.started.set()
+            self.release.wait(10)
+        if any(row == "bad" for row in rows):
+            raise ValueError("a bad row")
+        return [f"{key}:{row}" for row in rows]
+
+
+def submit_all(batcher, requests):
+    results, threads = {}, []
+    for name, (key, rows) in requests.items():
+        def target(name=name, key=key, rows=rows):
+            try:
+                results[name] = batcher.submit(key, rows)
+            except ValueError as err:
+                results[name] = err
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+    return results, threads
+
+
+def wait_for_waiting(batcher, key, count):
+    for _ in range(500):
+        if len(batcher._waiting.get(key, ())) == count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{count} requests never queued")
+
+
+def test_a_lone_request_runs_at_once_with_its_own_rows():
+    run = Recorder()
+    batcher = Batcher(run, max_rows=8)
+    assert batcher.submit("m", [1, 2]) == ["m:1", "m:2"]
+    assert run.batches == [("m", [1, 2])] and batcher.calls == 1 and not batcher._busy
+
+
+def test_requests_that_wait_behind_a_running_one_share_the_next_call_and_each_gets_its_own_part():
+    run = Recorder(hold_first=True)
+    batcher = Batcher(run, max_rows=8)
+    first, threads = submit_all(batcher, {"first": ("m", [0])})
+    assert run.started.wait(10)
+    later, more = submit_all(batcher, {f"r{k}": ("m", [10 * k, 10 * k + 1]) for k in range(3)})
+    other, others = submit_all(batcher, {"other": ("n", [5])})  # another model is not held up by this one
+    for thread in others:
+        thread.join(10)
+    wait_for_waiting(batcher, "m", 3)
+    run.release.set()
+    for thread in threads + more:
+        thread.join(10)
+    assert first["first"] == ["m:0"] and other["other"] == ["n:5"]
+    assert {name: rows for name, rows in later.items()} == {
+        f"r{k}": [f"m:{10 * k}", f"m:{10 * k + 1}"] for k in range(3)}
+    m_batches = [rows for key, rows in run.batches if key == "m"]
+    assert len(m_batches) == 2 and sorted(m_batches[1]) == [0, 1, 10, 11, 20, 21]
+
+
+def test_a_batch_holds_at_most_max_rows_and_a_bigger_request_runs_alone():
+    run = Recorder(hold_first=True)
+    batcher = Batcher(run, max_rows=4)
+    _, threads = submit_all(batcher, {"first": ("m", [0])})
+    assert run.started.wait(10)
+    results, more = submit_all(batcher, {"a": ("m", [1, 2, 3]), "b": ("m", [4, 5]), "big": ("m", list(range(6)))})
+    wait_for_waiting(batcher, "m", 3)
+    run.release.set()
+    for thread in threads + more:
+        thread.join(10)
+    assert all(len(rows) <= 4 or len(rows) == 6 for _, rows in run.batches[1:])
+    assert len(run.batches) == 4 and results["big"] == [f"m:{k}" for k in range(6)]
+
+
+def test_a_failing_request_fails_alone_and_nothing_is_left_waiting():
+    run = Recorder(hold_first=True)
+    batcher = Batcher(run, max_rows=8)
+    _, threads = submit_all(batcher, {"first": ("m", [0])})
+    assert run.started.wait(10)
+    results, more = submit_all(batcher, {"good": ("m", [1]), "bad": ("m", ["bad"]), "fine": ("m", [2])})
+    wait_for_waiting(batcher, "m", 3)
+    run.release.set()
+    for thread in threads + more:
+        thread.join(10)
+    assert results["good"] == ["m:1"] and results["fine"] == ["m:2"]
+    assert isinstance(results["bad"], ValueError)
+    assert not batcher._busy and not batcher._waiting
+    with pytest.raises(ValueError, match="a bad row"):
+        batcher.submit("m", ["bad"])
