@@ -8,11 +8,18 @@ prints sampling and training it/s and peak GPU memory. The whole run takes well 
     python benchmarks/gpu_check.py --real-size --dry-run   # only the plan's predictions (no GPU needed)
 
 The numbers time the code path (placement, dtype, LoRA roles, the trainer loop), not the real models' speed.
+After the families, each case below runs in its own try and prints one line:
+
+- zero-gpu showcase: the Showcase's ZeroGPU call path with the pickling ``spaces`` stand-in
+  (tests/zero_gpu_standin): examples/showcase.yaml's pairs through the tab's handlers, every sampling call's
+  arguments and results pickled across, the models kept in RAM and moved onto the GPU by the call.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +33,7 @@ from pdmd.teachers.tiny import BUILDERS, build
 from pdmd.training.config import TrainConfig
 from pdmd.training.trainer import Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
          "qwen-image": dict(height=64, width=64)}
 DEFAULT_SIZE = dict(height=32, width=32)
@@ -79,6 +87,40 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
             "train_peak_mb": round(peak_mb(device), 1)}
 
 
+def zero_gpu_showcase(where: Path) -> str:
+    """The Showcase tab's handlers on examples/showcase.yaml's tiny pairs, as on a ZeroGPU Space: ``spaces`` is the
+    pickling stand-in, so each sampling call gets its arguments and hands back its result through pickle; the
+    models stay in RAM (ui.models.placement) and the call moves its model to the GPU. One line: the pairs' NFE,
+    the GPU seconds each call asked for and where the models ended up."""
+    sys.path.insert(0, str(ROOT / "tests" / "zero_gpu_standin"))
+    sys.path.insert(0, str(ROOT / "examples"))
+    import build_showcase
+    import spaces
+
+    import ui.gpu
+    importlib.reload(ui.gpu)  # declares the GPU call with the stand-in, whatever imported ui.gpu before
+    from pdmd.showcase import Showcase
+    from ui.showcase import ShowcaseStore, on_student, on_teacher
+
+    build_showcase.build(where / "showcase-models")
+    shutil.copy(ROOT / "examples" / "showcase.yaml", where / "showcase.yaml")
+    store = ShowcaseStore(Showcase.read(where / "showcase.yaml"))
+    spaces.calls.clear()
+    parts = []
+    for pair in ("tiny-sd3/phased", "tiny-wan22/lightning-style"):
+        started = time.perf_counter()
+        *_, status, run = on_student(store, pair, "a red cat on a sofa", 0, 1.0, 1.0)
+        assert run is not None, f"{pair}: {status}"
+        teacher = on_teacher(store, run, 8, 4.0)
+        assert teacher[-1] == "Done.", f"{pair}: {teacher[-1]}"
+        device = store.teacher(store.showcase.pair(pair)[0].model).device.type
+        parts.append(f"{pair}: student NFE {run['nfe']}, teacher {teacher[2].rpartition('— ')[2]}, models then on "
+                     f"{device}, {time.perf_counter() - started:.1f} s in all")
+    asked = ", ".join(f"{seconds} s" for _, seconds in spaces.calls)
+    assert [name for name, _ in spaces.calls] == ["_sample_side"] * 4, spaces.calls
+    return f"ok: {'; '.join(parts)}; 4 calls through the pickling spaces.GPU, asking {asked}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke run; no CUDA needed)")
@@ -110,8 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{family:14} {row['load_s']:7.2f} {row['sample_it_per_s']:12.1f} {row['sample_peak_mb']:11.1f} "
                   f"{row['train_it_per_s']:11.2f} {row['train_peak_mb']:10.1f}", flush=True)
+        failed = False
+        try:
+            print(f"zero-gpu showcase: {zero_gpu_showcase(Path(tmp) / 'showcase')}", flush=True)
+        except Exception as err:  # noqa: BLE001  (a case's failure is its line; the other cases still run)
+            print(f"zero-gpu showcase: FAILED: {type(err).__name__}: {err}", flush=True)
+            failed = True
     print(json.dumps(rows))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

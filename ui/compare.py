@@ -39,6 +39,7 @@ from ui.comparison import (
     student_phase_count,
     student_schedule,
     teacher_schedule,
+    teacher_side,
 )
 from ui.inputs import (
     USER_ERRORS,
@@ -91,15 +92,16 @@ def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value
         prompt, note = check_prompt(prompt, teacher_pick(teacher)[0])
         seed = resolve_seed(seed, randomise)
         cfg = bounded_number(teacher_cfg, "CFG", 0, MAX_CFG)
-        label, schedule, (pictures, nfe, seconds, states), own = run_student_side(
+        label, schedule, row, own = run_student_side(
             store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher, teacher_phases)
     except USER_ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err)), None
-    caption = f"**{label}** — NFE {nfe}, {seconds:.2f} s, seed {seed}"
-    run = {"prompt": prompt, "seed": seed, "label": label, "nfe": nfe, "seconds": seconds, "teacher": own,
-           "image": still(pictures[0]), "boundaries": list(schedule.boundaries), "states": states}
-    status = f"Student done in {seconds:.2f} s; running the teacher… {note}".strip()
-    return *media(pictures[0], label), caption, seed, status, run
+    picture = row.pictures[0]
+    caption = f"**{label}** — NFE {row.nfe}, {row.seconds:.2f} s, seed {seed}"
+    run = {"prompt": prompt, "seed": seed, "label": label, "nfe": row.nfe, "seconds": row.seconds, "teacher": own,
+           "image": still(picture), "boundaries": list(schedule.boundaries), "states": row.states}
+    status = f"Student done in {row.seconds:.2f} s; running the teacher… {note}".strip()
+    return *media(picture, label), caption, seed, status, run
 
 
 def on_compare_teacher(store: ModelStore, run: dict | None, steps, cfg, progress=gr.Progress()):
@@ -110,16 +112,15 @@ def on_compare_teacher(store: ModelStore, run: dict | None, steps, cfg, progress
     try:
         steps = bounded_number(steps, "teacher steps", 1, MAX_TEACHER_STEPS, whole=True)
         cfg = bounded_number(cfg, "CFG", 0, MAX_CFG)
-        entry = store.loaded_teacher(*teacher_pick(run.get("teacher")))
-        schedule = teacher_schedule(steps, entry.teacher.default_shift, tuple(run["boundaries"]))
+        name, options = teacher_pick(run.get("teacher"))
+        schedule = teacher_schedule(steps, store.teacher(name, options).default_shift, tuple(run["boundaries"]))
     except USER_ERRORS as err:
         return (gr.skip(),) * 7 + (error_markdown(str(err)),)
-    with entry.lock:
-        pictures, nfe, seconds, states = sample_side(
-            entry.teacher, [run["prompt"]], run["seed"], schedule, cfg,
-            on_step=lambda done, total: progress(done / total, desc=f"teacher step {done}/{total}"))
+    (row,) = sample_side(teacher_side(store, name, options, schedule, cfg), [([run["prompt"]], run["seed"])],
+                         on_step=lambda done, total: progress(done / total, desc=f"teacher step {done}/{total}"))
+    pictures, nfe, seconds = row.pictures, row.nfe, row.seconds
     teacher_run = {"label": f"Teacher ({steps} steps, CFG {cfg:g})", "nfe": nfe, "seconds": seconds,
-                   "image": still(pictures[0]), "states": states}
+                   "image": still(pictures[0]), "states": row.states}
     speedup = seconds / max(run["seconds"], 1e-9)
     summary = (f"### {speedup:.1f}× faster\nStudent NFE {run['nfe']} in {run['seconds']:.2f} s · teacher NFE {nfe} "
                f"in {seconds:.2f} s · {nfe / max(run['nfe'], 1):.0f}× fewer model evaluations · seed {run['seed']}")
@@ -142,14 +143,15 @@ def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, 
         count = bounded_number(count, "number of seeds", 2, MAX_DIVERSITY_SEEDS, whole=True)
         steps = bounded_number(steps, "teacher steps", 1, MAX_TEACHER_STEPS, whole=True)
         cfg = bounded_number(cfg, "CFG", 0, MAX_CFG)
-        label, _, (student_pictures, *_), _ = run_student_side(
-            store, [prompt] * count, seed, student_value, source, phases_schedule, cfg)
+        label, _, student_row, _ = run_student_side(
+            store, [prompt] * count, seed, student_value, source, phases_schedule, cfg, boundary_states=False)
     except USER_ERRORS as err:
         return gr.skip(), gr.skip(), error_markdown(str(err))
-    teacher = store.teacher(BUILTIN)
-    teacher_pictures, *_ = sample_side(
-        teacher, [prompt] * count, seed, PhaseSchedule.uniform(steps, teacher.default_shift), cfg,
+    schedule = PhaseSchedule.uniform(steps, store.teacher(BUILTIN).default_shift)
+    (teacher_row,) = sample_side(
+        teacher_side(store, BUILTIN, {}, schedule, cfg, boundary_states=False), [([prompt] * count, seed)],
         on_step=lambda done, total: progress(done / total, desc=f"teacher step {done}/{total}"))
+    teacher_pictures, student_pictures = teacher_row.pictures, student_row.pictures
     probe = store.probe()
     scores = [metrics.feature_diversity([metrics.probe_outputs(probe, p)["features"]])
               for p in (teacher_pictures, student_pictures)]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +19,17 @@ from torch import Tensor
 
 from pdmd import limits
 from pdmd.core.rectified_flow import unshift_time
+from pdmd.core.sampling import per_phase
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import save_video
+from pdmd.students.folder import Student
 from pdmd.students.manifest import Manifest
-from pdmd.teachers import same_teacher
+from pdmd.teachers import same_teacher, teacher_key
 from pdmd.teachers.base import Teacher
 from ui import images, students
-from ui.gpu import gpu_seconds, run_on_gpu
+from ui.gpu import evaluations, gpu_seconds, run_on_gpu
 from ui.inputs import USER_ERRORS, InputError, parse_teacher_phases, schedule_of
-from ui.models import ModelStore
+from ui.models import ModelStore, sampling_device, store_by_id, to_device
 from ui.teacher_picker import teacher_pick
 
 AS_TRAINED, FROM_PHASES = "as trained", "from the Phases tab"
@@ -131,32 +135,126 @@ class BoundaryState:
     denoised: Image.Image  # the model's x_0 prediction from x_t
 
 
-def sample_side(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg: float,
-                experts=None, on_step=None):
-    """Images, NFE, wall seconds (sampling + decoding) and the state at every interior boundary: the app's one
-    GPU call, so on ZeroGPU it runs inside spaces.GPU for a time sized to its NFE (ui/gpu.py)."""
-    seconds = gpu_seconds(schedule.nfe, len(prompts), teacher.is_video)
-    return run_on_gpu(_sample_side, teacher, prompts, seed, schedule, cfg, experts, on_step, seconds=seconds)
+Row = tuple[tuple[str, ...], int]  # prompts sampled together (one batch) and the seed of their noise
 
 
-def _sample_side(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg: float,
-                 experts=None, on_step=None):
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison as plain values: what crosses into a ZeroGPU worker, where _sample_side finds the
+    model in its copy of the store. Hashable, so requests for the same side can share one call."""
+    store: int                             # ModelStore.id
+    boundaries: tuple[float, ...]          # the schedule as data
+    steps: tuple[int, ...]
+    shift: float
+    cfg: float | None                      # a teacher side's CFG; a student side's for the phases the teacher takes
+    teacher: tuple | None = None           # a teacher side: teacher_key(name, options)
+    student: str | None = None             # a student side: its folder (its experts run at its own CFG)
+    teacher_phases: tuple[int, ...] = ()   # the student's 0-based phases the teacher samples instead
+    boundary_states: bool = True           # decode x_t and the x0 prediction at each interior boundary
+
+    @property
+    def schedule(self) -> PhaseSchedule:
+        return PhaseSchedule(self.boundaries, self.steps, self.shift)
+
+
+def teacher_side(store: ModelStore, name: str, options: dict | None, schedule: PhaseSchedule, cfg: float,
+                 boundary_states: bool = True) -> Side:
+    return Side(store.id, schedule.boundaries, schedule.steps, schedule.shift, float(cfg),
+                teacher=teacher_key(name, options), boundary_states=boundary_states)
+
+
+def student_side(store: ModelStore, folder: Path, schedule: PhaseSchedule, teacher_cfg: float | None = None,
+                 teacher_phases=(), boundary_states: bool = True) -> Side:
+    """``teacher_cfg``: the CFG of the phases handed back to the teacher (None: its own default)."""
+    return Side(store.id, schedule.boundaries, schedule.steps, schedule.shift,
+                None if teacher_cfg is None else float(teacher_cfg), student=str(folder),
+                teacher_phases=tuple(teacher_phases), boundary_states=boundary_states)
+
+
+@dataclass
+class SampledRow:
+    """One row sampled, as it comes back from the GPU call: CPU tensors, PIL images and numbers."""
+    pictures: Tensor              # (prompts, 3, H, W), or (prompts, F, 3, H, W) for a video teacher, on the CPU
+    nfe: int                      # network evaluations per sample, CFG counted
+    seconds: float                # wall time: sampling and decoding
+    states: list[BoundaryState]   # the first picture's state at each interior boundary (none unless asked)
+
+
+def sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
+    """Each row's pictures with their NFE, wall seconds and boundary states: the app's one GPU call, so on
+    ZeroGPU it runs inside spaces.GPU for a time sized to its network evaluations (ui/gpu.py). ``on_step(done,
+    total)``: live progress over the rows' Euler steps, where the call runs in this process."""
+    rows = [(tuple(prompts), int(seed)) for prompts, seed in rows]
+    return run_on_gpu(_sample_side, side, rows, seconds=_gpu_seconds(side, rows), on_step=on_step)
+
+
+def side_schedule(side: Side) -> PhaseSchedule:
+    """The schedule ``side`` samples: a student's with its handed-back phases at the teacher's steps."""
+    _, student, _ = _model(side)
+    return _sampling(side, student)[0]
+
+
+def _gpu_seconds(side: Side, rows: list[Row]) -> int:
+    # the models load here, in the app's process and outside GPU time: a worker forked for the call has them, and
+    # a model that cannot load is refused with its message before any GPU is asked for
+    _, student, teacher = _model(side)
+    schedule, _, cfg = _sampling(side, student)
+    nfe = evaluations(schedule.steps, per_phase(cfg, schedule.num_phases), teacher.guidance_embedded)
+    return gpu_seconds(nfe, sum(len(prompts) for prompts, _ in rows), teacher.is_video)
+
+
+def _model(side: Side) -> tuple[threading.Lock, Student | None, Teacher]:
+    """The lock of the side's network, its student (None on a teacher side) and the teacher network it runs on,
+    from this process's store (loaded on first use)."""
+    store = store_by_id(side.store)
+    if side.student is None:
+        name, options = side.teacher
+        entry = store.loaded_teacher(name, dict(options))
+        return entry.lock, None, entry.teacher
+    loaded = store.student(Path(side.student))
+    return loaded.lock, loaded.student, loaded.student.roles.teacher
+
+
+def _sampling(side: Side, student: Student | None) -> tuple[PhaseSchedule, list | None, float | tuple]:
+    """(schedule, experts, CFG) for Teacher.sample: the teacher's own velocity, or the student's experts with the
+    handed-back phases taken by the teacher (Student.with_teacher_phases)."""
+    if student is None:
+        return side.schedule, None, side.cfg
+    return student.with_teacher_phases(side.teacher_phases, side.schedule, teacher_cfg=side.cfg)
+
+
+def _sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
+    """The GPU function: plain values in, plain values out (ui/gpu.py)."""
+    lock, student, teacher = _model(side)
+    with lock:
+        to_device(teacher, sampling_device())  # on ZeroGPU: from the app's RAM onto this call's GPU
+        schedule, experts, cfg = _sampling(side, student)
+        # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
+        # teacher shares that network with its student, so it must be the plain teacher again afterwards
+        with student.roles.active(None) if student is not None else nullcontext():
+            total = len(rows) * schedule.nfe  # Euler steps of the whole call, for on_step
+            return [_sample_row(teacher, list(prompts), seed, schedule, cfg, experts, side.boundary_states,
+                                on_step, done=k * schedule.nfe, total=total) for k, (prompts, seed) in enumerate(rows)]
+
+
+def _sample_row(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg, experts,
+                boundary_states: bool, on_step, done: int, total: int) -> SampledRow:
     captured = {}
 
     def record(step: dict):
-        for t in schedule.boundaries:
+        for t in schedule.boundaries if boundary_states else ():
             if math.isclose(step["sigma"], t, abs_tol=1e-9):
                 captured[t] = (step["x"][:1], step["denoised"][:1])
         if on_step is not None:
-            on_step(step["i"] + 1, schedule.nfe)
+            on_step(done + step["i"] + 1, total)
 
     start = time.perf_counter()
     result = teacher.sample(prompts, seed, schedule, cfg, experts, callback=record)
-    pictures = teacher.decode(result.sample)
+    pictures = teacher.decode(result.sample).cpu()  # the app's process of a ZeroGPU call has no GPU to receive it
     seconds = time.perf_counter() - start
     states = [BoundaryState(t, still(teacher.decode(x)[0], images.TILE_SIZE),
                             still(teacher.decode(d)[0], images.TILE_SIZE)) for t, (x, d) in captured.items()]
-    return pictures, result.nfe, seconds, states
+    return SampledRow(pictures, result.nfe, seconds, states)
 
 
 def student_schedule(student_schedule_: PhaseSchedule, source: str, phases_schedule: dict | None) -> PhaseSchedule:
@@ -180,37 +278,33 @@ def student_of(store: ModelStore, value: str, teacher_name: str) -> tuple[Path, 
 
 
 def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: str, source: str,
-                     phases_schedule: dict | None, teacher_cfg: float, teacher=None, teacher_phases=None):
-    """Sample the picked student (or the baseline); returns (label, schedule, sample_side's result, the
-    teacher state the teacher side must use: the student's own teacher at its resolution). ``teacher_phases``:
-    the checked "phase k" labels the teacher takes instead of the student's experts (Student.with_teacher_phases,
-    at ``teacher_cfg``), checked before anything loads."""
+                     phases_schedule: dict | None, teacher_cfg: float, teacher=None, teacher_phases=None,
+                     boundary_states: bool = True) -> tuple[str, PhaseSchedule, SampledRow, dict]:
+    """Sample the picked student (or the baseline); returns (label, schedule, the sampled row, the teacher state
+    the teacher side must use: the student's own teacher at its resolution). ``teacher_phases``: the checked
+    "phase k" labels the teacher takes instead of the student's experts (Student.with_teacher_phases, at
+    ``teacher_cfg``), checked before anything loads."""
     name, options = teacher_pick(teacher)
     if value == students.BASELINE:
         if teacher_phases:
             raise InputError("the baseline is the teacher already: handing phases to the teacher needs a student")
         schedule = schedule_of(phases_schedule)
-        entry = store.loaded_teacher(name, options)
-        with entry.lock:
-            side = sample_side(entry.teacher, prompts, seed, schedule, teacher_cfg)
-        return "Baseline (teacher, no distillation)", schedule, side, {"name": name, "options": options}
+        (row,) = sample_side(teacher_side(store, name, options, schedule, teacher_cfg, boundary_states),
+                             [(prompts, seed)])
+        return "Baseline (teacher, no distillation)", schedule, row, {"name": name, "options": options}
     folder, manifest = student_of(store, value, name)
     handed_back = parse_teacher_phases(teacher_phases, manifest.schedule.num_phases)
-    schedule = student_schedule(manifest.schedule, source, phases_schedule)
-    loaded = store.student(folder)
-    student = loaded.student
-    schedule, experts, cfg = student.with_teacher_phases(handed_back, schedule, teacher_cfg=teacher_cfg)
-    # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
-    # teacher shares that network with its student, so it must be the plain teacher again afterwards
-    with loaded.lock, student.roles.active(None):
-        side = sample_side(student.roles.teacher, prompts, seed, schedule, cfg, experts)
+    side = student_side(store, folder, student_schedule(manifest.schedule, source, phases_schedule), teacher_cfg,
+                        handed_back, boundary_states)
+    (row,) = sample_side(side, [(prompts, seed)])
+    schedule = side_schedule(side)
     own = {"name": manifest.teacher, "options": manifest.teacher_options}
     label = f"Student {students.student_name(folder)}"
     if handed_back:
         taken = " and ".join(f"{k + 1}" for k in handed_back)
         label += (f", phase{'s' * (len(handed_back) > 1)} {taken} by the teacher "
                   f"({schedule.steps[handed_back[0]]} steps each, CFG {teacher_cfg:g})")
-    return label, schedule, side, own
+    return label, schedule, row, own
 
 
 def student_phase_count(store: ModelStore, value: str, teacher=None) -> int:

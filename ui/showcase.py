@@ -31,7 +31,9 @@ from ui.comparison import (
     still,
     strength_sliders,
     strength_updates,
+    student_side,
     teacher_schedule,
+    teacher_side,
 )
 from ui.inputs import (
     USER_ERRORS,
@@ -167,18 +169,15 @@ def on_student(store: ShowcaseStore, pair, prompt, seed, *strengths):
         seed = resolve_seed(seed, False)
         folder = student_folder(store, teacher, student,
                                 parse_strengths(strengths, len(student.lora)) if student.is_published else None)
-        loaded = store.student(folder)
-        with loaded.lock, loaded.student.roles.active(None):
-            pictures, nfe, seconds, _ = sample_side(loaded.student.roles.teacher, [prompt], seed,
-                                                    loaded.student.schedule, loaded.student.cfg,
-                                                    loaded.student.experts)
+        schedule = store.manifest(folder).schedule
+        (row,) = sample_side(student_side(store, folder, schedule, boundary_states=False), [([prompt], seed)])
     except ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}"), None
-    manifest = loaded.student.manifest
-    run = {"pair": pair, "prompt": prompt, "seed": seed, "nfe": nfe, "seconds": seconds,
-           "image": still(pictures[0]), "boundaries": list(manifest.schedule.boundaries)}
-    caption = f"**Student {student.name}** — NFE {nfe}, {seconds:.2f} s, seed {seed}"
-    return (*media(pictures[0], student.name), caption, f"Student done in {seconds:.2f} s; running the teacher…",
+    picture = row.pictures[0]
+    run = {"pair": pair, "prompt": prompt, "seed": seed, "nfe": row.nfe, "seconds": row.seconds,
+           "image": still(picture), "boundaries": list(schedule.boundaries)}
+    caption = f"**Student {student.name}** — NFE {row.nfe}, {row.seconds:.2f} s, seed {seed}"
+    return (*media(picture, student.name), caption, f"Student done in {row.seconds:.2f} s; running the teacher…",
             run)
 
 
@@ -190,12 +189,12 @@ def on_teacher(store: ShowcaseStore, run, steps, cfg):
         teacher, _ = store.showcase.pair(run.get("pair"))
         steps = bounded_number(steps, "teacher steps", 1, limits.MAX_TEACHER_STEPS, whole=True)
         cfg = bounded_number(cfg, "CFG", 0, limits.MAX_CFG)
-        entry = store.loaded_teacher(teacher.model)
-        schedule = teacher_schedule(steps, entry.teacher.default_shift, tuple(run["boundaries"]))
-        with entry.lock:
-            pictures, nfe, seconds, _ = sample_side(entry.teacher, [run["prompt"]], run["seed"], schedule, cfg)
+        schedule = teacher_schedule(steps, store.teacher(teacher.model).default_shift, tuple(run["boundaries"]))
+        (row,) = sample_side(teacher_side(store, teacher.model, None, schedule, cfg, boundary_states=False),
+                             [([run["prompt"]], run["seed"])])
     except ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}")
+    pictures, nfe, seconds = row.pictures, row.nfe, row.seconds
     video, image = media(pictures[0], teacher.name)
     slider = before_after(pictures[0], run["image"])
     summary = (f"### {seconds / max(run['seconds'], 1e-9):.1f}× faster\nStudent NFE {run['nfe']} in "
