@@ -35,7 +35,11 @@ MAX_UPLOADED_STUDENTS = 50               # kept under runs/uploads; the oldest g
 STUDENT_CACHE_BYTES = 256 * 2**20        # loaded students kept in memory (LRU)
 BUILTIN_TEACHER_COPIES = 4               # built-in teachers at other resolutions kept loaded (LRU)
 MAX_QUEUE = 32                           # requests waiting per event before "busy"
-STUDENT_SLOTS = 2                        # student samples at once (a fraction of a second each on 2 cores)
+# Sampling handlers at once per event (Compare and Showcase, student and teacher). They wait in ui/batching.py to
+# share one network batch per model, which runs one at a time per lane (students, teachers): measured in
+# docs/benchmarks.md, 20 visitors at once on 2 cores.
+SAMPLE_SLOTS = 24
+BATCH_IMAGES = 24                        # images in one network batch (several visitors' requests)
 DOWNLOAD_MAX_AGE_S = 3600                # comparison PNGs, GIFs and zips are removed after this
 
 # --- ZeroGPU: GPU time asked per sampling call (ui/gpu.py); estimates for a 14B video / 12B image network ------

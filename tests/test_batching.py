@@ -16,7 +16,9 @@ class Recorder:
         if not hold_first:
             self.release.set()
 
-    def __call__(self, key, rows):
+    def __call__(self, key, rows, on_step=None):
+        if on_step is not None:
+            on_step(1, 1)
         self.batches.append((key, list(rows)))
         if len(self.batches) == 1:
             self.started.set()
@@ -76,16 +78,16 @@ def test_requests_that_wait_behind_a_running_one_share_the_next_call_and_each_ge
 
 def test_a_batch_holds_at_most_max_rows_and_a_bigger_request_runs_alone():
     run = Recorder(hold_first=True)
-    batcher = Batcher(run, max_rows=4)
+    batcher = Batcher(run, max_rows=4, size=lambda row: 1 + (row == 3))  # row 3 counts twice
     _, threads = submit_all(batcher, {"first": ("m", [0])})
     assert run.started.wait(10)
-    results, more = submit_all(batcher, {"a": ("m", [1, 2, 3]), "b": ("m", [4, 5]), "big": ("m", list(range(6)))})
+    results, more = submit_all(batcher, {"a": ("m", [1, 2]), "b": ("m", [3, 4]), "big": ("m", list(range(6)))})
     wait_for_waiting(batcher, "m", 3)
     run.release.set()
     for thread in threads + more:
         thread.join(10)
-    assert all(len(rows) <= 4 or len(rows) == 6 for _, rows in run.batches[1:])
-    assert len(run.batches) == 4 and results["big"] == [f"m:{k}" for k in range(6)]
+    assert [rows for _, rows in run.batches[1:]] == [[1, 2], [3, 4], list(range(6))]  # 2 + 3 > 4: a, b apart
+    assert results["big"] == [f"m:{k}" for k in range(6)] and results["b"] == ["m:3", "m:4"]
 
 
 def test_a_failing_request_fails_alone_and_nothing_is_left_waiting():
@@ -103,3 +105,61 @@ def test_a_failing_request_fails_alone_and_nothing_is_left_waiting():
     assert not batcher._busy and not batcher._waiting
     with pytest.raises(ValueError, match="a bad row"):
         batcher.submit("m", ["bad"])
+
+
+def test_progress_reaches_every_request_that_asked_for_it():
+    run = Recorder()
+    batcher = Batcher(run, max_rows=8)
+    seen = []
+    batcher.submit("m", [1], on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 1)]
+
+
+def test_batches_of_one_lane_run_one_at_a_time_and_a_key_that_cannot_size_its_batch_fails_alone():
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    def run(key, rows, on_step=None):
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with guard:
+            running[0] -= 1
+        return rows
+
+    def max_rows(key):
+        if key == "broken":
+            raise ValueError("cannot load broken")
+        return 8
+    batcher = Batcher(run, max_rows=max_rows, lane=lambda key: "one lane")
+    results, threads = submit_all(batcher, {f"k{k}": (f"model {k}", [k]) for k in range(4)})
+    broken, more = submit_all(batcher, {"broken": ("broken", [0])})
+    for thread in threads + more:
+        thread.join(10)
+    assert most[0] == 1 and results == {f"k{k}": [k] for k in range(4)}
+    assert isinstance(broken["broken"], ValueError) and not batcher._busy and not batcher._waiting
+
+
+def test_a_row_sampled_in_a_batch_equals_the_same_request_alone(tmp_path):
+    """Through ui.comparison.sample_side's batch function: each row from its own seed's noise, whatever its company
+    (a teacher side with CFG and a student side with boundary states)."""
+    from ui_fixtures import make_student
+
+    from pdmd.core.schedule import PhaseSchedule
+    from ui.comparison import _sample_side, student_side, teacher_side
+    from ui.models import ModelStore
+
+    store = ModelStore()
+    rows = [(("a red star on a dark background",), 0), (("a blue circle on a light background",) * 2, 7),
+            (("a green square on a grey background",), 123)]
+    student = make_student(tmp_path / "student")
+    for side in (teacher_side(store, "builtin", {}, PhaseSchedule.uniform(4, 1.0), 3.0),
+                 student_side(store, student, PhaseSchedule((0.5,), (1, 1), 1.0))):
+        together = _sample_side(side, rows)
+        for row, batched in zip(rows, together):
+            (alone,) = _sample_side(side, [row])
+            assert batched.pictures.shape == alone.pictures.shape == (len(row[0]), 3, 32, 32)
+            assert (batched.pictures - alone.pictures).abs().max() < 1e-4  # float rounding; a display level is 4e-3
+            assert [s.t for s in batched.states] == [s.t for s in alone.states] == list(side.boundaries)
+    assert not (together[0].pictures[0] - together[2].pictures[0]).abs().max() < 1e-3  # rows do differ

@@ -7,6 +7,10 @@ request of the key goes into the next call together (up to ``max_rows`` rows). A
 company: it runs at once, exactly as without the batcher. Each row keeps its own inputs (prompt, seed and so its
 noise), so a row's result does not depend on what it was batched with, up to float rounding (tested).
 
+Batches of different keys in one *lane* run one at a time (``lane(key)``; by default each key is its own): on 2
+cores two batches at once only share the cores, and the requests that wait meanwhile join the next batch. The app has two lanes, students (a
+fraction of a second) and teachers, so a student image never waits behind a teacher run.
+
 One call per batch is also what ZeroGPU wants: one ``spaces.GPU`` allocation serves every visitor in it.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Callable, Hashable, Sequence
 @dataclass(eq=False)
 class _Request:
     rows: list
+    on_step: Callable | None = None  # this request's live progress: (done, total) of its batch's steps
     done: threading.Event = field(default_factory=threading.Event)
     leads: bool = False        # woken to run the next batch of its key, rather than with its results
     results: list | None = None
@@ -27,19 +32,25 @@ class _Request:
 
 
 class Batcher:
-    """``run(key, rows) -> results`` (one result per row, in order) called once per batch of requests that share
-    ``key``; ``max_rows`` bounds a batch's rows (a request is never split, so one bigger than that runs alone)."""
+    """``run(key, rows, on_step) -> results`` (one result per row, in order) called once per batch of requests
+    that share ``key``; ``on_step(done, total)`` reaches every request of the batch that asked for progress (None
+    when none did). ``max_rows`` bounds a batch's size, a row counting ``size(row)`` (a request is never split, so
+    one bigger than that runs alone); ``max_rows`` may be a function of the key."""
 
-    def __init__(self, run: Callable[[Hashable, list], Sequence], max_rows: int):
-        self._run, self.max_rows = run, max_rows
+    def __init__(self, run: Callable[..., Sequence], max_rows: int | Callable[[Hashable], int],
+                 size: Callable[[object], int] = lambda row: 1,
+                 lane: Callable[[Hashable], Hashable] = lambda key: key):
+        self._run, self._size, self._lane = run, size, lane
+        self._max_rows = max_rows if callable(max_rows) else lambda key: max_rows
+        self._lanes: dict[Hashable, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
         self._waiting: dict[Hashable, list[_Request]] = defaultdict(list)
         self._busy: set[Hashable] = set()
         self.calls = 0  # batches run, for tests and benchmarks
 
-    def submit(self, key: Hashable, rows: Sequence) -> list:
+    def submit(self, key: Hashable, rows: Sequence, on_step: Callable | None = None) -> list:
         """This request's results; its error, if its batch failed."""
-        request = _Request(list(rows))
+        request = _Request(list(rows), on_step)
         with self._lock:
             self._waiting[key].append(request)
             request.leads = key not in self._busy
@@ -59,23 +70,22 @@ class Batcher:
     def _run_next(self, key: Hashable) -> None:
         """Take the waiting requests of ``key`` that fit one batch, run them, hand each its part, and pass the
         lead to the next waiting request (or free the key)."""
-        with self._lock:
-            queue, batch, rows = self._waiting[key], [], 0
-            while queue and (not batch or rows + len(queue[0].rows) <= self.max_rows):
-                batch.append(queue.pop(0))
-                rows += len(batch[-1].rows)
+        batch = []
         try:
-            try:
-                self._hand_out(key, batch)
-            except Exception as err:
-                if len(batch) == 1:
-                    raise
-                for request in batch:  # one request's failure must not fail the others: each again, alone
-                    try:
-                        self._hand_out(key, [request])
-                    except Exception as alone:  # noqa: BLE001  (it is handed to the request's own thread)
-                        request.error = alone
-        except BaseException as err:  # noqa: BLE001
+            with self._lock:
+                lane = self._lanes[self._lane(key)]
+            with lane:  # the batch is formed once the lane is free: whoever arrived meanwhile is in it
+                limit = self._max_rows(key)
+                with self._lock:
+                    queue, size = self._waiting[key], 0
+                    while queue and (not batch or size + self._weight(queue[0]) <= limit):
+                        batch.append(queue.pop(0))
+                        size += self._weight(batch[-1])
+                self._run_batch(key, batch)
+        except BaseException as err:  # noqa: BLE001  (handed to the requests' own threads)
+            with self._lock:
+                if not batch and self._waiting[key]:  # it failed before the batch formed: the leader's error
+                    batch.append(self._waiting[key].pop(0))
             for request in batch:
                 request.error = request.error or err
         finally:
@@ -93,9 +103,29 @@ class Batcher:
                     request.error = RuntimeError("the batch stopped before this request was run")
                 request.done.set()
 
+    def _run_batch(self, key: Hashable, batch: list[_Request]) -> None:
+        try:
+            self._hand_out(key, batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            for request in batch:  # one request's failure must not fail the others: each again, alone
+                try:
+                    self._hand_out(key, [request])
+                except Exception as alone:  # noqa: BLE001  (handed to the request's own thread)
+                    request.error = alone
+
+    def _weight(self, request: _Request) -> int:
+        return sum(self._size(row) for row in request.rows)
+
     def _hand_out(self, key: Hashable, batch: list[_Request]) -> None:
         rows = [row for request in batch for row in request.rows]
-        results = list(self._run(key, rows))
+        listeners = [request.on_step for request in batch if request.on_step is not None]
+
+        def on_step(done: int, total: int) -> None:
+            for listener in listeners:
+                listener(done, total)
+        results = list(self._run(key, rows, on_step if listeners else None))
         if len(results) != len(rows):
             raise RuntimeError(f"a batch of {len(rows)} rows gave {len(results)} results")
         start = 0

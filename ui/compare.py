@@ -276,13 +276,15 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     teacher_outputs = [*teacher_side, summary, strip, download, slider, status]
 
     # Concurrency: a student image (a fraction of a second) never waits behind another visitor's teacher run:
-    # each side has its own group; the slow ones (teacher, diversity, loading) share one slot.
+    # each side has its own group. Many handlers run at once so that visitors' requests for one model share a
+    # network batch (ui/batching.py); the batches themselves run one at a time per side.
     def chain(event, api: bool):
         return event.then(partial(on_compare_student, store), student_inputs, student_outputs,
                           api_name="compare_student" if api else False, concurrency_id="student",
-                          concurrency_limit=limits.STUDENT_SLOTS).then(
+                          concurrency_limit=limits.SAMPLE_SLOTS).then(
             partial(on_compare_teacher, store), [run_state, steps, cfg], teacher_outputs,
-            api_name="compare_teacher" if api else False, concurrency_id="teacher", concurrency_limit=1)
+            api_name="compare_teacher" if api else False, concurrency_id="teacher",
+            concurrency_limit=limits.SAMPLE_SLOTS)
 
     teacher_runs = [chain(run_button.click(lambda: "Running the student…", None, status, queue=False), api=True),
                     chain(examples.load_input_event.then(lambda: False, None, randomise), api=False)]
@@ -296,12 +298,13 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     upload.upload(partial(on_upload, store), upload, [picker, upload_status], concurrency_id="files")
     teacher_runs.append(diversity_button.click(
         partial(on_diversity, store), [prompt, seed, count, picker, source, schedule_state, steps, cfg, teacher_state],
-        [teacher_grid, student_grid, diversity_text], concurrency_id="teacher", concurrency_limit=1))
+        [teacher_grid, student_grid, diversity_text], concurrency_id="teacher",
+        concurrency_limit=limits.SAMPLE_SLOTS))
     load_button.click(lambda: "Loading the teacher (a large model takes minutes)…", None, teacher_status,
                       queue=False).then(partial(on_load_teacher, store),
                                         [teacher_picker, teacher_path, height, width, frames],
                                         [teacher_state, teacher_status, picker, steps, cfg, teacher_picker],
-                                        concurrency_id="teacher", concurrency_limit=1)
+                                        concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS)
     export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state],
                         [export_file, export_status], concurrency_id="files")
     import_button.click(partial(on_import_published, store),

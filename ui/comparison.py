@@ -4,6 +4,7 @@ playable mp4 (GIF only where no mp4 writer is installed), the before/after slide
 sliders, the boundary strip and the downloadable comparison PNG."""
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import threading
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -27,7 +29,8 @@ from pdmd.students.manifest import Manifest
 from pdmd.teachers import same_teacher, teacher_key
 from pdmd.teachers.base import Teacher
 from ui import images, students
-from ui.gpu import evaluations, gpu_seconds, run_on_gpu
+from ui.batching import Batcher
+from ui.gpu import evaluations, gpu_seconds, images_within, on_zero_gpu, run_on_gpu
 from ui.inputs import USER_ERRORS, InputError, parse_teacher_phases, schedule_of
 from ui.models import ModelStore, sampling_device, store_by_id, to_device
 from ui.teacher_picker import teacher_pick
@@ -181,11 +184,28 @@ class SampledRow:
 
 
 def sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
-    """Each row's pictures with their NFE, wall seconds and boundary states: the app's one GPU call, so on
-    ZeroGPU it runs inside spaces.GPU for a time sized to its network evaluations (ui/gpu.py). ``on_step(done,
-    total)``: live progress over the rows' Euler steps, where the call runs in this process."""
+    """Each row's pictures with their NFE, wall seconds and boundary states. Requests for the same side that
+    arrive while one runs are sampled together, as one network batch (ui/batching.py), each row from its own
+    seed's noise. A batch is the app's one GPU call: on ZeroGPU it runs inside spaces.GPU for a time sized to its
+    network evaluations (ui/gpu.py). ``on_step(done, total)``: live progress over the batch's Euler steps, where
+    the call runs in this process."""
     rows = [(tuple(prompts), int(seed)) for prompts, seed in rows]
-    return run_on_gpu(_sample_side, side, rows, seconds=_gpu_seconds(side, rows), on_step=on_step)
+    return _BATCHER.submit(side, rows, on_step)
+
+
+def _run_batch(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
+    nfe, video = _evaluations(side)
+    seconds = gpu_seconds(nfe, sum(len(prompts) for prompts, _ in rows), video)
+    return run_on_gpu(_sample_side, side, rows, seconds=seconds, on_step=on_step)
+
+
+def _batch_images(side: Side) -> int:
+    """A batch's images: BATCH_IMAGES, and on ZeroGPU no more than one call's GPU time can sample."""
+    return min(limits.BATCH_IMAGES, images_within(*_evaluations(side))) if on_zero_gpu() else limits.BATCH_IMAGES
+
+
+_BATCHER = Batcher(_run_batch, max_rows=_batch_images, size=lambda row: len(row[0]),
+                   lane=lambda side: "teacher" if side.student is None else "student")
 
 
 def side_schedule(side: Side) -> PhaseSchedule:
@@ -194,13 +214,13 @@ def side_schedule(side: Side) -> PhaseSchedule:
     return _sampling(side, student)[0]
 
 
-def _gpu_seconds(side: Side, rows: list[Row]) -> int:
-    # the models load here, in the app's process and outside GPU time: a worker forked for the call has them, and
-    # a model that cannot load is refused with its message before any GPU is asked for
+def _evaluations(side: Side) -> tuple[int, bool]:
+    """(network evaluations of one sample, CFG counted; whether it is a video). The models load here, in the app's
+    process and outside GPU time: a worker forked for the call has them, and a model that cannot load is refused
+    with its message before any GPU is asked for."""
     _, student, teacher = _model(side)
     schedule, _, cfg = _sampling(side, student)
-    nfe = evaluations(schedule.steps, per_phase(cfg, schedule.num_phases), teacher.guidance_embedded)
-    return gpu_seconds(nfe, sum(len(prompts) for prompts, _ in rows), teacher.is_video)
+    return evaluations(schedule.steps, per_phase(cfg, schedule.num_phases), teacher.guidance_embedded), teacher.is_video
 
 
 def _model(side: Side) -> tuple[threading.Lock, Student | None, Teacher]:
@@ -232,29 +252,35 @@ def _sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
         # active(None) around the sampling: a student's experts swap merged weights into the network, and a big
         # teacher shares that network with its student, so it must be the plain teacher again afterwards
         with student.roles.active(None) if student is not None else nullcontext():
-            total = len(rows) * schedule.nfe  # Euler steps of the whole call, for on_step
-            return [_sample_row(teacher, list(prompts), seed, schedule, cfg, experts, side.boundary_states,
-                                on_step, done=k * schedule.nfe, total=total) for k, (prompts, seed) in enumerate(rows)]
+            return _sample_rows(teacher, rows, schedule, cfg, experts, side.boundary_states, on_step)
 
 
-def _sample_row(teacher: Teacher, prompts: list[str], seed: int, schedule: PhaseSchedule, cfg, experts,
-                boundary_states: bool, on_step, done: int, total: int) -> SampledRow:
+def _sample_rows(teacher: Teacher, rows: list[Row], schedule: PhaseSchedule, cfg, experts, boundary_states: bool,
+                 on_step) -> list[SampledRow]:
+    """Every row's prompts in one network batch, each row from ``teacher.noise(len(prompts), seed)`` -- the noise
+    it would have alone -- so a row's pictures do not depend on its company (up to float rounding)."""
+    edges = list(itertools.accumulate((len(prompts) for prompts, _ in rows), initial=0))
+    firsts = torch.tensor(edges[:-1])  # each row's first picture carries its boundary states
     captured = {}
 
     def record(step: dict):
         for t in schedule.boundaries if boundary_states else ():
             if math.isclose(step["sigma"], t, abs_tol=1e-9):
-                captured[t] = (step["x"][:1], step["denoised"][:1])
+                captured[t] = (step["x"][firsts.to(step["x"].device)], step["denoised"][firsts.to(step["x"].device)])
         if on_step is not None:
-            on_step(done + step["i"] + 1, total)
+            on_step(step["i"] + 1, schedule.nfe)
 
     start = time.perf_counter()
-    result = teacher.sample(prompts, seed, schedule, cfg, experts, callback=record)
+    noise = torch.cat([teacher.noise(len(prompts), seed) for prompts, seed in rows])
+    prompts = [prompt for row_prompts, _ in rows for prompt in row_prompts]
+    result = teacher.sample(prompts, schedule=schedule, cfg=cfg, experts=experts, callback=record, noise=noise)
     pictures = teacher.decode(result.sample).cpu()  # the app's process of a ZeroGPU call has no GPU to receive it
     seconds = time.perf_counter() - start
-    states = [BoundaryState(t, still(teacher.decode(x)[0], images.TILE_SIZE),
-                            still(teacher.decode(d)[0], images.TILE_SIZE)) for t, (x, d) in captured.items()]
-    return SampledRow(pictures, result.nfe, seconds, states)
+    decoded = {t: (teacher.decode(x).cpu(), teacher.decode(d).cpu()) for t, (x, d) in captured.items()}
+    return [SampledRow(pictures[top:bottom], result.nfe, seconds,
+                       [BoundaryState(t, still(x[k], images.TILE_SIZE), still(d[k], images.TILE_SIZE))
+                        for t, (x, d) in decoded.items()])
+            for k, (top, bottom) in enumerate(zip(edges, edges[1:]))]
 
 
 def student_schedule(student_schedule_: PhaseSchedule, source: str, phases_schedule: dict | None) -> PhaseSchedule:

@@ -43,6 +43,12 @@ def gpu_seconds(nfe: int, images: int, video: bool) -> int:
     return int(min(limits.GPU_MAX_S, max(limits.GPU_MIN_S, math.ceil(wanted))))
 
 
+def images_within(nfe: int, video: bool) -> int:
+    """The most images one call may sample (at ``nfe`` evaluations each) in the GPU_MAX_S a call can get."""
+    per_evaluation = limits.GPU_VIDEO_STEP_S if video else limits.GPU_IMAGE_STEP_S
+    return max(1, math.floor((limits.GPU_MAX_S - limits.GPU_BASE_S) / (nfe * per_evaluation)))
+
+
 def _call(function, *args, seconds: int):
     return function(*args)
 

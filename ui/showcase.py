@@ -236,6 +236,6 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
     run_button.click(partial(on_status, store), pair, status, api_name="showcase_status").then(
         partial(on_student, store), [pair, prompt, seed, *strengths],
         [*student_side, status, run_state], api_name="showcase_student", concurrency_id="student",
-        concurrency_limit=limits.STUDENT_SLOTS).then(
+        concurrency_limit=limits.SAMPLE_SLOTS).then(
         partial(on_teacher, store), [run_state, steps, cfg], [*teacher_side, slider, summary, status],
-        api_name="showcase_teacher", concurrency_id="teacher", concurrency_limit=1)
+        api_name="showcase_teacher", concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS)

@@ -99,15 +99,27 @@ class Teacher(ABC):
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, schedule: PhaseSchedule | None = None,
                cfg: float | list[float] | None = None, experts: Velocity | list[Velocity] | None = None,
-               callback: Callback | None = None) -> PhasedSample:
+               callback: Callback | None = None, noise: Tensor | None = None) -> PhasedSample:
         """Teacher sampling by default (its own steps/shift/CFG); pass ``experts`` to sample a student, and
-        ``cfg`` per phase where phases run at different guidance (pdmd.core.sampling.teacher_takes_phases)."""
+        ``cfg`` per phase where phases run at different guidance (pdmd.core.sampling.teacher_takes_phases).
+        ``noise``: the x_1 to start from instead of ``self.noise(len(prompts), seed)`` -- several requests
+        sampled as one batch, each row with its own seed's noise (ui.comparison)."""
+        return self.sample_encoded(self.encode_prompts(list(prompts)), len(prompts), seed, schedule, cfg, experts,
+                                   callback, noise)
+
+    @torch.no_grad()
+    def sample_encoded(self, encoded: tuple[Any, Any], batch: int, seed: int = 0,
+                       schedule: PhaseSchedule | None = None, cfg: float | list[float] | None = None,
+                       experts: Velocity | list[Velocity] | None = None,
+                       callback: Callback | None = None, noise: Tensor | None = None) -> PhasedSample:
+        """``sample`` from ``batch`` prompts encoded earlier (``encode_prompts``' pair): the trainer's sample grid,
+        drawn after its text encoders were released, never touches them."""
         schedule = schedule or PhaseSchedule.uniform(self.default_steps, self.default_shift)
         cfg = self.default_cfg if cfg is None else cfg
-        cond, uncond = self.encode_prompts(list(prompts))
+        cond, uncond = encoded
         experts = experts or self.velocity
         if self.guidance_embedded:  # the scale is a network input, not a (cond, uncond) pair
             experts = [self.with_guidance(e, c) for e, c in zip(per_phase(experts, schedule.num_phases, "experts"),
                                                                 per_phase(cfg, schedule.num_phases, "CFG scales"))]
-        return sample_phased(experts, self.noise(len(prompts), seed), schedule, cond,
+        return sample_phased(experts, self.noise(batch, seed) if noise is None else noise, schedule, cond,
                              uncond=uncond, cfg=cfg, combine=self.combine_guidance, callback=callback)
