@@ -51,9 +51,13 @@ def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise:
             *, sgts: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
     """docs/method.md §5, Eq. (21): back-simulation: noise -> frozen experts 1..k-1 (no grad) -> expert k's own steps -> x_s, s = t_k.
 
-    With SGTS (§5, Eq. (22)) a random exit step j of the phase is drawn: the steps before it run without grad and
-    step j's prediction is projected straight to the phase end, so only step j carries gradient.
+    With SGTS (§5, Eq. (22)) a random exit step j of the phase is drawn from ``generator``: the steps before it run
+    without grad and step j's prediction is projected straight to the phase end, so only step j carries gradient.
     Without SGTS the gradient flows through every step of the phase.
+
+    The exit step is the only draw here (the noise is given), and it shapes the graph: j + 1 forwards of expert k.
+    Under FSDP each forward is a collective every rank must join, so the trainer passes a generator seeded by
+    (seed, update) alone, the same on every rank, and keeps its per-rank one for the noise.
     """
     x = noise
     with torch.no_grad():

@@ -2,7 +2,8 @@
 teacher's network; the teacher itself is the base with adapters disabled. Memory: one base plus small adapters.
 
 The roles also keep their own training state: every adapter's tensors, the experts' EMA, and the swap that puts
-the EMA weights in for an export (the trainer only drives them).
+the EMA weights in for an export (the trainer only drives them). Adapters and EMA are float32 whatever the base's
+dtype: on a bf16 base a bf16 LoRA weight loses AdamW steps of ~1e-4 to rounding (8 bits of mantissa).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import replace
 import torch
 from diffusers import ModelMixin
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import Tensor, nn
 
 from pdmd.students import StudentError
@@ -36,10 +37,11 @@ def peft_config(lora: LoraSpec) -> LoraConfig:
 
 
 def _first_parameter_dtype(model: ModelMixin) -> torch.dtype:
-    """diffusers' ``ModelMixin.dtype`` without its walk over every module (looking for casting hooks)."""
+    """diffusers' ``ModelMixin.dtype`` without its walk over every module (looking for casting hooks); the base's
+    dtype, never that of the (float32) LoRA weights."""
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not any(module in name for module in keep_fp32):
+        if param.is_floating_point() and "lora_" not in name and not any(module in name for module in keep_fp32):
             return param.dtype
     return ModelMixin.dtype.fget(model)
 
@@ -79,6 +81,8 @@ class Roles:
                 except ValueError as err:  # peft: NoMatchingPeftModuleError for names no layer has
                     raise StudentError(f"LoRA target modules {list(lora.target_modules)} match no layer of "
                                        f"{type(teacher.model).__name__} ({err})") from None
+                # PEFT gives a new adapter its base layer's dtype; get_peft_model would upcast it, injection does not
+                cast_adapter_dtype(teacher.model, adapter_name=name)
         # where each LoRA wrapper sits, so folded inference can take it out of the network and put it back
         self._slots = [(teacher.model.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2], module)
                        for path, module in teacher.model.named_modules() if isinstance(module, BaseTunerLayer)]
@@ -148,13 +152,21 @@ class Roles:
         def velocity(x: Tensor, t: Tensor, cond) -> Tensor:
             if name not in self._fold_cache:
                 self._activate(None)
-                self._fold_cache[name] = {
-                    layer: layer.get_base_layer().weight + layer.get_delta_weight(name)
+                self._fold_cache[name] = {  # merged in float32, stored in the base's dtype
+                    layer: (layer.get_base_layer().weight + layer.get_delta_weight(name)).to(
+                        layer.get_base_layer().weight.dtype)
                     for layer in self.layers if name in layer.lora_A}
             self._switch(None)  # adapters off: each layer runs its (swapped) base weight alone
             self._fold(name)
             return self.teacher.velocity(x, t, cond)
         return velocity
+
+    def check_same_lora(self, lora: LoraSpec, source: str) -> None:
+        """Refuse weights (``source``'s) of a LoRA with another rank, alpha or target modules than these adapters."""
+        if (lora.rank, lora.alpha, set(lora.target_modules)) != (
+                self.lora.rank, self.lora.alpha, set(self.lora.target_modules)):
+            raise StudentError(f"{source}: its LoRA (rank {lora.rank}, alpha {lora.alpha:g}) differs from this "
+                               f"config's (rank {self.lora.rank}, alpha {self.lora.alpha:g})")
 
     def parameters_of(self, *names: str) -> list[nn.Parameter]:
         self._fold(None)  # the LoRA wrappers back in the network, where named_parameters finds them
@@ -203,10 +215,15 @@ class Roles:
         return tensors
 
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """The inverse of ``tensors`` (other keys, e.g. an optimizer's, are ignored)."""
+        """The inverse of ``tensors`` (other keys, e.g. an optimizer's, are ignored). A checkpoint loads on the CPU:
+        the adapters are copied into their parameters, and each EMA tensor goes to its weight's device and dtype."""
         for name in self.adapters:
             self.load_state_dict(name, _under(tensors, f"adapter/{name}/"))
-        self.ema = {name: state for name in self.adapters if (state := _under(tensors, f"ema/{name}/"))}
+        self.ema = {}
+        for name in self.adapters:
+            if state := _under(tensors, f"ema/{name}/"):
+                weights = get_peft_model_state_dict(self.teacher.model, adapter_name=name)
+                self.ema[name] = {k: v.to(weights[k].device, weights[k].dtype) for k, v in state.items()}
 
     def update_ema(self, name: str, decay: float) -> None:
         """ema <- decay * ema + (1 - decay) * weights, for adapter ``name`` (starting from its weights)."""
@@ -233,7 +250,8 @@ class Roles:
                 self.load_state_dict(name, state)
 
     def fingerprint(self) -> str:
-        """SHA-256 of every adapter's weights: equal on every rank of a run, and across an interrupted run."""
+        """SHA-256 of every adapter's weights: equal on every rank of a run, and across an interrupted run on the
+        CPU (CUDA's default kernels are not deterministic: there a resumed run agrees within float tolerance)."""
         digest = hashlib.sha256()
         for name in self.adapters:
             for key, value in sorted(self.state_dict(name).items()):

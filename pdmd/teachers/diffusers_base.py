@@ -44,9 +44,11 @@ def _bytes(module: nn.Module) -> int:
 
 
 def free_device_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device``; None where it is not measured (the CPU)."""
+    """Bytes free on ``device``: the driver's free memory plus the blocks PyTorch's caching allocator holds unused
+    (reserved, not allocated), which it hands out before asking the driver; None where it is not measured (the CPU)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused_cache
     return None
 
 
@@ -113,8 +115,8 @@ class DiffusersTeacher(Teacher):
             raise TeacherError(f"{self.source} does not fit on {device} ({err}): {MEMORY_ADVICE}") from None
 
     def release_text_encoders(self) -> None:
-        """Text encoders to the CPU once the prompts are encoded (the trainer's embeddings are computed once);
-        a later encode borrows them back."""
+        """Text encoders to the CPU once the prompts are encoded (the trainer encodes its training and sample
+        prompts once, and samples with ``sample_encoded``); a later encode borrows them back."""
         for encoder in self.text_encoders:
             encoder.to("cpu")
             self._offloaded.add(id(encoder))

@@ -58,6 +58,8 @@ class CheckpointError(ValueError):
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of a checkpoint. The tensors are on the CPU: whoever loads them puts each one where its
+    parameter is (Roles.load_tensors; torch's Optimizer.load_state_dict does so for optimizer states)."""
     try:
         tensors = load_file(str(path / "state.safetensors"))
         meta = json.loads((path / "state.json").read_text())
@@ -65,6 +67,18 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
     return tensors, meta
+
+
+def load_newest(run_dir: Path, load, say=print) -> Path | None:
+    """``load(path)`` the newest checkpoint in ``run_dir`` that loads: a damaged one is set aside with one line
+    saying so, and the one before it is tried. None: no checkpoint yet."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            load(path)
+            return path
+        except CheckpointError as err:
+            say(f"{err}; set aside as {set_aside(path).name}, trying the one before it")
+    return None
 
 
 def set_aside(path: Path) -> Path:

@@ -207,6 +207,9 @@ class TrainConfig:
         if self.fsdp and self.sample_every <= self.total_updates:  # rank 0 alone cannot run a sharded network
             raise ConfigError("fsdp: true draws no samples while training: set sample_every above the run's "
                               f"{self.total_updates} updates and sample the finished student")
+        if self.fsdp and self.quantize != "none":  # measured: pdmd.training.fsdp
+            raise ConfigError(f"fsdp: true cannot shard a quantized base (quantize = {self.quantize!r}: its weights "
+                              "do not split under fully_shard): set quantize: none, or fsdp: false on one device")
 
     @staticmethod
     def _lora(data) -> LoraSpec:

@@ -2,8 +2,10 @@
 
 Phases are trained in order (docs/method.md §2): expert k's adapter learns while experts 1..k-1 stay frozen, a
 fresh fake adapter is fitted to the generator's x_s with the subinterval loss (§4), and the teacher is the base
-with adapters disabled. Randomness of update n is a pure function of (seed, rank, n), so a resumed run repeats
-exactly what an uninterrupted one would have done; checkpoints hold adapters, optimizers, EMA and the step.
+with adapters disabled. Randomness of update n is a pure function of (seed, rank, n) (pdmd.training.steps), so a
+resumed run repeats what an uninterrupted one would have done: bit for bit on the CPU, within float tolerance on
+CUDA, whose default kernels are not deterministic. Checkpoints hold adapters, optimizers, EMA, the step and the
+fp16 loss scale. Adapters, their optimizer states and the EMA are float32 on any base (pdmd.students.roles).
 """
 from __future__ import annotations
 
@@ -18,48 +20,23 @@ from torch.profiler import record_function  # labels for bench-train --profile; 
 
 from pdmd.core import distill
 from pdmd.media import as_stills, save_png
-from pdmd.students import StudentError
 from pdmd.students.card import write_card
 from pdmd.students.folder import load_phases, save_student, warn_about_shared_phases
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
-from pdmd.training import checkpoints
+from pdmd.training import checkpoints, warm_start
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.from_student import check_student_fits
-from pdmd.training.optimizers import build_optimizer, load_optimizer_tensors, optimizer_tensors
+from pdmd.training.gradients import average_gradients, clip_gradients
+from pdmd.training.metrics_row import metrics_row, progress_postfix
+from pdmd.training.optimizers import build_optimizer, load_optimizers_tensors, optimizers_tensors
 from pdmd.training.run_folder import RunFolder
+from pdmd.training.steps import phase_of, select, set_generator_rate, step_generator
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient: raised before the update is applied, so the adapters and the checkpoints
-    on disk stay finite."""
-
-
-def select(cond, index: Tensor):
-    """Rows ``index`` of a conditioning batch (a tensor, or a dict / tuple of tensors)."""
-    if isinstance(cond, Tensor):
-        return cond[index.to(cond.device)]
-    if isinstance(cond, dict):
-        return {k: select(v, index) for k, v in cond.items()}
-    if isinstance(cond, (tuple, list)):
-        return type(cond)(select(v, index) for v in cond)
-    return cond
-
-
-LOSS_NAMES = {"g": "loss_generator", "f": "loss_fake", "r": "loss_regression"}  # the progress bar's short names
-
-
-def _step_generator(config: TrainConfig, rank: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7_919 + step)
-
-
-def _phase_of(config: TrainConfig, step: int) -> tuple[int, int]:
-    """(phase, update within the phase) of global generator update ``step``."""
-    for phase, n in enumerate(config.updates_per_phase):
-        if step < n:
-            return phase, step
-        step -= n
-    return len(config.updates_per_phase) - 1, config.updates_per_phase[-1]
+    """A non-finite loss, or a non-finite gradient without fp16's GradScaler (which skips such an update and
+    lowers its scale instead): raised before the update is applied, so adapters and checkpoints stay finite."""
 
 
 class Trainer:
@@ -77,8 +54,14 @@ class Trainer:
         self.run = RunFolder(config.output_dir)
         self.method = distill.get_method(config.method, config.schedule)
         self.schedule = config.schedule
+        if teacher is None and config.fsdp:  # into host memory: only this rank's shards go to the device
+            from pdmd.training.fsdp import load_teacher_on_cpu
+            teacher = load_teacher_on_cpu(config, self.accelerator.device)
         self.teacher = teacher or load_teacher(config.teacher, device=self.accelerator.device,
                                                **config.teacher_options())
+        if config.mixed_precision == "fp16" and torch.bfloat16 in {p.dtype for p in self.teacher.model.parameters()}:
+            raise ConfigError("mixed_precision = 'fp16' would autocast a bf16 teacher to fp16: use mixed_precision "
+                              "bf16 (or no) on a bf16 teacher, or load it with dtype: fp16 or fp32")
         names = [phase_adapter(k) for k in range(self.schedule.num_phases)]
         torch.manual_seed(config.seed)  # identical adapter initialisation on every rank
         self.roles = Roles(self.teacher, names + [FAKE], config.lora)
@@ -97,9 +80,13 @@ class Trainer:
         prompts = list(config.prompts or self.teacher.default_prompts)
         if not prompts:
             raise ConfigError("prompts is empty and the teacher ships no default prompt list")
-        self.prompts = prompts
-        with torch.no_grad():  # prompt embeddings computed once for the whole run
-            self.cond, self.uncond = self.teacher.encode_prompts(prompts)
+        self.prompts, self.sample_prompts = prompts, list(config.sample_prompts or prompts[:4])
+        extra = list(config.sample_prompts)  # without its own, the sample grid shows the first training prompts
+        with torch.no_grad():  # every embedding of the run in one call: afterwards nothing needs the text encoders
+            cond, uncond = self.teacher.encode_prompts(prompts + extra)
+        self.cond, self.uncond = (select(c, slice(len(prompts))) for c in (cond, uncond))
+        sample_rows = slice(len(prompts), None) if extra else slice(len(self.sample_prompts))
+        self.sample_embeddings = tuple(select(c, sample_rows) for c in (cond, uncond))
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
         self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
@@ -107,6 +94,7 @@ class Trainer:
         self.optimizer_phase = -1
         self._probe = None  # the probe network, loaded at the first probe_every measurement
         self._pairs = None  # the teacher's trajectories of the regression warm start, solved when first needed
+        self.skipped_updates = 0  # this step's updates that fp16's GradScaler skipped (overflowing gradients)
         self.stop_requested = False  # set by SIGTERM: stop like control.json's "stop" after this step
 
     # --- state -------------------------------------------------------------------------------------------
@@ -136,19 +124,15 @@ class Trainer:
 
     def state_tensors(self) -> dict[str, Tensor]:
         """The roles' tensors (adapters, EMA) and the optimizers' states."""
-        tensors = self.roles.tensors()
-        for role, optimizer in self.optimizers.items():
-            tensors.update({f"optimizer/{role}/{k}": v for k, v in
-                            optimizer_tensors(optimizer.optimizer).items()})
-        return tensors
+        return {**self.roles.tensors(), **optimizers_tensors(self.optimizers)}
 
     def save_checkpoint(self) -> Path | None:
         if not self.is_main:
             return None
-        phase, _ = _phase_of(self.config, self.step)
-        return checkpoints.save_checkpoint(self.run.checkpoints, self.step, self.state_tensors(),
-                                           {"phase": phase, "config": self.config.as_dict(),
-                                            "phases_from": self.phases_from},
+        scaler = self.accelerator.scaler  # fp16: a resumed run goes on at the loss scale reached
+        meta = {"phase": phase_of(self.config, self.step)[0], "config": self.config.as_dict(),
+                "phases_from": self.phases_from, "grad_scaler": scaler.state_dict() if scaler else None}
+        return checkpoints.save_checkpoint(self.run.checkpoints, self.step, self.state_tensors(), meta,
                                            keep=self.config.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -156,15 +140,13 @@ class Trainer:
         self.step = int(meta["step"])
         self.phases_from = meta.get("phases_from")
         self.roles.load_tensors(tensors)
-        phase, step_in_phase = _phase_of(self.config, self.step)
+        if self.accelerator.scaler is not None and meta.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(meta["grad_scaler"])
+        phase, step_in_phase = phase_of(self.config, self.step)
         if step_in_phase == 0:
             return  # a phase boundary: the next step starts the new phase fresh, as an unbroken run would
         self._start_phase(phase, fresh=False)
-        for role, optimizer in self.optimizers.items():
-            prefix = f"optimizer/{role}/"
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
-                load_optimizer_tensors(optimizer.optimizer, state)
+        load_optimizers_tensors(self.optimizers, tensors)
 
     def resume(self, which: str = "latest", say=print) -> Path | None:
         """Load checkpoint ``which`` (a folder), or with "latest" the newest one that loads: a damaged one is
@@ -173,13 +155,7 @@ class Trainer:
             path = checkpoints.resolve_checkpoint(self.run.checkpoints, which)
             self.load_checkpoint(path)
             return path
-        for path in reversed(checkpoints.list_checkpoints(self.run.checkpoints)):
-            try:
-                self.load_checkpoint(path)
-                return path
-            except checkpoints.CheckpointError as err:
-                say(f"{err}; set aside as {checkpoints.set_aside(path).name}, trying the one before it")
-        return None
+        return checkpoints.load_newest(self.run.checkpoints, self.load_checkpoint, say)
 
     def start_from_student(self, folder: str | Path, start_phase: int) -> None:
         """Take experts 1..start_phase-1 from a finished student and train from phase ``start_phase`` (1-based)
@@ -189,43 +165,37 @@ class Trainer:
         manifest = Manifest.read(folder)
         check_student_fits(manifest, self.config, start_phase, str(folder))
         kept = range(start_phase - 1)
-        lora = manifest.lora
-        if (lora.rank, lora.alpha, set(lora.target_modules)) != (
-                self.roles.lora.rank, self.roles.lora.alpha, set(self.roles.lora.target_modules)):
-            raise StudentError(f"{folder}: its LoRA (rank {lora.rank}, alpha {lora.alpha:g}) differs from this "
-                               f"config's (rank {self.roles.lora.rank}, alpha {self.roles.lora.alpha:g})")
+        self.roles.check_same_lora(manifest.lora, str(folder))
         load_phases(self.roles, folder, manifest, kept)
         self.step = sum(self.config.updates_per_phase[: start_phase - 1])
         self.phases_from = {"student": str(folder), "phases": [k + 1 for k in kept]}
 
     # --- one generator update ----------------------------------------------------------------------------
-    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """All-reduce the adapter gradients (only they train, so this is all DDP would do)."""
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-
-    def _update(self, role: str, adapter: str, loss: Tensor) -> float:
+    def _update(self, role: str, adapter: str, loss: Tensor) -> float | None:
+        """Backward, all-reduce, clip and step one role's adapter: the gradient norm, or None when fp16's
+        GradScaler skipped the step (gradients that overflowed at its scale, which it then lowers: normal early
+        in an fp16 run, counted in the metrics row)."""
         optimizer = self.optimizers[role]
         params = [p for group in optimizer.optimizer.param_groups for p in group["params"]]
         with self.roles.active(adapter), record_function(f"{role}/backward"):
             self.accelerator.backward(loss)  # with the adapter active: gradient checkpointing re-runs forwards
-        self._average_gradients(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        if not torch.isfinite(norm):  # checked after the all-reduce, so every rank stops at the same step
+        mean_loss = average_gradients(self.accelerator, params, loss)
+        norm = clip_gradients(self.accelerator, optimizer, params, self.config.grad_clip)
+        overflow_skips = self.accelerator.scaler is not None  # the scaler skips a step with non-finite gradients
+        if not torch.isfinite(mean_loss) or not (overflow_skips or torch.isfinite(norm)):
             optimizer.zero_grad(set_to_none=True)
-            phase, _ = _phase_of(self.config, self.step)
             rate = f"lr_{'fake' if role == 'fake' else 'generator'}"
             raise TrainingDiverged(
-                f"the {role} update of step {self.step + 1} (phase {phase + 1}) diverged: loss {loss.item():g}, "
-                f"gradient norm {float(norm):g}; nothing was applied. Lower {rate} (now "
-                f"{getattr(self.config, rate):g}) and resume: the latest checkpoint is from before this step")
+                f"the {role} update of step {self.step + 1} (phase {phase_of(self.config, self.step)[0] + 1}) "
+                f"diverged: loss {float(mean_loss):g}, gradient norm {float(norm):g}; nothing was applied. Lower "
+                f"{rate} (now {getattr(self.config, rate):g}) and resume: the latest checkpoint is from before "
+                "this step")
         with record_function(f"{role}/optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if optimizer.step_was_skipped:
+            self.skipped_updates += 1
+            return None
         return float(norm)
 
     def _batch(self, generator: torch.Generator):
@@ -255,44 +225,30 @@ class Trainer:
         self._update("fake", FAKE, loss)
         return loss.item()
 
-    def _teacher_pairs(self) -> tuple[list[Tensor], object]:
-        """The teacher's trajectories of the regression warm start, solved once per run (in batch-size chunks)
-        from noises and prompts drawn from the run's seed alone: [x_1, x_{t_1}, ..., x_0] and their cond."""
-        if self._pairs is None:
-            c = self.config
-            generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_983)
-            index = torch.randint(len(self.prompts), (c.regression_pairs,), generator=generator)
-            noise = torch.randn((c.regression_pairs, *self.teacher.latent_shape), generator=generator)
-            chunks = []
-            with torch.no_grad(), self.accelerator.autocast(), record_function("regression/teacher pairs"):
-                for part in torch.arange(c.regression_pairs).split(c.batch_size):
-                    chunks.append(distill.teacher_states(
-                        self.real, self.schedule, noise[part].to(self.accelerator.device),
-                        select(self.cond, index[part]), select(self.uncond, index[part]), self.teacher_cfg,
-                        combine=self.teacher.combine_guidance, steps_per_phase=c.regression_teacher_steps))
-            self._pairs = [torch.cat(states) for states in zip(*chunks)], select(self.cond, index)
-        return self._pairs
-
     def _regression_step(self, phase: int, generator: torch.Generator) -> dict:
         """One warm-start update of expert k by ``distill.regression_loss`` on a batch of the teacher's pairs."""
         started = time.perf_counter()
-        states, cond = self._teacher_pairs()
-        index = torch.randint(len(states[0]), (self.config.batch_size,), generator=generator)
-        start, target = (states[k][index.to(states[k].device)] for k in (phase, phase + 1))
+        if self._pairs is None:  # solved once per run, when first needed
+            with torch.no_grad(), self.accelerator.autocast(), record_function("regression/teacher pairs"):
+                self._pairs = warm_start.teacher_pairs(self.config, self.teacher, self.real, self.teacher_cfg,
+                                                       self.cond, self.uncond, len(self.prompts),
+                                                       self.accelerator.device)
+        start, target, cond = warm_start.pair_batch(self._pairs, phase, self.config.batch_size, generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("regression/rollout"):
-            loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, select(cond, index))
+            loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, cond)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
-        if self.config.ema_decay:
-            self.roles.update_ema(phase_adapter(phase), self.config.ema_decay)
+        self._update_ema(phase, grad_norm)
         self.step += 1
         return self._metrics_row(phase, started, grad_norm, loss_regression=loss.item())
 
-    def _metrics_row(self, phase: int, started: float, grad_norm: float, **losses) -> dict:
-        """One update's metrics.jsonl row: its losses and diagnostics beside the step, rate, speed and memory."""
-        return {"step": self.step, "phase": phase + 1, **losses, "grad_norm": grad_norm,
-                "lr_generator": float(self.optimizers["generator"].param_groups[0]["lr"]),  # torchao's is a tensor
-                "it_per_s": 1.0 / (time.perf_counter() - started),
-                "memory_mb": _peak_memory_mb(self.accelerator.device)}
+    def _update_ema(self, phase: int, grad_norm: float | None) -> None:
+        if self.config.ema_decay and grad_norm is not None:  # a step the GradScaler skipped changed no weight
+            with record_function("generator/ema"):
+                self.roles.update_ema(phase_adapter(phase), self.config.ema_decay)
+
+    def _metrics_row(self, phase: int, started: float, grad_norm: float | None, **losses) -> dict:
+        return metrics_row(self.step, phase, started, grad_norm, self.optimizers["generator"], self.accelerator.device,
+                           self.accelerator.scaler, self.skipped_updates, **losses)
 
     def train_step(self) -> dict:
         """One generator update of the current phase k (docs/method.md §5): ``fake_ratio`` updates of the fake
@@ -300,41 +256,37 @@ class Trainer:
         (12)-(14)). ``fake_rollout: fresh`` draws a rollout for every fake update, before the generator's;
         ``generator`` (DMD2's way) runs them after it, on the generator's own detached x_s, each with fresh
         re-noising: no rollouts besides the generator's, so the fake updates cost a forward and backward each."""
-        c, (phase, update) = self.config, _phase_of(self.config, self.step)
+        c, (phase, update) = self.config, phase_of(self.config, self.step)
         if self.optimizer_phase != phase:
             self._start_phase(phase, fresh=True)
-        if c.lr_decay == "linear":  # set from the step alone, so a resumed run has the same rate
-            for group in self.optimizers["generator"].param_groups:
-                rate = c.lr_generator * (1 - update / c.updates_per_phase[phase])
-                if isinstance(group["lr"], torch.Tensor):  # torchao's 8-bit AdamW keeps it a tensor, filled in place
-                    group["lr"].fill_(rate)
-                else:
-                    group["lr"] = rate
-        generator = _step_generator(c, self.accelerator.process_index, self.step)
+        set_generator_rate(c, self.optimizers["generator"], phase, update)
+        generator = step_generator(c, self.accelerator.process_index, self.step)
+        self.skipped_updates = 0
         if update < c.warm_start_updates(phase):
             return self._regression_step(phase, generator)
         started = time.perf_counter()
+        # SGTS's exit steps set how many (sharded) forwards a rollout runs: drawn from (seed, update) alone, alike on
+        # every rank (distill.rollout); + 2**32 keeps this stream apart from every rank's step_generator
+        exit_generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 2**32 + self.step)
 
         fake_losses = []
         for _ in range(c.fake_ratio if c.fake_rollout == "fresh" else 0):
             noise, cond, _ = self._batch(generator)
             with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                         sgts=self.method.sgts, generator=generator)
+                                         sgts=self.method.sgts, generator=exit_generator)
             fake_losses.append(self._fake_update(x_s, s, cond, generator))
 
         noise, cond, uncond = self._batch(generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                     sgts=self.method.sgts, generator=generator)
+                                     sgts=self.method.sgts, generator=exit_generator)
         with self.accelerator.autocast():
             loss, diagnostics = distill.generator_loss(
                 x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg, combine=self.teacher.combine_guidance,
                 shift=c.renoise_shift, gradient=c.gradient, generator=generator)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
-        if c.ema_decay:
-            with record_function("generator/ema"):
-                self.roles.update_ema(phase_adapter(phase), c.ema_decay)
+        self._update_ema(phase, grad_norm)
         for _ in range(c.fake_ratio if c.fake_rollout == "generator" else 0):
             fake_losses.append(self._fake_update(x_s.detach(), s, cond, generator))
         self.step += 1
@@ -359,9 +311,9 @@ class Trainer:
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        prompts = list(self.config.sample_prompts or self.prompts[:4])
-        result = self.teacher.sample(prompts, self.config.seed, self.schedule, self.config.student_cfg,
-                                     self.experts)
+        """The fixed prompt / seed grid, from the embeddings encoded at the start (the text encoders stay off)."""
+        result = self.teacher.sample_encoded(self.sample_embeddings, len(self.sample_prompts), self.config.seed,
+                                             self.schedule, self.config.student_cfg, self.experts)
         images = as_stills(self.teacher.decode(result.sample))
         save_png(images, self.run.latest_sample)
         return save_png(images, self.run.sample_file(self.step))
@@ -413,8 +365,7 @@ class Trainer:
             while self.step < end:
                 row = self.train_step()
                 bar.update(1)
-                bar.set_postfix(phase=row["phase"], **{short: f"{row[key]:.3g}" for short, key in LOSS_NAMES.items()
-                                                       if key in row})
+                bar.set_postfix(**progress_postfix(row))
                 action = self._control()
                 if self.is_main:
                     self.run.append_metrics(log, row)
@@ -442,10 +393,3 @@ class Trainer:
             self.accelerator.end_training()
         return {"step": self.step, "finished": finished, "stopped": stopped,
                 "student": str(self.run.student) if finished else None}
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
