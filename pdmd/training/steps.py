@@ -23,6 +23,13 @@ def step_generator(config: TrainConfig, rank: int, step: int) -> torch.Generator
     return torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7_919 + step)
 
 
+def exit_generator(config: TrainConfig, step: int) -> torch.Generator:
+    """SGTS's exit steps of update ``step``: they set how many (sharded) forwards a rollout runs, so they are drawn
+    from (seed, update) alone, alike on every rank (distill.rollout); + 2**32 keeps this stream apart from every
+    rank's step_generator."""
+    return torch.Generator().manual_seed(config.seed * 1_000_003 + 2**32 + step)
+
+
 def set_generator_rate(config: TrainConfig, optimizer, phase: int, update: int) -> None:
     """``lr_decay: linear``: the generator's rate falls to zero over each phase (set from the step alone, so a
     resumed run has the same rate); ``constant`` leaves it as built."""

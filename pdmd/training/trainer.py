@@ -31,7 +31,7 @@ from pdmd.training.gradients import average_gradients, clip_gradients
 from pdmd.training.metrics_row import metrics_row, progress_postfix
 from pdmd.training.optimizers import build_optimizer, load_optimizers_tensors, optimizers_tensors
 from pdmd.training.run_folder import RunFolder
-from pdmd.training.steps import phase_of, select, set_generator_rate, step_generator
+from pdmd.training.steps import exit_generator, phase_of, select, set_generator_rate, step_generator
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,22 +265,20 @@ class Trainer:
         if update < c.warm_start_updates(phase):
             return self._regression_step(phase, generator)
         started = time.perf_counter()
-        # SGTS's exit steps set how many (sharded) forwards a rollout runs: drawn from (seed, update) alone, alike on
-        # every rank (distill.rollout); + 2**32 keeps this stream apart from every rank's step_generator
-        exit_generator = torch.Generator().manual_seed(c.seed * 1_000_003 + 2**32 + self.step)
+        exit_steps = exit_generator(c, self.step)  # alike on every rank: the number of forwards depends on it
 
         fake_losses = []
         for _ in range(c.fake_ratio if c.fake_rollout == "fresh" else 0):
             noise, cond, _ = self._batch(generator)
             with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                         sgts=self.method.sgts, generator=exit_generator)
+                                         sgts=self.method.sgts, generator=exit_steps)
             fake_losses.append(self._fake_update(x_s, s, cond, generator))
 
         noise, cond, uncond = self._batch(generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                     sgts=self.method.sgts, generator=exit_generator)
+                                     sgts=self.method.sgts, generator=exit_steps)
         with self.accelerator.autocast():
             loss, diagnostics = distill.generator_loss(
                 x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg, combine=self.teacher.combine_guidance,
