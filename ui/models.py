@@ -156,8 +156,9 @@ class ModelStore:
             if key[0] == default:
                 self._bound_default_copies()
             entry = LoadedTeacher(load_teacher(key[0], **{**placement(), **dict(key[1])}))
-            if entry.teacher.device.type == "cpu":  # oneDNN's CPU convolutions: ~20 % faster (docs/benchmarks.md)
-                entry.teacher.model.to(memory_format=torch.channels_last)
+            if entry.teacher.device.type == "cpu":  # oneDNN's 2-D convolutions: ~20 % faster (docs/benchmarks.md)
+                for conv in (m for m in entry.teacher.model.modules() if isinstance(m, torch.nn.Conv2d)):
+                    conv.to(memory_format=torch.channels_last)
             # also known by its full options, as a student's manifest records them (no second copy)
             for alias in (key, teacher_key(key[0], entry.teacher.options())):
                 self._teachers.setdefault(alias, entry)
