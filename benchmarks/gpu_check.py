@@ -8,8 +8,11 @@ prints sampling and training it/s and peak GPU memory. The whole run takes well 
     python benchmarks/gpu_check.py --real-size --dry-run   # only the plan's predictions (no GPU needed)
 
 The numbers time the code path (placement, dtype, LoRA roles, the trainer loop), not the real models' speed.
-After the families, each case below runs in its own try and prints one line:
+After the families, each case below runs in its own try and prints one line, memory released between them:
 
+- the training paths of PATH_CASES on the tiny SD3 pipeline: an int8 base loaded through from_pretrained, fp16
+  autocast with a GradScaler, offloaded text encoders and VAE, samples during training with the text encoders
+  released, and a resume with EMA compared with an unbroken run; s/update and peak memory each;
 - zero-gpu showcase: the Showcase's ZeroGPU call path with the pickling ``spaces`` stand-in
   (tests/zero_gpu_standin): examples/showcase.yaml's pairs through the tab's handlers, every sampling call's
   arguments and results pickled across, the models kept in RAM and moved onto the GPU by the call.
@@ -17,6 +20,7 @@ After the families, each case below runs in its own try and prints one line:
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import shutil
@@ -87,6 +91,49 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
             "train_peak_mb": round(peak_mb(device), 1)}
 
 
+# The code paths issue 24 fixed, each a short phased run of the tiny SD3 pipeline: config changes from the plain one.
+PATH_CASES = {
+    "int8 base (from_pretrained, torchao)": dict(quantize="int8"),
+    "fp16 autocast, fp16 base, GradScaler": dict(dtype="fp16", mixed_precision="fp16"),
+    "offloaded text encoders and VAE": dict(offload=True),
+    "samples during training (encoders released)": dict(sample_every=1, sample_prompts=["a red fox"]),
+    "resume with EMA": dict(ema_decay=0.9),
+}
+
+
+def training_path(name: str, folder: Path, device: torch.device, dtype: str, run_dir: Path) -> str:
+    """One PATH_CASES case on ``folder``: s/update and peak memory; "resume with EMA" stops half-way, resumes in a
+    fresh Trainer and compares the adapters with an unbroken run (equal on the CPU, within float tolerance on CUDA)."""
+    from accelerate.state import AcceleratorState
+
+    def config(out: str, **more) -> TrainConfig:
+        return TrainConfig.from_dict({**dict(
+            teacher=str(folder), method="phased", schedule={"boundaries": [0.8], "steps": [2, 2]}, updates_per_phase=2,
+            batch_size=2, fake_ratio=1, lora={"rank": 4, "alpha": 4}, prompts=["a red fox", "a city at night"],
+            sample_every=10**6, checkpoint_every=1, output_dir=str(run_dir / out), dtype=dtype, height=32, width=32),
+            **PATH_CASES[name], **more})
+
+    def fit(trainer: Trainer, **kwargs) -> None:
+        trainer.fit(progress=False, **kwargs)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    reset_peak(device)
+    started = time.perf_counter()
+    unbroken = Trainer(config("unbroken"))
+    fit(unbroken)
+    seconds = (time.perf_counter() - started) / unbroken.step
+    line = f"{seconds:.2f} s/update (load included), peak {peak_mb(device):.0f} MiB"
+    if name == "resume with EMA":
+        fit(Trainer(config("split")), max_steps=2)
+        resumed = Trainer(config("split"))
+        resumed.resume("latest")
+        fit(resumed)
+        a, b = unbroken.roles.tensors(), resumed.roles.tensors()
+        gap = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        line += f"; resumed vs unbroken adapters and EMA: max |diff| {gap:.2e}"
+    return line
+
+
 def zero_gpu_showcase(where: Path) -> str:
     """The Showcase tab's handlers on examples/showcase.yaml's tiny pairs, as on a ZeroGPU Space: ``spaces`` is the
     pickling stand-in, so each sampling call gets its arguments and hands back its result through pickle; the
@@ -153,6 +200,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{family:14} {row['load_s']:7.2f} {row['sample_it_per_s']:12.1f} {row['sample_peak_mb']:11.1f} "
                   f"{row['train_it_per_s']:11.2f} {row['train_peak_mb']:10.1f}", flush=True)
         failed = False
+        sd3 = build("sd3", Path(tmp) / "paths-sd3")
+        for name in PATH_CASES:
+            try:
+                print(f"{name}: ok: {training_path(name, sd3, device, dtype, Path(tmp) / 'paths')}", flush=True)
+            except Exception as err:  # noqa: BLE001  (a case's failure is its line; the other cases still run)
+                print(f"{name}: FAILED: {type(err).__name__}: {err}", flush=True)
+                failed = True
+            finally:
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         try:
             print(f"zero-gpu showcase: {zero_gpu_showcase(Path(tmp) / 'showcase')}", flush=True)
         except Exception as err:  # noqa: BLE001  (a case's failure is its line; the other cases still run)
