@@ -62,3 +62,52 @@ def test_unknown_quantization_is_refused_in_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m pdmd")]
     assert len(errors) == 1 and "int3" in errors[0]
+
+
+def test_the_byte_counter_gives_an_int8_weight_one_byte_per_value():
+    from pdmd.teachers.quantize import module_bytes, quantize_module, tensor_bytes
+    network = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256)).to(torch.bfloat16)
+    quantize_module(network, "int8")
+    for layer in network:
+        weight = layer.weight
+        assert type(weight).__name__ == "Int8Tensor"
+        assert weight.numel() * weight.element_size() == 2 * weight.numel()  # the bf16 face the old check counted
+        # one int8 per value plus one scale per output row
+        assert weight.numel() <= tensor_bytes(weight) <= 1.02 * weight.numel()
+    assert module_bytes(network) < 0.55 * sum(2 * p.numel() for p in network.parameters())
+
+
+def test_bitsandbytes_4bit_weights_are_counted_with_their_quantization_state():
+    bnb = pytest.importorskip("bitsandbytes")
+    from pdmd.teachers.quantize import nf4_bytes, tensor_bytes
+    dense = torch.nn.Linear(256, 512, bias=False)
+    weight = bnb.nn.Params4bit(dense.weight.data.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
+    weight = weight._quantize("cpu")
+    counted = tensor_bytes(weight)
+    assert counted == pytest.approx(nf4_bytes(dense), rel=0.02)  # the planner's nf4 estimate
+    assert counted > weight.numel() * weight.element_size()      # the packed data alone
+
+
+def test_the_load_check_holds_an_int8_base_to_its_real_bytes(tiny_pipeline, monkeypatch):
+    """The load refused int8 runs that plan says fit: it counted torchao's weights at their bf16 face."""
+    from pdmd.teachers import diffusers_base
+    from pdmd.teachers.quantize import module_bytes
+    teacher = load_teacher(str(tiny_pipeline("sd3")), quantize="int8")
+    real = module_bytes(teacher.model)
+    faced = sum(t.numel() * t.element_size() for t in (*teacher.model.parameters(), *teacher.model.buffers()))
+    assert real < 0.6 * faced
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # only the check runs
+    monkeypatch.setattr(diffusers_base, "free_device_memory", lambda device: real)
+    teacher._to_device([teacher.model], torch.device("meta"))  # fits: no error
+    monkeypatch.setattr(diffusers_base, "free_device_memory", lambda device: real - 1)
+    with pytest.raises(TeacherError, match="GiB are free"):
+        teacher._to_device([teacher.model], torch.device("meta"))
+
+
+def test_cuda_without_an_index_is_the_current_cuda_device(monkeypatch):
+    from pdmd.teachers.diffusers_base import same_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert same_device(torch.device("cuda:0"), torch.device("cuda"))
+    assert not same_device(torch.device("cuda"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cpu"), torch.device("cuda:0"))

@@ -1,6 +1,10 @@
 """``python -m pdmd plan --config FILE | --teacher ID_OR_PATH [--gpu-memory GiB] [--json]``: the memory of a
 distillation run per component, built from the teacher's config files on the meta device (no weight is read,
-nothing is downloaded for the shipped public checkpoints), whether it fits, and the cheapest changes that make it."""
+nothing is downloaded for the shipped public checkpoints), whether it fits, and the cheapest changes that make it.
+
+With ``--teacher`` and no config, what is not given is assumed and said: batch 1 (TrainConfig's default batch of 8
+is the built-in teacher's), the pipeline's own size, and a CUDA run in bf16 when ``--gpu-memory`` names a GPU
+budget."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +16,7 @@ import torch
 from pdmd.commands.arguments import positive_float, positive_int
 
 GIB = 2**30
+REAL_TEACHER_BATCH = 1  # a plan from a teacher alone starts here; the fixes it suggests need not shrink the batch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +38,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"))
     parser.add_argument("--device", choices=("cuda", "cpu"), help="plan for this device (default: cuda when "
                         "visible, else cpu; a CPU run keeps the text encoders in memory)")
-    parser.add_argument("--fast", action="store_true", help="trace each block stack at 1 and 2 blocks and "
-                        "extrapolate the activations to its length (several times faster; see pdmd/plan/stacks.py)")
+    parser.add_argument("--full-trace", action="store_true", help="build and trace every block of the networks "
+                        "(minutes) instead of one block per kind extrapolated to the full depth (seconds; see "
+                        "pdmd/plan/stacks.py)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> tuple[object, list[str]]:
+    """(PlanSettings, what was assumed because neither the command line nor a config gave it)."""
     from pdmd.plan.memory import PlanSettings
     from pdmd.training.config import TrainConfig
 
     overrides = {"teacher": args.teacher, "dtype": args.dtype, "batch_size": args.batch_size,
                  "height": args.height, "width": args.width, "num_frames": args.num_frames}
+    assumed = []
     if args.config:
         config = TrainConfig.from_yaml(args.config, **overrides)
     elif args.teacher:
-        config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "batch_size" not in given:
+            given["batch_size"] = REAL_TEACHER_BATCH
+            assumed.append(f"batch_size {REAL_TEACHER_BATCH}")
+        config = TrainConfig.from_dict(given)
     else:
         raise ValueError("give --config FILE or --teacher ID_OR_PATH")
     if config.teacher == "builtin":
@@ -61,9 +73,13 @@ def settings_from_args(args: argparse.Namespace):
             extra[name] = getattr(args, name)
     if args.offload:
         extra["offload"] = True
-    if args.device and not args.dtype and not getattr(config, "dtype", None):
-        extra["dtype"] = "bf16" if args.device == "cuda" else "fp32"
-    return PlanSettings.from_config(config, **extra)
+    if not args.device and args.gpu_memory:  # a GPU budget plans a GPU run, whatever this machine has
+        extra["device"] = "cuda"
+        assumed.append("device cuda (--gpu-memory)")
+    settings = PlanSettings.from_config(config, **extra)
+    if not args.config and not args.dtype:
+        assumed.append(f"dtype {settings.dtype} (the {settings.device} default)")
+    return settings, assumed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,11 +90,15 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        settings = settings_from_args(args)
+        settings, assumed = settings_from_args(args)
         budget = round(args.gpu_memory * GIB) if args.gpu_memory else visible_gpu_bytes()
-        result = plan(settings, budget, fast=args.fast)
+        result = plan(settings, budget, fast=not args.full_trace)
     except (PlanError, ConfigError, TeacherError, ValueError) as err:
         print(f"python -m pdmd plan: error: {err}", file=sys.stderr)
         return 2
+    defaults = [name for name in ("height", "width", "num_frames") if getattr(settings, name) is None and result[name]]
+    if not args.config and defaults:
+        assumed.append(", ".join(f"{name} {result[name]}" for name in defaults) + " (the pipeline's defaults)")
+    result["assumed"] = assumed
     print(json.dumps(result) if args.json else format_table(result))
     return 0

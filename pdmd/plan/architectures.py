@@ -60,7 +60,10 @@ def _build_component(folder: Path, name: str, library: str, class_name: str) -> 
     config = _read_json(folder / name / "config.json")
     module = importlib.import_module(library)
     cls = getattr(module, class_name)
-    with torch.device("meta"), warnings.catch_warnings():
+    from diffusers.models.modeling_utils import no_init_weights
+
+    # meta tensors hold no values: initialising them only costs time (diffusers skips it alike when it loads)
+    with torch.device("meta"), no_init_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if library == "diffusers":
             return cls.from_config(config)
@@ -68,8 +71,9 @@ def _build_component(folder: Path, name: str, library: str, class_name: str) -> 
         return cls._from_config(AutoConfig.for_model(**config))
 
 
-def meta_pipeline(name: str):
-    """(diffusers pipeline with every network on the meta device and no tokenizer, pipeline class name)."""
+def pipeline_components(name: str) -> tuple[str, dict]:
+    """(pipeline class name, its components: every network on the meta device, no tokenizer, and the pipeline's
+    settings such as Wan 2.2's boundary_ratio)."""
     folder = config_folder(name)
     index = _read_json(folder / MODEL_INDEX)
     class_name = index.get("_class_name")
@@ -91,16 +95,34 @@ def meta_pipeline(name: str):
             components[key] = None  # prompts are never tokenised here: the embeddings' shapes are known
         else:
             components[key] = _build_component(folder, key, library, component_class)
+    return class_name, components
+
+
+def assemble(class_name: str, components: dict):
+    """The diffusers pipeline ``class_name`` holding ``components`` (those its constructor takes)."""
+    import diffusers
     pipe_class = getattr(diffusers, class_name)
     expected, optional = pipe_class._get_signature_keys(pipe_class)
     accepted = set(expected) | set(optional)
-    return pipe_class(**{k: v for k, v in components.items() if k in accepted}), class_name
+    return pipe_class(**{k: v for k, v in components.items() if k in accepted})
+
+
+def meta_pipeline(name: str):
+    """(diffusers pipeline with every network on the meta device and no tokenizer, pipeline class name)."""
+    class_name, components = pipeline_components(name)
+    return assemble(class_name, components), class_name
 
 
 def meta_teacher(name: str, height: int | None = None, width: int | None = None, num_frames: int | None = None):
     """The family adapter (pdmd.teachers) around the meta pipeline: the same latent shape, velocity call and
     LoRA targets the trainer uses."""
     pipe, class_name = meta_pipeline(name)
+    return family_adapter(pipe, class_name, name, height, width, num_frames)
+
+
+def family_adapter(pipe, class_name: str, name: str, height: int | None, width: int | None,
+                   num_frames: int | None):
+    """The family adapter around an already built meta pipeline, at a size (validated as a loaded teacher's)."""
     module, adapter = PIPELINES[class_name]
     teacher_class = getattr(importlib.import_module(module), adapter)
     extra = {"num_frames": num_frames} if teacher_class.is_video else {}

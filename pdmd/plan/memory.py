@@ -4,11 +4,19 @@ Weights, adapters and optimizer states are counted on the meta-built networks (w
 and LoRA applied by the same libraries the trainer uses, so the counts are exact); the activations of the
 generator rollout and of a fake update are traced on the meta device by running the trainer's own step functions
 (pdmd.core.distill) under ``LivePeak``, at the run's batch, resolution, frames and checkpointing mode.
+
+By default (``fast``) each network is built with its block stacks cut to one block per kind, sums are taken to the
+full depth by kind and traces run the full depth with blocks replaying their kind's memory (pdmd.plan.stacks,
+pdmd.plan.replay), and phases with as many steps are traced once: a plan takes seconds, not minutes.
+``fast=False`` builds and traces everything whole: the reference tests/test_plan.py holds the fast plan to.
 """
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from diffusers import ModelMixin
@@ -17,13 +25,14 @@ from transformers import PreTrainedModel
 
 from pdmd.core import distill
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.plan.architectures import meta_teacher
-from pdmd.plan.stacks import extrapolated
-from pdmd.plan.trace import LivePeak, meta_attention
+from pdmd.plan.architectures import TRANSFORMERS, assemble, family_adapter, pipeline_components
+from pdmd.plan.stacks import Layout
+from pdmd.plan.replay import Replayed
+from pdmd.plan.trace import LivePeak, MetaReplay, meta_attention
 from pdmd.students.manifest import LoraSpec
 from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.teachers.diffusers_base import parse_dtype
-from pdmd.teachers.quantize import nf4_bytes
+from pdmd.teachers.quantize import module_bytes, nf4_bytes, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,9 @@ class PlanSettings:
 
     @classmethod
     def from_config(cls, config, **overrides) -> "PlanSettings":
+        """The config's run; with no dtype, the one load_teacher gives the device planned for (bf16 on CUDA)."""
         read = lambda name, default: getattr(config, name, default)  # noqa: E731
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = overrides.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         values = dict(teacher=config.teacher, dtype=read("dtype", None) or ("bf16" if device == "cuda" else "fp32"),
                       quantize=read("quantize", "none"), batch_size=config.batch_size, schedule=config.schedule,
                       method=config.method, lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
@@ -66,18 +76,6 @@ class Component:
     bytes: int
     when: str      # "training", "inference" or "both": which peak it counts in
     note: str = ""
-
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Storage bytes of a tensor; a quantized tensor subclass (torchao) by its inner tensors."""
-    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def base_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -128,7 +126,6 @@ def _one_network_velocity(teacher):
 
 
 TRAINING_TRACES = ("fake update", "generator update")
-INFERENCE_TRACES = ("sampling step", "VAE decode")
 
 
 def trace_step(teacher, roles: Roles, settings: PlanSettings, phase: int) -> dict[str, int]:
@@ -153,7 +150,7 @@ def trace_step(teacher, roles: Roles, settings: PlanSettings, phase: int) -> dic
         with roles.active(FAKE):
             loss.backward()
         del x_s, loss
-        _drop_gradients(roles)
+        _drop_gradients(teacher, roles)
     peaks["fake update"] = live.peak
     with LivePeak() as live:
         teacher.enable_gradient_checkpointing(bool(checkpointing))
@@ -164,29 +161,39 @@ def trace_step(teacher, roles: Roles, settings: PlanSettings, phase: int) -> dic
         with roles.active(phase_adapter(phase)):
             loss.backward()
         del x_s, loss
-        _drop_gradients(roles)
+        _drop_gradients(teacher, roles)
     peaks["generator update"] = live.peak
     teacher.enable_gradient_checkpointing(False)
     return peaks
 
 
-def _drop_gradients(roles: Roles) -> None:
+def _drop_gradients(teacher, roles: Roles) -> None:
     for param in roles.parameters_of(*roles.adapters):
         param.grad = None
+    for module in teacher.model.modules():
+        if isinstance(module, Replayed):
+            module.drop_gradients()
 
 
-def trace_inference(teacher, settings: PlanSettings) -> dict[str, int]:
-    """Peak bytes of one guided teacher step and of the VAE decode of a batch, without gradients."""
+def trace_sampling_step(teacher, settings: PlanSettings) -> dict[str, int]:
+    """Peak bytes of one guided teacher step, without gradients."""
+    from pdmd.core.sampling import guided_velocity
+
     cond, uncond = prompt_conditioning(teacher, settings.batch_size)
     x = torch.zeros(settings.batch_size, *teacher.latent_shape, device="meta")
     t = torch.full((settings.batch_size,), 0.5, device="meta")
-    from pdmd.core.sampling import guided_velocity
     with torch.no_grad(), LivePeak() as step:
         guided_velocity(teacher.with_guidance(teacher.velocity, teacher.default_cfg), x, t, cond, uncond,
                         teacher.default_cfg, teacher.combine_guidance)
+    return {"sampling step": step.peak}
+
+
+def trace_decode(teacher, settings: PlanSettings) -> int:
+    """Peak bytes of the VAE decode of a batch."""
+    x = torch.zeros(settings.batch_size, *teacher.latent_shape, device="meta")
     with torch.no_grad(), LivePeak() as decode:
         teacher.decode(x)
-    return {"sampling step": step.peak, "VAE decode": decode.peak}
+    return decode.peak
 
 
 def optimizer_bytes(params: list[nn.Parameter], optimizer: str) -> int:
@@ -204,19 +211,80 @@ def optimizer_bytes(params: list[nn.Parameter], optimizer: str) -> int:
     return total
 
 
-def build_meta_run(settings: PlanSettings):
-    """(meta teacher with its base quantized as configured, Roles with K experts and the fake adapter)."""
+@dataclass
+class MetaRun:
+    """A teacher's networks built once on the meta device in a run's dtype, quantization and adapters (each network
+    cut to one block per kind, or whole), shared by every size a plan tries."""
+    pipe: object
+    class_name: str
+    roles: Roles
+    layouts: dict[str, Layout]  # network name -> its block stacks
+
+    def total(self, count: Callable[[nn.Module], int]) -> int:
+        """``count`` (a function of a module that adds up over submodules) over every network at full depth."""
+        return sum(layout.total(count) for layout in self.layouts.values())
+
+    sizes: dict = field(default_factory=dict)
+
+    def at_size(self, settings: PlanSettings):
+        """(family adapter at the settings' size, the roles on it): the same networks, so nothing is rebuilt."""
+        size = (settings.height, settings.width, settings.num_frames)
+        if size not in self.sizes:
+            teacher = family_adapter(self.pipe, self.class_name, settings.teacher, *size)
+            roles = copy.copy(self.roles)
+            roles.teacher = teacher
+            self.sizes[size] = teacher, roles
+        return self.sizes[size]
+
+
+def _numbered(lora: LoraSpec) -> bool:
+    """Whether LoRA targets name single blocks ("blocks.3.attn1.to_q"): then no two blocks are alike."""
+    return any(part.isdigit() for name in lora.target_modules for part in name.split("."))
+
+
+_COMPONENTS: dict = {}
+
+
+def _shared_components(settings: PlanSettings, cut: bool) -> tuple[str, dict, dict[str, Layout]]:
+    """(pipeline class name, its components with the text encoders and VAE cast to the run's dtype, the layouts
+    of its networks as built, cut when asked): built once per teacher and dtype. Builds share the encoders and the
+    VAE (only counted, never changed) and copy the networks, which each build casts, quantizes and adapts."""
+    key = (settings.teacher, settings.dtype, cut)
+    if key not in _COMPONENTS:
+        class_name, components = pipeline_components(settings.teacher)
+        dtype = parse_dtype(settings.dtype)
+        for name, module in components.items():
+            if name not in TRANSFORMERS and isinstance(module, (ModelMixin, PreTrainedModel)):
+                cast_like_from_pretrained(module, dtype)
+        layouts = {name: Layout(components[name]) for name in TRANSFORMERS if components.get(name) is not None}
+        if cut:
+            for layout in layouts.values():
+                layout.cut()
+        _COMPONENTS[key] = class_name, components, layouts
+    return _COMPONENTS[key]
+
+
+def build_meta_run(settings: PlanSettings, cut: bool = True) -> MetaRun:
+    """The meta networks with the base cast and quantized as configured and K experts plus the fake adapter;
+    ``cut``: each network's block stacks cut to one block per kind first (pdmd.plan.stacks), so casting,
+    quantizing and injecting LoRA touch a few blocks."""
     from pdmd.teachers.quantize import quantize_networks
 
-    teacher = meta_teacher(settings.teacher, settings.height, settings.width, settings.num_frames)
+    class_name, components, layouts = _shared_components(settings, cut and not _numbered(settings.lora))
+    layouts = copy.deepcopy(layouts)  # this build's own networks
+    pipe = assemble(class_name, {**components, **{name: layout.network for name, layout in layouts.items()}})
+    teacher = family_adapter(pipe, class_name, settings.teacher, settings.height, settings.width,
+                             settings.num_frames)
     dtype = parse_dtype(settings.dtype)
-    for module in (*teacher.model.modules(), *teacher.text_encoders, teacher.pipe.vae):
-        if isinstance(module, (ModelMixin, PreTrainedModel)):
-            cast_like_from_pretrained(module, dtype)
-    quantize_networks(teacher, settings.quantize)
+    for layout in layouts.values():
+        for module in layout.network.modules():
+            if isinstance(module, ModelMixin):
+                cast_like_from_pretrained(module, dtype)
+    with MetaReplay():  # torchao computes every weight's scales, on the meta device a Python kernel per operator
+        quantize_networks(teacher, settings.quantize)
     roles = Roles(teacher, [phase_adapter(k) for k in range(settings.schedule.num_phases)] + [FAKE], settings.lora)
     teacher.model.to("meta")  # PEFT leaves adapters of a meta layer on the CPU
-    return teacher, roles
+    return MetaRun(pipe, class_name, roles, layouts)
 
 
 def cast_like_from_pretrained(module: nn.Module, dtype: torch.dtype) -> None:
@@ -239,22 +307,32 @@ def cast_like_from_pretrained(module: nn.Module, dtype: torch.dtype) -> None:
 _RUNS: dict = {}
 
 
-def weight_rows(settings: PlanSettings) -> tuple[list[Component], dict]:
-    """What stays resident: networks, encoders, VAE, prompt embeddings, adapters, optimizer states; and the facts
-    behind them (latent shape, parameter counts). The meta run is cached over the settings that do not change
-    the networks (only read here; the activation trace builds its own)."""
-    key = replace(settings, batch_size=1, gradient_checkpointing=False, offload=False, processes=1,
-                  optimizer="adamw", device="cuda", prompts=0)
+def meta_run(settings: PlanSettings, cut: bool) -> MetaRun:
+    """``build_meta_run``, cached over what does not change the networks (size, batch, checkpointing, ...)."""
+    key = (settings.teacher, settings.dtype, settings.quantize, settings.lora, settings.schedule.num_phases, cut)
     if key not in _RUNS:
-        _RUNS[key] = build_meta_run(settings)
-    teacher, roles = _RUNS[key]
+        _RUNS[key] = build_meta_run(settings, cut)
+    return _RUNS[key]
+
+
+def _adapter_parameters(module: nn.Module, *names: str) -> list[nn.Parameter]:
+    """The LoRA parameters of adapters ``names`` within ``module`` (as Roles.parameters_of names them)."""
+    return [p for n, p in module.named_parameters() if "lora_" in n and any(f".{name}." in n for name in names)]
+
+
+def weight_rows(settings: PlanSettings, fast: bool = True) -> tuple[list[Component], dict]:
+    """What stays resident: networks, encoders, VAE, prompt embeddings, adapters, optimizer states; and the facts
+    behind them (latent shape, parameter counts), summed over the full depth of each network."""
+    run = meta_run(settings, cut=fast)
+    teacher, roles = run.at_size(settings)
     on_gpu = settings.device == "cuda"
-    adapters = roles.parameters_of(*roles.adapters)
     rows = []
-    networks = dict(teacher.model.items()) if teacher.network_names else {"transformer": teacher.model}
-    for name, network in networks.items():
+    for name, layout in run.layouts.items():
         note = settings.quantize if settings.quantize != "none" else settings.dtype
-        share = nf4_bytes(network) if settings.quantize == "nf4" else sharded_bytes(network, settings.processes)
+        if settings.quantize == "nf4":
+            share = layout.total(nf4_bytes)
+        else:
+            share = layout.total(lambda module: sharded_bytes(module, settings.processes))
         if settings.processes > 1:
             note += f", rank 0's 1/{settings.processes} (FSDP2)"
         rows.append(Component(name, share, "both", note))
@@ -275,52 +353,102 @@ def weight_rows(settings: PlanSettings) -> tuple[list[Component], dict]:
     cond, uncond = prompt_conditioning(teacher, prompts)
     rows.append(Component("prompt embeddings", _conditioning_bytes(cond) + _conditioning_bytes(uncond), "training",
                           f"{prompts} prompts"))
-    rows.append(Component("LoRA experts + fake adapter", sum(tensor_bytes(p) for p in adapters), "training",
+    adapters = lambda module: sum(tensor_bytes(p) for p in _adapter_parameters(module, *roles.adapters))  # noqa: E731
+    rows.append(Component("LoRA experts + fake adapter", run.total(adapters), "training",
                           f"{len(roles.adapters)} adapters, rank {roles.lora.rank}"))
-    trainable = roles.parameters_of(phase_adapter(0)) + roles.parameters_of(FAKE)
-    rows.append(Component("optimizer states", optimizer_bytes(trainable, settings.optimizer), "training",
+    trainable = lambda module: optimizer_bytes(_adapter_parameters(module, phase_adapter(0), FAKE),  # noqa: E731
+                                               settings.optimizer)
+    rows.append(Component("optimizer states", run.total(trainable), "training",
                           f"{settings.optimizer}, generator + fake"))
     facts = {"latent_shape": list(teacher.latent_shape), "height": teacher.height, "width": teacher.width,
              "num_frames": getattr(teacher, "num_frames", None),
-             "base_parameters": sum(t.numel() for t in base_tensors(teacher.model) if isinstance(t, nn.Parameter)),
-             "adapter_parameters": sum(p.numel() for p in adapters)}
+             "base_parameters": run.total(lambda m: sum(t.numel() for t in base_tensors(m)
+                                                        if isinstance(t, nn.Parameter))),
+             "adapter_parameters": run.total(lambda m: sum(p.numel() for p in _adapter_parameters(m, *roles.adapters)))}
     return rows, facts
+
+
+def distinct_phases(schedule: PhaseSchedule) -> list[int]:
+    """One phase per number of steps. Phases with as many steps hold the same memory: a phase's update differs
+    from phase 1's only by the earlier phases' steps run without gradients first, and each of those holds no more
+    than the no-gradient fake-score forward of the generator update, which every phase runs with more alive."""
+    first: dict[int, int] = {}
+    for phase, steps in enumerate(schedule.steps):
+        first.setdefault(steps, phase)
+    return list(first.values())
 
 
 _ACTIVATIONS: dict = {}
 
 
-def activation_rows(settings: PlanSettings, fast: bool = False) -> list[Component]:
-    """The traced activations (cached: offload, FSDP and the optimizer do not change them). ``fast``: trace each
-    block stack at one and two blocks and extrapolate to its length (pdmd.plan.stacks)."""
-    key = (replace(settings, offload=False, processes=1, optimizer="adamw", device="cuda"), fast)
+def _trace_once(key, compute: Callable[[], list[Component]]) -> list[Component]:
     if key not in _ACTIVATIONS:
-        teacher, roles = build_meta_run(settings)
-        _one_network_velocity(teacher)
-        phases = range(settings.schedule.num_phases)
-
-        def trace() -> dict[str, int]:
-            worst = max((trace_step(teacher, roles, settings, k) for k in phases),
-                        key=lambda peaks: max(peaks.values()))
-            return {**worst, **trace_inference(teacher, settings)}
-
-        network = teacher.model[teacher.network_names[0]] if teacher.network_names else teacher.model
-        with meta_attention():
-            traced = extrapolated(network, trace) if fast else trace()
-        mode = {True: "checkpointing", "rollout": "checkpointed rollout", False: "no checkpointing"}[
-            settings.gradient_checkpointing]
-        how = ", extrapolated from 1-2 blocks" if fast else ""
-        rows = [Component(f"activations: {name}", traced[name], "training peak",
-                          f"batch {settings.batch_size}, {mode}{how}") for name in TRAINING_TRACES]
-        rows += [Component(f"activations: {name}", traced[name], "inference peak", f"batch {settings.batch_size}{how}")
-                 for name in INFERENCE_TRACES]
-        _ACTIVATIONS[key] = rows
+        _ACTIVATIONS[key] = compute()
     return _ACTIVATIONS[key]
 
 
-def components(settings: PlanSettings, fast: bool = False) -> tuple[list[Component], dict]:
-    rows, facts = weight_rows(settings)
+def _full_depth(teacher, run: MetaRun, fast: bool):
+    """A context in which ``teacher`` (through its first network only) runs at full depth: the cut network's
+    stacks filled with replaying blocks (pdmd.plan.replay), or the whole network as it is."""
+    _one_network_velocity(teacher)
+    if not fast:
+        return nullcontext()
+    return run.layouts[teacher.network_names[0] if teacher.network_names else "transformer"].replayed()
+
+
+def training_activation_rows(settings: PlanSettings, fast: bool = True) -> list[Component]:
+    """The traced activations of a fake update and of a generator update, each its worst phase's (cached: offload,
+    FSDP, the optimizer and the prompt list do not change them)."""
+    key = ("training", replace(settings, offload=False, processes=1, optimizer="adamw", device="cuda", prompts=0),
+           fast)
+
+    def compute() -> list[Component]:
+        run = meta_run(settings, cut=fast)
+        teacher, roles = run.at_size(settings)
+        phases = distinct_phases(settings.schedule) if fast else range(settings.schedule.num_phases)
+        with meta_attention(), _full_depth(teacher, run, fast):
+            traced = [trace_step(teacher, roles, settings, k) for k in phases]
+        worst = {name: max(peaks[name] for peaks in traced) for name in TRAINING_TRACES}
+        mode = {True: "checkpointing", "rollout": "checkpointed rollout", False: "no checkpointing"}[
+            settings.gradient_checkpointing]
+        how = ", blocks replayed" if fast else ""
+        return [Component(f"activations: {name}", worst[name], "training peak",
+                          f"batch {settings.batch_size}, {mode}{how}") for name in TRAINING_TRACES]
+    return _trace_once(key, compute)
+
+
+def inference_activation_rows(settings: PlanSettings, fast: bool = True) -> list[Component]:
+    """The traced activations of a guided teacher step and of the VAE decode (cached over the training-only
+    settings)."""
+    key = ("inference", replace(settings, gradient_checkpointing=False, offload=False, processes=1,
+                                optimizer="adamw", device="cuda", prompts=0), fast)
+
+    def compute() -> list[Component]:
+        run = meta_run(settings, cut=fast)
+        teacher, _ = run.at_size(settings)
+        with meta_attention(), _full_depth(teacher, run, fast):
+            traced = {**trace_sampling_step(teacher, settings), "VAE decode": trace_decode(teacher, settings)}
+        how = ", blocks replayed" if fast else ""
+        return [Component("activations: sampling step", traced["sampling step"], "inference peak",
+                          f"batch {settings.batch_size}{how}"),
+                Component("activations: VAE decode", traced["VAE decode"], "inference peak",
+                          f"batch {settings.batch_size}")]
+    return _trace_once(key, compute)
+
+
+def activation_rows(settings: PlanSettings, fast: bool = True) -> list[Component]:
+    return training_activation_rows(settings, fast) + inference_activation_rows(settings, fast)
+
+
+def components(settings: PlanSettings, fast: bool = True) -> tuple[list[Component], dict]:
+    rows, facts = weight_rows(settings, fast)
     return rows + activation_rows(settings, fast), facts
+
+
+def fit_peak(settings: PlanSettings, fast: bool = True) -> int:
+    """The peak a memory budget is held to (``peaks(...)["peak"]``): it needs no inference trace."""
+    rows, _ = weight_rows(settings, fast)
+    return peaks(rows + training_activation_rows(settings, fast))["peak"]
 
 
 def peaks(rows: list[Component]) -> dict[str, int]:
@@ -331,7 +459,3 @@ def peaks(rows: list[Component]) -> dict[str, int]:
     loading = sum(r.bytes for r in rows if r.when in ("both", "inference"))
     inference = loading + max((r.bytes for r in rows if r.when == "inference peak"), default=0)
     return {"training": training, "inference": inference, "peak": max(training, loading)}
-
-
-def with_settings(settings: PlanSettings, **changes) -> PlanSettings:
-    return replace(settings, **changes)

@@ -6,9 +6,14 @@ from dataclasses import replace
 
 import torch
 
-from pdmd.plan.memory import PlanSettings, components, peaks
+from pdmd.plan.memory import PlanSettings, components, fit_peak, peaks
+from pdmd.teachers.quantize import bitsandbytes_available
 
 GIB = 2**30
+# FSDP over a quantized base is refused by TrainConfig (torchao's tensors do not split under fully_shard), so the
+# planner never suggests the two together; set True once that combination trains
+FSDP_WITH_QUANTIZED_BASE = False
+NF4_NOT_INSTALLED = "quantize: nf4 not considered: pip install bitsandbytes (and a CUDA GPU) to let plan try it"
 
 
 def visible_gpu_bytes() -> int | None:
@@ -29,7 +34,10 @@ def _candidates(settings: PlanSettings, facts: dict):
     if settings.quantize == "none":
         yield "quantize: int8", dict(quantize="int8")
     if settings.quantize in ("none", "int8", "fp8") and settings.device == "cuda":
-        yield "quantize: nf4", dict(quantize="nf4")
+        if bitsandbytes_available():
+            yield "quantize: nf4", dict(quantize="nf4")
+        else:
+            yield NF4_NOT_INSTALLED, {}
     frames = facts.get("num_frames")
     if frames and frames > 17:
         yield "num_frames: 17", dict(num_frames=17)
@@ -40,43 +48,58 @@ def _candidates(settings: PlanSettings, facts: dict):
 
 
 def _fsdp_candidates(settings: PlanSettings):
-    if settings.quantize != "nf4":
-        for n in (2, 4, 8):
-            if n > settings.processes:
-                yield f"fsdp over {n} GPUs", dict(processes=n)
+    if settings.quantize != "none" and not FSDP_WITH_QUANTIZED_BASE:
+        return
+    for n in (2, 4, 8):
+        if n > settings.processes:
+            yield f"fsdp over {n} GPUs", dict(processes=n)
 
 
-def plan(settings: PlanSettings, budget: int | None = None, suggest: bool = True, fast: bool = False) -> dict:
+def plan(settings: PlanSettings, budget: int | None = None, suggest: bool = True, fast: bool = True) -> dict:
     """One object: ``components``, ``peak_bytes`` (training), ``inference_peak_bytes``, ``budget_bytes``, ``fits``
-    (None without a budget) and ``suggestions`` (the changes, applied together, that make it fit). ``fast``: the
-    activations extrapolated from shortened block stacks (pdmd.plan.stacks)."""
+    (None without a budget), ``suggestions`` (the changes, applied together, that make it fit) and ``notes`` (options
+    the search could not try). ``fast``: the networks cut to one block per kind, traced at full depth with blocks
+    replaying their kind's memory (pdmd.plan.stacks); False: built and traced whole (minutes: the reference the
+    fast plan is tested against)."""
     rows, facts = components(settings, fast)
     result_peaks = peaks(rows)
     fits = None if budget is None else result_peaks["peak"] <= budget
     suggestions: list[str] = []
+    notes: list[str] = []
     if fits is False and suggest:
-        suggestions = _cheapest_fix(settings, facts, budget, fast)
+        suggestions, notes = _cheapest_fix(settings, facts, budget, fast)
     return {"teacher": settings.teacher, "settings": _describe(settings), **facts,
             "components": [{"name": r.name, "bytes": r.bytes, "gib": round(r.bytes / GIB, 3), "counts_in": r.when,
                             "note": r.note} for r in rows],
             "peak_bytes": result_peaks["peak"], "training_peak_bytes": result_peaks["training"],
             "inference_peak_bytes": result_peaks["inference"], "budget_bytes": budget, "fits": fits,
-            "suggestions": suggestions}
+            "suggestions": suggestions, "notes": notes}
 
 
-def _cheapest_fix(settings: PlanSettings, facts: dict, budget: int, fast: bool) -> list[str]:
-    """Single-device changes first (accumulated), then FSDP on top of checkpointing and offload."""
+def _cheapest_fix(settings: PlanSettings, facts: dict, budget: int, fast: bool) -> tuple[list[str], list[str]]:
+    """(changes, notes): single-device changes first (accumulated), then FSDP on top of checkpointing and offload;
+    notes name the options that could not be tried here."""
+    steps = list(_candidates(settings, facts))
+    notes = [description for description, change in steps if not change]  # options that cannot be tried here
+    changes = [(description, change) for description, change in steps if change]
+    everything = settings
+    for _, change in changes:
+        everything = replace(everything, **change)
     applied, current = [], settings
-    for description, change in _candidates(settings, facts):
+    for index, (description, change) in enumerate(changes):
         current = replace(current, **change)
         applied.append(description)
-        if peaks(components(current, fast)[0])["peak"] <= budget:
-            return applied
+        if fit_peak(current, fast) <= budget:
+            return applied, notes
+        # each change lowers the peak (checkpointing comes first, so an int8 base's dequantized weight copies never
+        # outweigh what it saves): if all of them together do not fit, fewer will not either
+        if index == 0 and fit_peak(everything, fast) > budget:
+            break
     base = replace(settings, gradient_checkpointing=True, offload=True)
     for description, change in _fsdp_candidates(settings):
-        if peaks(components(replace(base, **change), fast)[0])["peak"] <= budget:
-            return ["gradient_checkpointing: true", "offload: true", description]
-    return ["does not fit even with every option; use a GPU with more memory"]
+        if fit_peak(replace(base, **change), fast) <= budget:
+            return ["gradient_checkpointing: true", "offload: true", description], notes
+    return ["does not fit even with every option; use a GPU with more memory"], notes
 
 
 def _describe(settings: PlanSettings) -> dict:
@@ -90,7 +113,10 @@ def format_table(result: dict) -> str:
     lines = [f"plan for {result['teacher']}: {result['height']}x{result['width']}"
              + (f"x{result['num_frames']} frames" if result.get("num_frames") else "")
              + f", latent {tuple(result['latent_shape'])}, {result['base_parameters'] / 1e9:.2f} B base parameters",
-             "  " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()), ""]
+             "  " + ", ".join(f"{k} {v}" for k, v in result["settings"].items())]
+    if result.get("assumed"):
+        lines.append("  assumed (not given): " + "; ".join(result["assumed"]))
+    lines.append("")
     lines.append(f"{'component':46} {'GiB':>9}  {'counts in':15} note")
     for row in result["components"]:
         lines.append(f"{row['name']:46} {row['bytes'] / GIB:9.3f}  {row['counts_in']:15} {row['note']}")
@@ -105,6 +131,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{verdict} in {result['budget_bytes'] / GIB:.1f} GiB")
         if result["suggestions"]:
             lines.append("to fit: " + "; ".join(result["suggestions"]))
+        lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 
 
@@ -122,6 +149,6 @@ def refuse_if_too_big(config, gpu_memory_gib: float | None = None, processes: in
     result = plan(settings, budget)
     if not result["fits"]:
         raise ValueError(f"this run needs {result['peak_bytes'] / GIB:.1f} GiB at its peak but the budget is "
-                         f"{budget / GIB:.1f} GiB; to fit: {'; '.join(result['suggestions'])} "
+                         f"{budget / GIB:.1f} GiB; to fit: {'; '.join(result['suggestions'] + result['notes'])} "
                          f"(details: python -m pdmd plan --config FILE)")
     return result

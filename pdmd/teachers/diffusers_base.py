@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from pdmd import limits
 from pdmd.paths import DEFAULT_PROMPTS
 from pdmd.teachers.base import Teacher, TeacherError
+from pdmd.teachers.quantize import module_bytes  # real storage: a torchao int8 weight is 1 byte, not its bf16 face
 
 MEMORY_ADVICE = ("load it in bf16 (--dtype bf16 / dtype: bf16), keep the text encoders and the VAE on the CPU "
                  "(--offload / offload: true), and train with gradient_checkpointing: true")
@@ -38,9 +39,13 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def _bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
-        sum(b.numel() * b.element_size() for b in module.buffers())
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` (no index) is the current CUDA device, as PyTorch places on it."""
+    def resolved(device: torch.device) -> torch.device:
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
+    return resolved(torch.device(a)) == resolved(torch.device(b))
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -103,7 +108,7 @@ class DiffusersTeacher(Teacher):
     # --- placement ----------------------------------------------------------------------------------------
     def _to_device(self, modules: list[nn.Module], device: torch.device) -> None:
         """Move ``modules`` to ``device``; a model too big for it gets a message with the memory options."""
-        needed = sum(_bytes(m) for m in modules if next(m.parameters()).device != device)
+        needed = sum(module_bytes(m) for m in modules if not same_device(next(m.parameters()).device, device))
         free = free_device_memory(device)
         if free is not None and needed > free:
             raise TeacherError(f"{self.source} needs {needed / 2**30:.1f} GiB on {device} but {free / 2**30:.1f} "

@@ -28,9 +28,8 @@ def check_quantization(mode: str, device: torch.device | str | None = None) -> N
     if mode == "none":
         return
     if mode == "nf4":
-        import importlib.util
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
+        if not bitsandbytes_available() or device.type != "cuda":
             raise TeacherError("quantize = nf4 needs bitsandbytes and a CUDA GPU; on the CPU use int8 or fp8")
         return
     import importlib.util
@@ -61,10 +60,48 @@ def quantize_networks(teacher, mode: str) -> None:
     the planner's byte count (bitsandbytes cannot quantize on the meta device)."""
     if mode in ("none", "nf4"):
         return
-    from torchao.quantization import quantize_
     networks = teacher.model.values() if teacher.network_names else [teacher.model]
     for network in networks:
-        quantize_(network, _torchao_config(mode))
+        quantize_module(network, mode)
+
+
+def quantize_module(module: torch.nn.Module, mode: str) -> None:
+    """``module``'s linear layers in torchao ``mode`` ("int8" or "fp8" weight-only), in place."""
+    from torchao.quantization import quantize_
+    quantize_(module, _torchao_config(mode))
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor really stores. ``numel * element_size`` is right for a plain tensor only: a torchao
+    quantized weight (AffineQuantizedTensor, Int8Tensor, Float8Tensor) shows its bf16 face, twice an int8 weight's
+    bytes, so a tensor subclass is counted by the inner tensors it flattens to (``__tensor_flatten__``; a DTensor:
+    this rank's shard), and a bitsandbytes parameter by its packed data plus its quantization state."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    total = tensor.numel() * tensor.element_size()
+    if getattr(tensor, "quant_state", None) is not None:  # bitsandbytes Params4bit: absmax, code, nested state
+        total += _quant_state_bytes(tensor.quant_state)
+    if isinstance(getattr(tensor, "SCB", None), torch.Tensor):  # bitsandbytes Int8Params: a scale per row
+        total += tensor_bytes(tensor.SCB)
+    return total
+
+
+def _quant_state_bytes(state) -> int:
+    tensors = [getattr(state, name, None) for name in ("absmax", "code", "offset")]
+    nested = getattr(state, "state2", None)
+    return (sum(tensor_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
+            + (_quant_state_bytes(nested) if nested is not None else 0))
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes ``module``'s parameters and buffers really store (``tensor_bytes``)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def nf4_bytes(network) -> int:
