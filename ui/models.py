@@ -38,6 +38,7 @@ from pdmd.students.manifest import MANIFEST, Manifest
 from pdmd.teachers import BUILTIN, load_teacher, teacher_key
 from pdmd.teachers.base import Teacher, TeacherError
 from pdmd.teachers.diffusers_base import DiffusersTeacher
+from pdmd.teachers.quantize import module_bytes
 from ui.gpu import on_zero_gpu  # first: on ZeroGPU ``spaces`` must be imported before anything asks for CUDA
 
 COPY_BELOW_BYTES = 256 * 2**20  # teachers smaller than this get a copy per student; bigger ones share
@@ -45,7 +46,8 @@ MANIFEST_CACHE = 256            # manifests kept parsed (a few KB each)
 
 
 def network_bytes(teacher: Teacher) -> int:
-    return sum(p.numel() * p.element_size() for p in teacher.model.parameters())
+    """The network's real bytes (an int8 base at one byte a weight): pdmd.teachers.quantize's one counter."""
+    return module_bytes(teacher.model)
 
 
 def placement() -> dict:
