@@ -26,8 +26,8 @@ from transformers import PreTrainedModel
 from pdmd.core import distill
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.plan.architectures import TRANSFORMERS, assemble, family_adapter, pipeline_components
-from pdmd.plan.stacks import Layout
 from pdmd.plan.replay import Replayed
+from pdmd.plan.stacks import Layout
 from pdmd.plan.trace import LivePeak, MetaReplay, meta_attention
 from pdmd.students.manifest import LoraSpec
 from pdmd.students.roles import FAKE, Roles, phase_adapter
