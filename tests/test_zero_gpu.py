@@ -12,18 +12,16 @@ import contextlib
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_app_browser import free_port, wait_until_serving
 from test_showcase import showcase_file  # noqa: F401  (fixture: the example showcase on tiny pipelines, built once)
 
 from pdmd.core.schedule import PRESETS, PhaseSchedule
@@ -119,12 +117,6 @@ def test_gpu_seconds_count_the_evaluations_cfg_doubles(zero_gpu, store):
 
 
 # --- the showcase and Compare of a public Space, through its API ------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def zero_gpu_space(runs: Path, showcase: Path, log: Path):
     """``python app.py`` as on a ZeroGPU Space (SPACE_ID, the pickling ``spaces``) with a showcase and, training
@@ -140,15 +132,7 @@ def zero_gpu_space(runs: Path, showcase: Path, log: Path):
                                   stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"app did not serve:\n{(runs / 'app.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_until_serving(url, server, runs / "app.log")
         yield url
     finally:
         server.terminate()
