@@ -156,7 +156,8 @@ def test_compare_hands_a_checked_phase_to_the_teacher(page):
     open_tab(page, "Compare")
     page.locator("#compare-student input").click()
     page.get_by_role("option", name=re.compile("run: tiny")).click()
-    phase_2 = page.locator("#compare-teacher-phases").get_by_label("phase 2")
+    # the boxes are rebuilt (unchecked) for the picked student: wait for tiny's t-ranges before checking one
+    phase_2 = page.locator("#compare-teacher-phases").get_by_label("phase 2 (t 0.5 to 0)")
     playwright.expect(phase_2).to_be_visible(timeout=30_000)
     phase_2.check()
     page.locator("#compare-run").click()

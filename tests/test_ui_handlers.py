@@ -157,7 +157,9 @@ def test_the_baseline_takes_no_teacher_phases(store):
 
 def test_teacher_phase_boxes_follow_the_picked_student(store, student):
     update = compare.on_pick_student(store, student)
-    assert update["choices"] == ["phase 1", "phase 2"] and update["value"] == [] and update["visible"]
+    # values are what parse_teacher_phases reads; labels name the phase's t-range (make_student: boundary 0.5)
+    assert update["choices"] == [("phase 1 (t 1 to 0.5)", "phase 1"), ("phase 2 (t 0.5 to 0)", "phase 2")]
+    assert update["value"] == [] and update["visible"]
     assert not compare.on_pick_student(store, students.BASELINE)["visible"]
     assert not compare.on_pick_student(store, str(SHIPPED_STUDENTS / "dmd"))["visible"]  # one phase
 

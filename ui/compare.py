@@ -30,13 +30,13 @@ from ui.comparison import (
     boundary_strip,
     comparison_png,
     media,
+    picked_schedule,
     run_student_side,
     sample_side,
     side_views,
     still,
     strength_sliders,
     strength_updates,
-    student_phase_count,
     student_schedule,
     teacher_schedule,
     teacher_side,
@@ -166,8 +166,13 @@ def on_diversity(store: ModelStore, prompt, seed, count, student_value, source, 
 def on_pick_student(store: ModelStore, value: str, teacher=BUILTIN) -> dict:
     """The "Teacher takes phase" boxes: one per phase of the picked student, none checked; hidden for the
     baseline and for a one-phase student (handing back its only phase is the teacher's own comparison)."""
-    phases = student_phase_count(store, value, teacher)
-    return gr.update(choices=phase_choices(phases), value=[], visible=phases > 1)
+    return gr.update(**teacher_phase_boxes(store, value, teacher), value=[])
+
+
+def teacher_phase_boxes(store: ModelStore, value: str, teacher=BUILTIN) -> dict:
+    schedule = picked_schedule(store, value, teacher)
+    phases = schedule.num_phases if schedule else 0
+    return dict(choices=phase_choices(phases, schedule.edges if schedule else ()), visible=phases > 1)
 
 
 def on_phase_count(phases_schedule) -> list[dict]:
@@ -223,8 +228,8 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                 refresh = gr.Button("↻", scale=0, min_width=40)
             source = gr.Radio([AS_TRAINED, FROM_PHASES], value=AS_TRAINED, label="Student schedule")
             teacher_phases = gr.CheckboxGroup(
-                phase_choices(MAX_PHASES), value=[], label="Teacher takes phase", elem_id="compare-teacher-phases",
-                visible=student_phase_count(store, picker.value) > 1,
+                value=[], label="Teacher takes phase", elem_id="compare-teacher-phases",
+                **teacher_phase_boxes(store, picker.value),
                 info="the teacher samples the checked phases instead of the student's experts (its steps / "
                      "phases Euler steps each, at the teacher CFG), same noise: which phase costs the student")
             schedule_info = gr.Markdown(elem_id="compare-schedule")

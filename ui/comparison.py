@@ -333,14 +333,14 @@ def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: st
     return label, schedule, row, own
 
 
-def student_phase_count(store: ModelStore, value: str, teacher=None) -> int:
-    """Phases of the picked student (0 for the baseline, or a pick that cannot be read)."""
+def picked_schedule(store: ModelStore, value: str, teacher=None) -> PhaseSchedule | None:
+    """The picked student's schedule (None for the baseline, or a pick that cannot be read)."""
     if value == students.BASELINE:
-        return 0
+        return None
     try:
-        return student_of(store, value, teacher_pick(teacher)[0])[1].schedule.num_phases
+        return student_of(store, value, teacher_pick(teacher)[0])[1].schedule
     except USER_ERRORS:
-        return 0
+        return None
 
 
 def boundary_strip(student_run: dict, teacher_run: dict) -> Image.Image:

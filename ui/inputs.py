@@ -110,9 +110,12 @@ def parse_strengths(values, phases: int) -> list[float]:
     return [bounded_number(v, f"phase {k + 1} strength", 0, limits.MAX_STRENGTH) for k, v in enumerate(values)]
 
 
-def phase_choices(phases: int) -> list[str]:
-    """The labels of a student's phases as Compare's "Teacher takes phase" boxes list them: "phase 1", ..."""
-    return [f"phase {k + 1}" for k in range(phases)]
+def phase_choices(phases: int, edges: tuple[float, ...] = ()) -> list[tuple[str, str]]:
+    """Compare's "Teacher takes phase" boxes: values "phase 1", ...; labelled with each phase's t-range when the
+    schedule's ``edges`` are known, so the boxes say which student they belong to."""
+    if len(edges) != phases + 1:
+        return [(f"phase {k + 1}", f"phase {k + 1}") for k in range(phases)]
+    return [(f"phase {k + 1} (t {edges[k]:g} to {edges[k + 1]:g})", f"phase {k + 1}") for k in range(phases)]
 
 
 def parse_teacher_phases(values, phases: int) -> tuple[int, ...]:
