@@ -5,10 +5,8 @@ import argparse
 import os
 
 from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_QUEUE, MAX_UPLOAD_BYTES
-from pdmd.showcase import ShowcaseError
-from ui.app import CSS, blocked_paths, build_app
+from pdmd.showcase import Showcase, ShowcaseError
 from ui.inputs import redact
-from ui.teacher_picker import LOAD_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,8 +20,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:  # the showcase file is read before the interface's imports: a bad one stops the app in seconds
+        showcase = Showcase.from_env()
+    except ShowcaseError as err:
+        raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
+    from ui.app import CSS, blocked_paths, build_app
+    from ui.teacher_picker import LOAD_ERRORS
     try:
-        app = build_app()
+        app = build_app(showcase=showcase)
     except (ShowcaseError, *LOAD_ERRORS) as err:  # an invalid showcase file, or (load: eager) a model in it
         raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
     # a bounded queue: beyond MAX_QUEUE waiting requests a visitor is told the server is busy

@@ -135,6 +135,13 @@ class Showcase:
             raise ShowcaseError(f"{path.name}: not valid YAML ({str(err).splitlines()[0]})") from None
         return parse(data, path)
 
+    @classmethod
+    def from_env(cls) -> Showcase | None:
+        """The showcase PDMD_SHOWCASE names (ShowcaseError, one line, when it is invalid), or None."""
+        import os
+        path = os.environ.get(ENV, "").strip()
+        return cls.read(path) if path else None
+
 
 def pair_name(teacher: str, student: str) -> str:
     return f"{teacher}/{student}"

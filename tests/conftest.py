@@ -42,6 +42,7 @@ def tiny_pipeline(built_once):
     return get
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Under ``--dist loadgroup``, the tests of a module that share a module-scoped fixture (an app server, a
     loaded teacher) go to one worker, so the fixture is built once; every other test is balanced freely."""

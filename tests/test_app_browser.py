@@ -1,4 +1,5 @@
-"""The app as a visitor uses it: Playwright drives Debian chromium against a live ``python app.py``.
+"""The app as a visitor uses it: Playwright drives Debian chromium against a live ``python app.py`` (one
+server for the module: its tests share the app's state, in file order).
 
 Screenshots of every tab go to test-artifacts/ (gitignored) for a person to look at.
 """
@@ -259,3 +260,28 @@ def test_the_file_route_serves_nothing_of_the_runs_or_the_repository(app_url, ap
         with pytest.raises(HTTPError) as answer:
             urllib.request.urlopen(f"{app_url}gradio_api/file={path}", timeout=10)
         assert answer.value.code == 403, path
+
+
+# --- a real teacher: a pipeline folder typed into Compare's teacher box (last: it leaves that teacher loaded) --
+@pytest.fixture(scope="module")
+def wan_folder(tiny_pipeline):
+    return tiny_pipeline("wan2.2")
+
+
+def test_a_typed_wan_folder_loads_and_compare_plays_two_mp4_videos(page, wan_folder):
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-teacher-path").get_by_role("textbox").fill(str(wan_folder))
+    page.get_by_text("Teacher resolution").click()
+    for label, value in (("Height (px)", "16"), ("Width (px)", "16"), ("Frames (video)", "5")):
+        page.get_by_label(label).fill(value)
+    page.locator("#compare-load-teacher").click()
+    playwright.expect(page.locator("#compare-teacher-status")).to_contain_text("✓ Teacher", timeout=60_000)
+    playwright.expect(page.locator("#compare-teacher-status")).to_contain_text("16×16, 5 frames")
+    page.locator("#compare-run").click()
+    playwright.expect(page.locator("#student-caption")).to_contain_text("Baseline", timeout=60_000)
+    playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=60_000)
+    for side in ("teacher", "student"):
+        assert_plays_mp4(page, f"#{side}-video")
+        playwright.expect(page.locator(f"#{side}-image")).to_be_hidden()
+    playwright.expect(page.locator("#compare-slider")).to_be_hidden()  # the slider is for images
+    screenshot(page, "compare-wan")

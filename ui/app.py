@@ -14,7 +14,7 @@ from ui.comparison import clean_downloads
 from ui.lab import build_lab_tab
 from ui.models import ModelStore
 from ui.phases import DEFAULT_PRESET, build_phases_tab, on_schedule_edit
-from ui.showcase import ShowcaseStore, build_showcase_tab, load_everything, showcase_from_env
+from ui.showcase import ShowcaseStore, build_showcase_tab, load_everything
 from ui.train import build_train_tab
 
 TITLE = "Phased DMD Studio"
@@ -26,7 +26,7 @@ INTRO = ("# Phased DMD Studio\nA many-step teacher next to its few-step student 
 def build_app(store: ModelStore | None = None, manager: JobManager | None = None,
               gate: Gate | None = None, showcase: Showcase | None = None) -> gr.Blocks:
     gate = gate or Gate.from_env()
-    showcase = showcase or showcase_from_env()
+    showcase = showcase or Showcase.from_env()
     # a public server with a showcase offers exactly its pairs: no Compare tab that could load anything else
     compare = showcase is None or gate.mode == "on"
     store = store or (ModelStore(other_teachers=gate.mode == "on") if compare else None)

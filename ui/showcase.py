@@ -50,15 +50,6 @@ from ui.teacher_picker import LOAD_ERRORS
 ERRORS = (ShowcaseError, *USER_ERRORS, *LOAD_ERRORS)
 
 
-def showcase_from_env() -> Showcase | None:
-    """The showcase PDMD_SHOWCASE names (ShowcaseError, one line, when it is invalid), or None."""
-    import os
-
-    from pdmd.showcase import ENV
-    path = os.environ.get(ENV, "").strip()
-    return Showcase.read(path) if path else None
-
-
 def published_dir() -> Path:
     return runs_dir() / "showcase"
 
