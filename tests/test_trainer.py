@@ -35,7 +35,7 @@ def fresh_accelerator_state():
 
 def tiny(tmp_path, **overrides) -> dict:
     config = dict(teacher="builtin", method="phased", schedule={"boundaries": [0.5], "steps": [1, 1]},
-                  updates_per_phase=2, batch_size=2, fake_ratio=1, lora={"rank": 2, "alpha": 2},
+                  updates_per_phase=2, batch_size=1, fake_ratio=1, lora={"rank": 2, "alpha": 2},
                   sample_every=100, checkpoint_every=1, keep_checkpoints=10, output_dir=str(tmp_path / "run"),
                   sample_prompts=["a red circle", "a blue star"])
     config.update(overrides)
