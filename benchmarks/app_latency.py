@@ -58,10 +58,14 @@ def compare_once(client: Client, student: str, index: int) -> tuple[float, float
     return student_seconds, time.perf_counter() - start
 
 
-def start_app(runs_dir: str | None) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def start_app(runs_dir: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     if runs_dir:
         env["PDMD_RUNS_DIR"] = runs_dir
