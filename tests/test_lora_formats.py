@@ -35,6 +35,15 @@ def tiny_transformer(family: str) -> nn.Module:
     )
 
     torch.manual_seed(0)
+    if family == "z-image":
+        from diffusers import ZImageTransformer2DModel
+        return ZImageTransformer2DModel(in_channels=4, dim=16, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                        n_kv_heads=2, cap_feat_dim=8, axes_dims=[4, 2, 2], axes_lens=[64, 16, 16])
+    if family == "flux2":
+        from diffusers import Flux2Transformer2DModel
+        return Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                       num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16,
+                                       axes_dims_rope=(2, 2, 2, 2))
     if family == "wan":
         return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                      out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
@@ -349,6 +358,9 @@ def test_export_round_trips_through_diffusers_converters(tmp_path, family, layou
               random_peft(model, names[len(names) // 3:], rank=RANK, seed=6)]
     if family == "wan":  # the Wan converter maps the modules published Wan LoRAs train
         phases = [random_peft(model, [n for n in names if n.startswith("blocks.")], rank=r, seed=r) for r in (2, 4)]
+    if family == "flux2":  # whole blocks: the original layout fuses each block's q, k, v (and has no norm_out)
+        blocks = [n for n in names if n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+        phases = [random_peft(model, blocks, rank=r, seed=r) for r in (2, 4)]
     student = write_student(tmp_path / "student", family, phases)
     written = lf.export_student(student, tmp_path / "export", layout)
     described = json.loads((tmp_path / "export" / "export.json").read_text())

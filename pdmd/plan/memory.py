@@ -107,6 +107,12 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
     elif teacher.family == "flux":
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "pooled_projections": torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device)}
+    elif teacher.family == "flux2":  # padded to prompt_length; an unconditional branch only where CFG is true CFG
+        cond = {"prompt_embeds": embeds(length, config.joint_attention_dim)}
+        return cond, (None if teacher.negative_prompt is None else dict(cond))
+    elif teacher.family == "z-image":  # at most prompt_length tokens of the Qwen3 encoder (each prompt its own)
+        cond = {"prompt_embeds": embeds(length, config.cap_feat_dim),
+                "prompt_mask": torch.ones(batch, length, dtype=torch.bool, device=device)}
     else:  # qwen-image: at most prompt_length tokens (the pipeline trims to the longest prompt)
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device)}

@@ -27,6 +27,8 @@ METHODS = {"phased": "Phased DMD: one LoRA expert per SNR phase, each distilled 
            PUBLISHED: "published LoRA files, one per phase, wrapped as a phased student"}
 # the keyword that sets guidance in each family's pipeline __call__
 CFG_KEYWORD = {"qwen-image": "true_cfg_scale"}
+# that keyword's value for our CFG scale where they differ: ZImagePipeline mixes pos + s * (pos - neg), CFG 1 + s
+CFG_VALUE = {"z-image": lambda cfg: cfg - 1.0}
 
 TEMPLATE = """---
 {{ card_data }}
@@ -159,6 +161,7 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
     options = manifest.teacher_options
     size = ", ".join(f"{k}={options[k]}" for k in ("height", "width", "num_frames") if k in options)
     cfg_keyword = CFG_KEYWORD.get(manifest.family or "", "guidance_scale")
+    cfg_value = CFG_VALUE.get(manifest.family or "", float)(manifest.student_cfg)
     video = "num_frames" in options
     output = ('video = result.frames[0]\nexport_to_video(video, "student.mp4", fps=16)' if video
               else 'image = result.images[0]\nimage.save("student.png")')
@@ -193,7 +196,8 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         *loads,
         f'pipe.set_adapters("{phase_adapter(0)}")',
         "pipe.to(DEVICE)",
-        f'result = pipe("{prompt}", num_inference_steps=len(SIGMAS), {cfg_keyword}={manifest.student_cfg:g}, '
+        # prompt by keyword: the first parameter of the FLUX.2 pipelines is a conditioning image
+        f'result = pipe(prompt="{prompt}", num_inference_steps=len(SIGMAS), {cfg_keyword}={cfg_value:g}, '
         + (f"{size}, " if size else "")
         + "generator=torch.Generator().manual_seed(0), callback_on_step_end=switch_phase)",
         output,

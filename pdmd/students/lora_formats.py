@@ -12,7 +12,11 @@ Out: a student's per-phase LoRAs as single files in the diffusers layout (``pipe
 layout ComfyUI's LoRA loader reads (comfy/lora.py ``model_lora_keys_unet``): Wan under its original module names
 ``diffusion_model.blocks.N.self_attn.q.lora_down.weight``, Qwen-Image as ``diffusion_model.<module>.lora_down``
 (ComfyUI's Qwen-Image keeps the diffusers module names), FLUX and SD3 as ``transformer.<module>.lora_A`` which
-ComfyUI maps itself (``flux_to_diffusers`` / ``mmdit_to_diffusers``). Scales are folded into ``lora_up``/``lora_B``
+ComfyUI maps itself (``flux_to_diffusers`` / ``mmdit_to_diffusers``), Z-Image as ``diffusion_model.<diffusers
+module>.lora_down`` which ComfyUI's Lumina2 branch maps (``z_image_to_diffusers``: to_q/to_k/to_v onto rows of
+its fused qkv; the same keys ai-toolkit's published Z-Image LoRAs use, with lora_A/lora_B), FLUX.2 under its
+original module names ``diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`` (q, k, v fused exactly;
+pdmd/students/lora_flux2.py). Scales are folded into ``lora_up``/``lora_B``
 so no ``.alpha`` is needed: every reader then applies the LoRA at scale 1.
 
 A *published student* is an ordinary student folder (manifest.json + phase_k/pytorch_lora_weights.safetensors)
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 from pdmd.core.sampling import phase_sigmas
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.limits import MAX_STRENGTH
-from pdmd.students import StudentError
+from pdmd.students import StudentError, lora_flux2
 from pdmd.students.folder import LORA_WEIGHT_NAME, networks_of_phase, schedule_metadata
 from pdmd.students.manifest import MANIFEST, PICKLE_SUFFIXES, PUBLISHED, LoraSpec, Manifest
 from pdmd.students.roles import phase_adapter
@@ -41,7 +45,8 @@ from pdmd.teachers.base import Teacher
 
 # family -> the diffusers LoRA loader mixin its pipeline inherits (and whose lora_state_dict converts)
 LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin",
-           "qwen-image": "QwenImageLoraLoaderMixin"}
+           "qwen-image": "QwenImageLoraLoaderMixin", "z-image": "ZImageLoraLoaderMixin",
+           "flux2": "Flux2LoraLoaderMixin"}
 FAMILIES = tuple(LOADERS)
 EXPORT_LAYOUTS = ("diffusers", "comfyui")
 TRANSFORMER_PREFIX = "transformer"
@@ -61,6 +66,12 @@ WAN_TOP_NAMES = {"condition_embedder.time_proj": "time_projection.1", "proj_out"
                  "condition_embedder.time_embedder.linear_2": "time_embedding.2",
                  "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
                  "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3"}
+# Z-Image: the diffusers module names ComfyUI's LoRA loader maps for its Lumina2/Z-Image models
+# (comfy/lora.py, the Lumina2 branch, keys from comfy/utils.py z_image_to_diffusers)
+Z_IMAGE_COMFYUI_BLOCKS = re.compile(r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.to_(q|k|v|out\.0)|"
+                                    r"feed_forward\.w[123]|adaLN_modulation\.0)")
+Z_IMAGE_COMFYUI_TOP = {"all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1", "all_x_embedder.2-1",
+                       "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"}
 # a two-network teacher's files are named by network, as the published Wan2.2-Lightning files are: the key
 # names alone cannot tell a ComfyUI user which model a file belongs to
 NETWORK_FILE_NAMES = {"transformer": "high_noise", "transformer_2": "low_noise"}
@@ -80,9 +91,9 @@ def _listing(keys) -> str:
 
 def family_of(pipeline_class: str) -> str:
     """Our family id for a diffusers pipeline class name (``WanPipeline`` -> ``wan``)."""
-    for prefix, family in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("Wan", "wan"),
-                           ("QwenImage", "qwen-image")):
-        if pipeline_class.startswith(prefix) and not pipeline_class.startswith(("Flux2", "Flux3")):
+    for prefix, family in (("StableDiffusion3", "sd3"), ("Flux2", "flux2"), ("Flux", "flux"), ("Wan", "wan"),
+                           ("QwenImage", "qwen-image"), ("ZImage", "z-image")):
+        if pipeline_class.startswith(prefix) and not pipeline_class.startswith("Flux3"):
             return family
     raise LoraFormatError(f"no LoRA converter for pipeline {pipeline_class!r}; supported families: "
                           f"{', '.join(FAMILIES)}")
@@ -164,12 +175,21 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     if _check_family(family) == "sd3" and layout != "diffusers":
         raise LoraFormatError(f"diffusers has no converter for SD3 LoRAs in the {layout} layout; "
                               "use a diffusers-layout file (transformer.<module>.lora_A.weight)")
+    if family == "flux2":  # diffusers' FLUX.2 converter takes no .alpha nor lora_down beside original names
+        try:
+            state = lora_flux2.normalised_original(state)
+        except lora_flux2.Flux2KeyError as err:
+            raise LoraFormatError(str(err)) from None
     loader = getattr(loaders, LOADERS[family])
+    work = dict(state)
     try:
-        converted = loader.lora_state_dict(dict(state), **({"return_alphas": True} if family == "flux" else {}))
+        converted = loader.lora_state_dict(work, **({"return_alphas": True} if family == "flux" else {}))
     except (ValueError, KeyError, IndexError, NotImplementedError, AttributeError) as err:
         raise LoraFormatError(f"diffusers' {family} LoRA converter cannot read this {layout}-layout file: "
                               f"{str(err)[:400]}") from None
+    if family == "flux2" and layout == "kohya" and len(work) < len(state) and work:
+        # the FLUX.2 kohya converter pops the keys it maps from the dict it is given and only logs the others
+        raise LoraFormatError(f"LoRA keys match no module of the teacher: {_listing(work)}")
     if family == "flux":
         converted, alphas = converted
         converted = {**converted, **(alphas or {})}
@@ -318,8 +338,22 @@ def wan_original_name(module: str) -> str:
     raise LoraFormatError(f"Wan module {module!r} has no original-checkpoint name ComfyUI knows")
 
 
+def z_image_comfyui_name(module: str) -> str:
+    """A diffusers Z-Image module name as ComfyUI's Z-Image LoRA keys use it: unchanged (ComfyUI's Lumina2
+    branch maps ``diffusion_model.<diffusers name>`` itself, to_q/to_k/to_v onto rows of its fused qkv), provided
+    it is one of the names that map covers."""
+    if not (Z_IMAGE_COMFYUI_BLOCKS.fullmatch(module) or module in Z_IMAGE_COMFYUI_TOP):
+        raise LoraFormatError(f"Z-Image module {module!r} is not one ComfyUI's Z-Image LoRA loader maps")
+    return module
+
+
 def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     """Scale-folded PEFT weights -> the keys ComfyUI's LoRA loader maps for ``family`` (see module doc)."""
+    if family == "flux2":  # q, k, v are fused across keys there: pdmd.students.lora_flux2
+        try:
+            return lora_flux2.comfyui_state(state)
+        except lora_flux2.Flux2KeyError as err:
+            raise LoraFormatError(str(err)) from None
     out = {}
     for key, value in state.items():
         match = PAIR.match(key)
@@ -330,6 +364,8 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
             out[f"diffusion_model.{wan_original_name(module)}.{kohya_part}.weight"] = value
         elif family == "qwen-image":
             out[f"diffusion_model.{module}.{kohya_part}.weight"] = value
+        elif family == "z-image":
+            out[f"diffusion_model.{z_image_comfyui_name(module)}.{kohya_part}.weight"] = value
         elif family in ("flux", "sd3"):
             out[f"{TRANSFORMER_PREFIX}.{key}"] = value
         else:

@@ -23,6 +23,9 @@ PIPELINES = {
     "FluxPipeline": ("pdmd.teachers.flux", "FluxTeacher"),
     "WanPipeline": ("pdmd.teachers.wan", "WanTeacher"),
     "QwenImagePipeline": ("pdmd.teachers.qwen_image", "QwenImageTeacher"),
+    "Flux2Pipeline": ("pdmd.teachers.flux2", "Flux2Teacher"),
+    "Flux2KleinPipeline": ("pdmd.teachers.flux2", "Flux2KleinTeacher"),
+    "ZImagePipeline": ("pdmd.teachers.z_image", "ZImageTeacher"),
 }
 
 

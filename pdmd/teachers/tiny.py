@@ -54,6 +54,21 @@ def qwen2_tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=[])
 
 
+# Our chat template with Qwen3's output for one user turn (ZImagePipeline calls apply_chat_template with
+# add_generation_prompt=True, enable_thinking=True): "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n"
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen3_tokenizer():
+    """qwen2_tokenizer with a Qwen3-style chat template (Z-Image's tokenizer is a Qwen2Tokenizer too)."""
+    tokenizer = qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
 # --- text encoders -----------------------------------------------------------------------------------------
 def _clip_text(with_projection: bool, hidden: int = 32, projection: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -129,11 +144,11 @@ def build_flux_schnell(folder: str | Path) -> Path:
     return _flux(folder, guidance_embeds=False)
 
 
-def _wan_transformer():
+def _wan_transformer(channels: int = 16):
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1,
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
@@ -159,6 +174,24 @@ def build_wan21(folder: str | Path) -> Path:
 def build_wan22(folder: str | Path) -> Path:
     """WanPipeline with two networks (Wan 2.2 A14B): ``transformer`` for t >= 0.875, ``transformer_2`` below."""
     return _wan(folder, two_experts=True)
+
+
+def build_wan22_ti2v(folder: str | Path) -> Path:
+    """WanPipeline like Wan 2.2 TI2V-5B in text-to-video mode: ``expand_timesteps`` (one timestep per token), one
+    transformer on 48 latent channels, and the Wan 2.2 VAE layout -- z_dim 48, 2x2 pixel patches in (12 channels),
+    residual down/up blocks, spatial compression 16 -- at toy width, with its own latents_mean / latents_std."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                           patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                           latents_mean=[0.02 * k - 0.4 for k in range(48)],
+                           latents_std=[0.5 + 0.02 * k for k in range(48)])
+    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_wan_transformer(48),
+                       expand_timesteps=True)
+    return _save(pipe, folder)
 
 
 def build_qwen_image(folder: str | Path) -> Path:
@@ -194,6 +227,148 @@ def build_qwen_image(folder: str | Path) -> Path:
     return _save(pipe, folder)
 
 
+def build_z_image(folder: str | Path) -> Path:
+    """ZImagePipeline: Qwen3 text encoder, the single-stream Z-Image DiT (one noise and one context refiner block,
+    two main blocks), the FLUX-style VAE at toy size, a static shift of 3 as Z-Image-Turbo's scheduler; 16x16
+    images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen3_tokenizer()
+    text_width = 16  # the transformer's cap_feat_dim is the text encoder's hidden size
+    # head_dim (dim / n_heads) must equal sum(axes_dims); the first RoPE axis indexes caption positions (up to the
+    # 512-token max_sequence_length, padded to 32) and the image's frame position after them
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                           cap_feat_dim=text_width, axes_dims=[8, 4, 4], axes_lens=[640, 32, 32])
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        rope_theta=1000000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")))
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+                          vae=_image_vae(16, scaling_factor=0.3611, shift_factor=0.1159), text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, folder)
+
+
+# --- FLUX.2 ------------------------------------------------------------------------------------------------
+# Mistral's instruct format for a system and a user turn, text parts only (what Flux2Pipeline's format_input sends:
+# each message's content is a list of {"type": "text", "text": ...})
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}")
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+FLUX2_TEXT_WIDTH = 16  # hidden size of the tiny text encoders: the transformer's joint_attention_dim is 3x this
+
+
+def mistral_tokenizer():
+    """A byte-level BPE tokenizer (no merges) with Mistral's special tokens and instruct chat template.
+
+    FLUX.2 [dev] ships a PixtralProcessor around its tokenizer, which transformers builds only with torchvision
+    installed; Flux2Pipeline calls nothing but ``apply_chat_template`` on it, which the tokenizer has too.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(MISTRAL_SPECIAL_TOKENS)}
+    for char in _byte_alphabet():
+        vocab.setdefault(char, len(vocab))
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", additional_special_tokens=list(MISTRAL_SPECIAL_TOKENS[4:]))
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _flux2_transformer(guidance_embeds: bool):
+    """Flux2Transformer2DModel, one double- and one single-stream block; 4 RoPE axes of 4 (head dim 16)."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=3 * FLUX2_TEXT_WIDTH, timestep_guidance_channels=32,
+                                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds)
+
+
+def _flux2_vae():
+    """AutoencoderKLFlux2 halving 16x16 images to 4 x 8 x 8 latents (16 x 4 x 4 once 2x2-patchified), with
+    BatchNorm statistics away from 0 / 1 so that the pipeline's latent normalisation is exercised."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=4, sample_size=16)
+    channels = vae.bn.running_mean.numel()
+    vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, channels))
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, channels))
+    return vae
+
+
+def _flux2_scheduler():
+    """FLUX.2's scheduler config: dynamic (exponential) shifting, mu given by the pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential",
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def build_flux2_dev(folder: str | Path) -> Path:
+    """Flux2Pipeline like FLUX.2 [dev]: guidance-embedded transformer, Mistral 3 text encoder (30 tiny layers: the
+    pipeline reads hidden states 10, 20 and 30), 16x16 images."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    tokenizer = mistral_tokenizer()
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": FLUX2_TEXT_WIDTH, "intermediate_size": 32,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 1024, "rope_theta": 1000000000.0,
+                     "sliding_window": None, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "patch_size": 4, "image_size": 16},
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2)
+    pipe = Flux2Pipeline(scheduler=_flux2_scheduler(), vae=_flux2_vae(),
+                         text_encoder=Mistral3ForConditionalGeneration(config), tokenizer=tokenizer,
+                         transformer=_flux2_transformer(guidance_embeds=True))
+    return _save(pipe, folder)
+
+
+def build_flux2_klein(folder: str | Path) -> Path:
+    """Flux2KleinPipeline like FLUX.2 [klein] base (``is_distilled`` false: true CFG against ""): no guidance
+    embedding, Qwen3 text encoder (27 tiny layers: the pipeline reads hidden states 9, 18 and 27), 16x16 images."""
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen3_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=FLUX2_TEXT_WIDTH, intermediate_size=32, num_hidden_layers=27,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        rope_theta=1000000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")))
+    pipe = Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=_flux2_vae(), text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=_flux2_transformer(guidance_embeds=False),
+                              is_distilled=False)
+    return _save(pipe, folder)
+
+
 def _save(pipe, folder: str | Path) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -206,7 +381,11 @@ BUILDERS = {
     "flux-schnell": build_flux_schnell,
     "wan2.1": build_wan21,
     "wan2.2": build_wan22,
+    "wan2.2-ti2v": build_wan22_ti2v,
     "qwen-image": build_qwen_image,
+    "flux2-dev": build_flux2_dev,
+    "flux2-klein": build_flux2_klein,
+    "z-image": build_z_image,
 }
 
 

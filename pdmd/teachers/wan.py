@@ -81,9 +81,10 @@ class WanTeacher(DiffusersTeacher):
         return out
 
     def _run(self, network: nn.Module, x: Tensor, timestep: Tensor, cond: dict) -> Tensor:
-        if self.pipe.config.expand_timesteps:  # one timestep per token: frames x (H/2) x (W/2)
+        if self.pipe.config.expand_timesteps:  # Wan 2.2 TI2V: one timestep per token, frames x (H/2) x (W/2) --
+            # the pipeline's mask[0][0][:, ::2, ::2] * t flattened; text-to-video's mask is all ones (no image)
             _, _, frames, height, width = x.shape
-            timestep = timestep[:, None].expand(-1, frames * (height // 2) * (width // 2))
+            timestep = timestep[:, None].expand(-1, frames * ((height + 1) // 2) * ((width + 1) // 2))
         return network(hidden_states=x.to(self.dtype), timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
                        return_dict=False)[0].float()
 
