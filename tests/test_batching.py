@@ -163,3 +163,44 @@ def test_a_row_sampled_in_a_batch_equals_the_same_request_alone(tmp_path):
             assert (batched.pictures - alone.pictures).abs().max() < 1e-4  # float rounding; a display level is 4e-3
             assert [s.t for s in batched.states] == [s.t for s in alone.states] == list(side.boundaries)
     assert not (together[0].pictures[0] - together[2].pictures[0]).abs().max() < 1e-3  # rows do differ
+
+
+def test_a_background_batch_pauses_between_steps_while_a_foreground_request_runs():
+    order, foreground_running, background_stepping = [], threading.Event(), threading.Event()
+    release_foreground = threading.Event()
+
+    def run(key, rows, on_step=None):
+        if key == "teacher":
+            for step in range(3):
+                on_step(step, 3)
+                order.append(f"teacher step {step}")
+                background_stepping.set()
+        else:
+            foreground_running.set()
+            release_foreground.wait(10)
+            order.append("student")
+        return [f"{key}:{row}" for row in rows]
+
+    batcher = Batcher(run, max_rows=8, lane=lambda key: key, background=lambda key: key == "teacher")
+    student, _ = submit_all(batcher, {"s": ("student", [1])})
+    assert foreground_running.wait(10)
+    teacher, threads = submit_all(batcher, {"t": ("teacher", [2])})
+    time.sleep(0.2)  # the teacher's batch has started and sits at its first step
+    assert not background_stepping.is_set() and order == []
+    release_foreground.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["student", "teacher step 0", "teacher step 1", "teacher step 2"]
+    assert student == {"s": ["student:1"]} and teacher == {"t": ["teacher:2"]}
+
+
+def test_a_background_batch_without_listeners_runs_through_when_no_foreground_request_is_there():
+    steps = []
+
+    def run(key, rows, on_step):  # a background batch always gets a step hook, listeners or not
+        for step in range(2):
+            on_step(step, 2)
+            steps.append(step)
+        return rows
+    batcher = Batcher(run, max_rows=8, background=lambda key: True)
+    assert batcher.submit("teacher", [5]) == [5] and steps == [0, 1]

@@ -8,8 +8,11 @@ company: it runs at once, exactly as without the batcher. Each row keeps its own
 noise), so a row's result does not depend on what it was batched with, up to float rounding (tested).
 
 Batches of different keys in one *lane* run one at a time (``lane(key)``; by default each key is its own): on 2
-cores two batches at once only share the cores, and the requests that wait meanwhile join the next batch. The app has two lanes, students (a
-fraction of a second) and teachers, so a student image never waits behind a teacher run.
+cores two batches at once only share the cores, and the requests that wait meanwhile join the next batch. The app
+has two lanes, students (a fraction of a second) and teachers, so a student image never waits behind a teacher run;
+and teachers are ``background`` keys: a teacher batch pauses at its next step while any student request is waiting
+or running, so the students get the cores to themselves (on 2 cores two lanes at once would each run at half speed,
+and a student batch ends long before the teacher's next step would).
 
 One call per batch is also what ZeroGPU wants: one ``spaces.GPU`` allocation serves every visitor in it.
 """
@@ -35,12 +38,17 @@ class Batcher:
     """``run(key, rows, on_step) -> results`` (one result per row, in order) called once per batch of requests
     that share ``key``; ``on_step(done, total)`` reaches every request of the batch that asked for progress (None
     when none did). ``max_rows`` bounds a batch's size, a row counting ``size(row)`` (a request is never split, so
-    one bigger than that runs alone); ``max_rows`` may be a function of the key."""
+    one bigger than that runs alone); ``max_rows`` may be a function of the key. A ``background(key)`` batch waits
+    at each ``on_step`` while a request of a foreground key is in the batcher (``run`` must call ``on_step`` between
+    steps for that; where it does not, as in a ZeroGPU worker, nothing pauses)."""
 
     def __init__(self, run: Callable[..., Sequence], max_rows: int | Callable[[Hashable], int],
                  size: Callable[[object], int] = lambda row: 1,
-                 lane: Callable[[Hashable], Hashable] = lambda key: key):
-        self._run, self._size, self._lane = run, size, lane
+                 lane: Callable[[Hashable], Hashable] = lambda key: key,
+                 background: Callable[[Hashable], bool] = lambda key: False):
+        self._run, self._size, self._lane, self._background = run, size, lane, background
+        self._foreground = 0  # foreground requests submitted and not yet answered
+        self._foreground_done = threading.Condition()
         self._max_rows = max_rows if callable(max_rows) else lambda key: max_rows
         self._lanes: dict[Hashable, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
@@ -50,7 +58,18 @@ class Batcher:
 
     def submit(self, key: Hashable, rows: Sequence, on_step: Callable | None = None) -> list:
         """This request's results; its error, if its batch failed."""
-        request = _Request(list(rows), on_step)
+        if self._background(key):
+            return self._answer(key, _Request(list(rows), on_step))
+        with self._foreground_done:
+            self._foreground += 1
+        try:
+            return self._answer(key, _Request(list(rows), on_step))
+        finally:
+            with self._foreground_done:
+                self._foreground -= 1
+                self._foreground_done.notify_all()
+
+    def _answer(self, key: Hashable, request: _Request) -> list:
         with self._lock:
             self._waiting[key].append(request)
             request.leads = key not in self._busy
@@ -122,10 +141,15 @@ class Batcher:
         rows = [row for request in batch for row in request.rows]
         listeners = [request.on_step for request in batch if request.on_step is not None]
 
+        background = self._background(key)
+
         def on_step(done: int, total: int) -> None:
+            if background:
+                with self._foreground_done:
+                    self._foreground_done.wait_for(lambda: self._foreground == 0)
             for listener in listeners:
                 listener(done, total)
-        results = list(self._run(key, rows, on_step if listeners else None))
+        results = list(self._run(key, rows, on_step if listeners or background else None))
         if len(results) != len(rows):
             raise RuntimeError(f"a batch of {len(rows)} rows gave {len(results)} results")
         start = 0

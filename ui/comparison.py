@@ -205,7 +205,8 @@ def _batch_images(side: Side) -> int:
 
 
 _BATCHER = Batcher(_run_batch, max_rows=_batch_images, size=lambda row: len(row[0]),
-                   lane=lambda side: "teacher" if side.student is None else "student")
+                   lane=lambda side: "teacher" if side.student is None else "student",
+                   background=lambda side: side.student is None)
 
 
 def side_schedule(side: Side) -> PhaseSchedule:
