@@ -39,7 +39,7 @@ from pdmd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
-         "qwen-image": dict(height=64, width=64)}
+         "qwen-image": dict(height=64, width=64), "hunyuan-video-1.5": dict(height=32, width=32, num_frames=5)}
 DEFAULT_SIZE = dict(height=32, width=32)
 
 

@@ -14,6 +14,8 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
         dtype: bf16 | fp16 | fp32
         offload: false          # text encoders and VAE on the CPU
         quantize: none          # none | int8 | fp8 | nf4 (CUDA): the transformer(s), as load_teacher and train configs say
+        teacher_loras:          # style LoRAs fused into the teacher (base + style), as in train configs
+          - {file: my_style.safetensors, strength: 0.8}
         height: 480
         width: 832
         frames: 81
@@ -47,12 +49,13 @@ from pdmd.teachers import BUILTIN, teacher_key
 from pdmd.teachers.base import TeacherError
 from pdmd.teachers.diffusers_base import DTYPES
 from pdmd.teachers.quantize import QUANTIZATIONS, check_quantization
+from pdmd.teachers.style_loras import describe_styles, parse_teacher_loras, same_styles
 
 ENV = "PDMD_SHOWCASE"
 LOADING = ("lazy", "eager")
 TOP_KEYS = {"load", "open", "teachers"}
 TEACHER_KEYS = {"name", "model", "dtype", "offload", "quantize", "height", "width", "frames", "steps", "cfg",
-                "students", "examples"}
+                "students", "examples", "teacher_loras"}
 FOLDER_KEYS = {"name", "folder"}
 LORA_KEYS = {"name", "lora", "boundaries", "steps", "shift", "strengths", "cfg"}
 EXAMPLE_KEYS = {"prompt", "seed"}
@@ -228,7 +231,8 @@ def _teacher(entry: _Entry, data) -> ShowcaseTeacher:
     students = data.get("students")
     if not isinstance(students, list) or not students:
         entry.at("students").fail("must list at least one student")
-    parsed = [_student(entry.at(f"students[{k}]"), s, model) for k, s in enumerate(students)]
+    parsed = [_student(entry.at(f"students[{k}]"), s, model, options.get("teacher_loras", ()))
+              for k, s in enumerate(students)]
     names = [s.name for s in parsed]
     if len(set(names)) != len(names):
         entry.at("students").fail(f"student names must be unique ({', '.join(names)})")
@@ -270,10 +274,16 @@ def _teacher_options(entry: _Entry, data: dict) -> dict:
                               ("frames", "num_frames", limits.MAX_FRAMES)):
         if key in data:
             options[option] = int(entry.number(data[key], key, 1, high, whole=True))
+    try:
+        loras = parse_teacher_loras(data.get("teacher_loras"), entry.file.parent)
+    except TeacherError as err:
+        entry.fail(str(err))
+    if loras:
+        options["teacher_loras"] = loras
     return options
 
 
-def _student(entry: _Entry, data, teacher_model: str) -> ShowcaseStudent:
+def _student(entry: _Entry, data, teacher_model: str, teacher_loras: tuple) -> ShowcaseStudent:
     if not isinstance(data, dict):
         entry.fail("must be a mapping with 'folder' (a student folder) or 'lora' (published LoRA files)")
     name = entry.name(data.get("name"))
@@ -289,6 +299,9 @@ def _student(entry: _Entry, data, teacher_model: str) -> ShowcaseStudent:
             entry.at("folder").fail(f"not a usable student folder ({str(err).replace(str(folder), data['folder'])})")
         if teacher_key(manifest.teacher)[0] != teacher_key(teacher_model)[0]:
             entry.at("folder").fail(f"is a student of {manifest.teacher!r}, not of this teacher")
+        if not same_styles(manifest.teacher_loras, teacher_loras):
+            entry.at("folder").fail(f"was distilled with teacher_loras [{describe_styles(manifest.teacher_loras)}], "
+                                    "not this teacher's: list the same files at the same strengths")
         return ShowcaseStudent(name, folder=folder)
     entry.mapping(data, LORA_KEYS)
     files = data["lora"] if isinstance(data["lora"], list) else [data["lora"]]

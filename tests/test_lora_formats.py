@@ -44,10 +44,20 @@ def tiny_transformer(family: str) -> nn.Module:
         return Flux2Transformer2DModel(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
                                        num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16,
                                        axes_dims_rope=(2, 2, 2, 2))
+    if family == "hunyuan-video-1.5":
+        from diffusers import HunyuanVideo15Transformer3DModel
+        return HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
+                                                attention_head_dim=8, num_layers=1, num_refiner_layers=1,
+                                                mlp_ratio=2.0, text_embed_dim=8, text_embed_2_dim=8, image_embed_dim=8,
+                                                rope_axes_dim=(2, 2, 4))
     if family == "wan":
         return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                      out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    if family == "qwen-image21":
+        from diffusers import QwenImage21Transformer2DModel
+        return QwenImage21Transformer2DModel(in_channels=8, out_channels=8, num_layers=1, attention_head_dim=8,
+                                             num_attention_heads=2, context_in_dim=8, axes_dims_rope=(2, 2, 4))
     if family == "qwen-image":
         return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
@@ -361,6 +371,9 @@ def test_export_round_trips_through_diffusers_converters(tmp_path, family, layou
     if family == "flux2":  # whole blocks: the original layout fuses each block's q, k, v (and has no norm_out)
         blocks = [n for n in names if n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
         phases = [random_peft(model, blocks, rank=r, seed=r) for r in (2, 4)]
+    if family == "hunyuan-video-1.5":  # whole blocks: ComfyUI's model fuses each block's q, k, v too
+        phases = [random_peft(model, names, rank=2, seed=2),
+                  random_peft(model, [n for n in names if not n.startswith("transformer_blocks.")], rank=RANK, seed=4)]
     student = write_student(tmp_path / "student", family, phases)
     written = lf.export_student(student, tmp_path / "export", layout)
     described = json.loads((tmp_path / "export" / "export.json").read_text())

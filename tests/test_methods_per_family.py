@@ -14,7 +14,8 @@ SIZES = {"sd3": dict(height=16, width=16), "flux-dev": dict(height=16, width=16)
          "flux-schnell": dict(height=16, width=16), "wan2.1": dict(height=16, width=16, num_frames=5),
          "wan2.2": dict(height=16, width=16, num_frames=5), "wan2.2-ti2v": dict(height=32, width=32, num_frames=5),
          "qwen-image": dict(height=32, width=32), "z-image": dict(height=16, width=16),
-         "flux2-dev": dict(height=16, width=16), "flux2-klein": dict(height=16, width=16)}
+         "flux2-dev": dict(height=16, width=16), "flux2-klein": dict(height=16, width=16),
+         "hunyuan-video-1.5": dict(height=32, width=32, num_frames=5), "qwen-image21": dict(height=32, width=64)}
 # one-phase methods take one phase; the phased ones two, split at 0.8 (Wan 2.2: one expert each)
 SCHEDULES = {"phased": {"boundaries": [0.8], "steps": [1, 1]}, "phased-sgts": {"boundaries": [0.8], "steps": [1, 2]},
              "dmd": {"boundaries": [], "steps": [2]}, "dmd-sgts": {"boundaries": [], "steps": [2]}}

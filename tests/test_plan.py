@@ -20,7 +20,11 @@ PUBLISHED = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1.42, "Wan-AI/Wan2.1-T2V-14B-Di
              "stabilityai/stable-diffusion-3.5-large": 8.06, "black-forest-labs/FLUX.1-dev": 11.9,
              "black-forest-labs/FLUX.1-schnell": 11.9, "Qwen/Qwen-Image": 20.4, "Tongyi-MAI/Z-Image-Turbo": 6.15,
              # FLUX.2 [klein] 4B: the card rounds; 3.88 B are its transformer config's 5 + 20 blocks of width 3072
-             "black-forest-labs/FLUX.2-dev": 32.0, "black-forest-labs/FLUX.2-klein-4B": 3.88}
+             "black-forest-labs/FLUX.2-dev": 32.0, "black-forest-labs/FLUX.2-klein-4B": 3.88,
+             # Qwen-Image 2.1: its card's "7B" rounds; 7.12 B are its transformer config's 32 blocks of width 4096
+             "Qwen/Qwen-Image-2.1": 7.12,
+             # HunyuanVideo 1.5: "8.3B parameters" (its card); its config's 54 double-stream blocks give 8.33 B
+             "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v": 8.3}
 
 
 @pytest.fixture(autouse=True)

@@ -199,7 +199,8 @@ def test_a_switch_frees_the_old_big_teacher_before_the_next_loads(monkeypatch, t
     monkeypatch.setattr(models, "load_student", lambda folder, teacher, manifest: Student(
         folder, manifest, SimpleNamespace(teacher=teacher)))
     store = ModelStore()
-    monkeypatch.setattr(store, "manifest", lambda folder: SimpleNamespace(teacher="big-b", teacher_options={}))
+    monkeypatch.setattr(store, "manifest", lambda folder: SimpleNamespace(teacher="big-b",
+                                                                          teacher_load_options=lambda folder: {}))
     store.teacher("big-a")
     store.teacher("big-b")  # another teacher: big-a dropped
     assert alive_at_load[-1] == set()

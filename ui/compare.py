@@ -4,10 +4,10 @@ One click runs two events: the student first (it takes a fraction of a second, s
 once), then the teacher with a progress bar, which also fills the boundary strip, the speed-up and the
 downloadable comparison PNG. Handlers are plain functions of their inputs; build_compare_tab wires them.
 
-The teacher is picked at the top (the built-in one, or a diffusers pipeline folder / Hub id typed in); the
-student picker lists that teacher's students. A video teacher (Wan) plays its samples as mp4s side by side
-(animated GIFs where no mp4 writer is installed); the boundary strip and the comparison PNG use their first
-frames. An image teacher adds a before/after slider (teacher vs student, same seed). Published LoRA files (e.g.
+The teacher is picked at the top (the built-in one, or a diffusers pipeline folder / Hub id typed in, optionally
+with a style LoRA fused in: base + style is then the teacher); the student picker lists that teacher's students.
+A video teacher (Wan) plays its samples as mp4s side by side (animated GIFs where no mp4 writer is installed); the
+boundary strip and the comparison PNG use their first frames. An image teacher adds a before/after slider (teacher vs student, same seed). Published LoRA files (e.g.
 Wan2.2-Lightning's high- and low-noise pair) become a student folder under runs/uploads through
 pdmd.students.lora_formats, at one strength per phase set with a slider each.
 """
@@ -19,9 +19,10 @@ import gradio as gr
 
 from pdmd import limits
 from pdmd.core.schedule import PhaseSchedule
-from pdmd.limits import MAX_CFG, MAX_DIVERSITY_SEEDS, MAX_PHASES, MAX_SEED, MAX_TEACHER_STEPS
+from pdmd.limits import MAX_CFG, MAX_DIVERSITY_SEEDS, MAX_PHASES, MAX_SEED, MAX_STRENGTH, MAX_TEACHER_STEPS
 from pdmd.students import lora_formats
 from pdmd.teachers import BUILTIN
+from pdmd.teachers.style_loras import describe_styles
 from ui import images, students
 from ui.comparison import (
     AS_TRAINED,
@@ -79,8 +80,10 @@ def describe_student(store: ModelStore, value: str, source: str, phases_schedule
         return (f"**Published student** ({source}): {schedule.describe()}; CFG {manifest.student_cfg:g}; "
                 f"files {', '.join(published.get('files', []))} at strengths "
                 f"{', '.join(f'{s:g}' for s in published.get('strengths', []))}.")
+    styles = (f"; its teacher carries style LoRA(s) {describe_styles(manifest.teacher_loras)}"
+              if manifest.teacher_loras else "")
     return (f"**Student schedule** ({source}): {schedule.describe()}; CFG {manifest.student_cfg:g}; "
-            f"method {manifest.method}, {manifest.updates_trained} updates trained.")
+            f"method {manifest.method}, {manifest.updates_trained} updates trained{styles}.")
 
 
 def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value, source, phases_schedule,
@@ -210,6 +213,14 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
             height = gr.Number(None, label="Height (px)", precision=0, minimum=0)
             width = gr.Number(None, label="Width (px)", precision=0, minimum=0)
             frames = gr.Number(None, label="Frames (video)", precision=0, minimum=0)
+    # off on a public server, whose handler refuses it too (a visitor names no file of the server's)
+    with gr.Accordion("Teacher style LoRA: distil your model, base + your style LoRA (fused in)", open=False,
+                      visible=store.other_teachers):
+        with gr.Row():
+            lora_file = gr.Textbox(label="Style LoRA file (.safetensors on this machine; blank = none)", scale=3,
+                                   placeholder="/loras/my_style.safetensors", elem_id="compare-teacher-lora")
+            lora_strength = gr.Number(1.0, label="Strength (0–2)", minimum=0, maximum=MAX_STRENGTH,
+                                      elem_id="compare-teacher-lora-strength")
     teacher_status = gr.Markdown(elem_id="compare-teacher-status")
     with gr.Row():
         with gr.Column(scale=2):
@@ -307,7 +318,8 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
         concurrency_limit=limits.SAMPLE_SLOTS))
     load_button.click(lambda: "Loading the teacher (a large model takes minutes)…", None, teacher_status,
                       queue=False).then(partial(on_load_teacher, store),
-                                        [teacher_picker, teacher_path, height, width, frames],
+                                        [teacher_picker, teacher_path, height, width, frames, lora_file,
+                                         lora_strength],
                                         [teacher_state, teacher_status, picker, steps, cfg, teacher_picker],
                                         concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS)
     export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state],

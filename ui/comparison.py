@@ -325,7 +325,7 @@ def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: st
                         handed_back, boundary_states)
     (row,) = sample_side(side, [(prompts, seed)])
     schedule = side_schedule(side)
-    own = {"name": manifest.teacher, "options": manifest.teacher_options}
+    own = {"name": manifest.teacher, "options": manifest.teacher_load_options(folder)}
     label = f"Student {students.student_name(folder)}"
     if handed_back:
         taken = " and ".join(f"{k + 1}" for k in handed_back)

@@ -16,6 +16,7 @@ from pdmd.paths import ROOT, runs_dir
 from pdmd.students import StudentError
 from pdmd.teachers import BUILTIN
 from pdmd.teachers.base import TeacherError
+from pdmd.teachers.style_loras import style_lora
 
 
 class InputError(ValueError):
@@ -99,6 +100,21 @@ def load_options(height, width, frames) -> dict:
         if value not in (None, "", 0):
             options[key] = bounded_number(value, key.replace("num_", ""), 1, high, whole=True)
     return options
+
+
+def teacher_lora_options(file, strength, allowed: bool = True) -> dict:
+    """The teacher box's optional style LoRA -- a .safetensors path on this machine and its strength -- as
+    load_teacher's ``teacher_loras`` option (blank: none). ``allowed`` False (a public server, which loads no
+    teacher of a visitor's choosing) refuses it before the path is looked at, so a visitor learns nothing of the
+    server's files."""
+    file = text(file, "the style LoRA file", limits.MAX_NAME_CHARS).strip()
+    if not file:
+        return {}
+    if not allowed:
+        raise InputError("style LoRAs are turned off on this public server; run the app yourself to fuse one into "
+                         "a teacher")
+    strength = bounded_number(strength, "style LoRA strength", 0, limits.MAX_STRENGTH)
+    return {"teacher_loras": (style_lora(file, strength),)}
 
 
 def parse_strengths(values, phases: int) -> list[float]:

@@ -237,7 +237,7 @@ class ModelStore:
         folder = Path(folder).resolve()
         manifest = self.manifest(folder)
         key = _version(folder) or (folder,)
-        name, options = manifest.teacher, manifest.teacher_options
+        name, options = manifest.teacher, manifest.teacher_load_options(folder)
         with self._loading:
             if key in self._students:
                 self._students.move_to_end(key)

@@ -90,7 +90,8 @@ def student_folder(store: ShowcaseStore, teacher: ShowcaseTeacher, student: Show
     loaded = store.teacher(teacher.model)
     strengths = list(student.strengths) if strengths is None else strengths
     schedule = student.schedule_on(loaded.default_shift)
-    salt = json.dumps([teacher.key, schedule.as_dict(), student.cfg])
+    styles = [[lora.sha256, lora.strength] for lora in teacher.options.get("teacher_loras", ())]
+    salt = json.dumps([teacher.key, styles, schedule.as_dict(), student.cfg])
     folder = published_dir() / published_folder_name(student.lora, strengths, salt)
     if not (folder / MANIFEST).is_file():
         for path in student.lora:

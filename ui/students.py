@@ -163,6 +163,9 @@ def import_upload(paths: list[str | Path]) -> Path:
     if any(isinstance(entry, dict) for entry in manifest.phases):
         raise StudentError("a phase with one file per network cannot be uploaded file by file: export the "
                            "student (Export below) and import its files as a published LoRA instead")
+    if manifest.teacher_loras:  # the copies of its teacher's style LoRAs would not come along
+        raise StudentError("a student of a teacher with style LoRAs (teacher_loras) cannot be uploaded file by "
+                           "file: put its whole folder under runs/ on the server")
     phases = len(manifest.phases)
     by_phase = {}
     for path in weights:

@@ -8,7 +8,7 @@ from pdmd.students import StudentError
 from pdmd.teachers import BUILTIN, teacher_key
 from pdmd.teachers.base import TeacherError
 from ui import students
-from ui.inputs import InputError, error_markdown, load_options
+from ui.inputs import InputError, error_markdown, load_options, teacher_lora_options
 from ui.models import ModelStore
 
 # offered in the teacher picker besides 'builtin' and the teachers already loaded (each loads from the Hub, or
@@ -29,13 +29,15 @@ def teacher_choices(store: ModelStore) -> list[str]:
     return list(dict.fromkeys([BUILTIN, *store.loaded_teachers(), *SUGGESTED_TEACHERS]))
 
 
-def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, frames=None):
+def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, frames=None, lora_file=None,
+                    lora_strength=1.0):
     """Outputs: the teacher state, status, the student picker (that teacher's students), teacher steps and CFG
     sliders (its own defaults), the teacher picker (now listing it). A typed folder or Hub id wins over the
-    picker."""
+    picker. ``lora_file`` / ``lora_strength``: an optional style LoRA fused into the teacher (base + style)."""
     name = (typed or "").strip() or picked or BUILTIN
     try:
-        options = load_options(height, width, frames)
+        options = {**load_options(height, width, frames),
+                   **teacher_lora_options(lora_file, lora_strength, allowed=store.other_teachers)}
         teacher = store.teacher(name, options)
     except (InputError, *LOAD_ERRORS) as err:
         return (gr.skip(),) + (error_markdown(f"Teacher not loaded: {err}"),) + (gr.skip(),) * 4
@@ -45,7 +47,8 @@ def on_load_teacher(store: ModelStore, picked, typed, height=None, width=None, f
             f"{teacher.family}, {'video' if teacher.is_video else 'images'} {size['height']}×{size['width']}"
             + (f", {size['num_frames']} frames" if "num_frames" in size else ""))
     experts = f"; experts {', '.join(teacher.network_names)}" if teacher.network_names else ""
-    status = (f"✓ Teacher **{name}** ({kind}{experts}): {teacher.default_steps} steps, CFG "
+    style = "".join(f" + style LoRA {lora.describe()}" for lora in teacher.style_loras)
+    status = (f"✓ Teacher **{name}**{style} ({kind}{experts}): {teacher.default_steps} steps, CFG "
               f"{teacher.default_cfg:g} by default.")
     choices = students.picker_choices(name)
     return ({"name": name, "options": options}, status,

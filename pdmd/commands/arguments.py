@@ -46,6 +46,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def teacher_lora(text: str):
+    """argparse type: ``FILE[:STRENGTH]``, a style LoRA fused into the teacher (strength in [0, 2], default 1), as
+    a checked pdmd.teachers.style_loras.StyleLora."""
+    from pdmd.teachers.base import TeacherError
+    from pdmd.teachers.style_loras import style_lora
+
+    file, strength = text, 1.0
+    head, colon, tail = text.rpartition(":")
+    if colon and head:
+        try:
+            file, strength = head, float(tail)
+        except ValueError:
+            file = text  # a colon that is part of the path
+    try:
+        return style_lora(file, strength)
+    except TeacherError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 MAX_LAB_SEEDS = 10  # each seed reruns the whole lab (minutes on a CPU)
 
 

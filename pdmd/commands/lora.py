@@ -30,13 +30,17 @@ def add_arguments(parser) -> None:
     out.add_argument("--student", required=True, help="student folder (manifest.json + one LoRA per phase)")
     out.add_argument("--layout", choices=EXPORT_LAYOUTS, default="comfyui")
     out.add_argument("--out", required=True, help="folder for the files and export.json")
+    out.add_argument("--with-style", action="store_true",
+                     help="a student of a teacher with style LoRAs: phase files that include the style, to load "
+                          "alone (default: phase files to load on top of the style LoRA, copied beside them)")
 
 
 def run(args) -> int:
     try:
         if args.action == "export":
-            written = export_student(args.student, args.out, args.layout)
-            print(json.dumps({"out": args.out, "files": [str(p) for p in written], "layout": args.layout}))
+            written = export_student(args.student, args.out, args.layout, include_style=args.with_style)
+            print(json.dumps({"out": args.out, "files": [str(p) for p in written], "layout": args.layout,
+                              "with_style": args.with_style}))
             return 0
         from pdmd.teachers import load_teacher
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pdmd.commands.arguments import frames, non_negative_float, pixels, positive_int, seed
+from pdmd.commands.arguments import frames, non_negative_float, pixels, positive_int, seed, teacher_lora
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
 from pdmd.students import StudentError
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=pixels, help="pixels (default: the pipeline's)")
     parser.add_argument("--width", type=pixels, help="pixels (default: the pipeline's)")
     parser.add_argument("--frames", type=frames, help="video frames (Wan; default: the pipeline's)")
+    parser.add_argument("--teacher-lora", type=teacher_lora, action="append", metavar="FILE[:STRENGTH]",
+                        help="a style LoRA fused into the teacher, strength 0-2 (default 1); repeatable (default: "
+                             "the student's own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     loading = {"dtype": args.dtype, "offload": args.offload, "height": args.height, "width": args.width,
-               "num_frames": args.frames}
-    loading = {k: v for k, v in loading.items() if v not in (None, False)}
+               "num_frames": args.frames, "teacher_loras": tuple(args.teacher_lora or ())}
+    loading = {k: v for k, v in loading.items() if v not in (None, False, ())}
     try:
         if args.student:
             manifest = Manifest.read(args.student)  # the resolution it was distilled at, unless told otherwise
-            options = {**({} if args.teacher else manifest.teacher_options), **loading}
+            options = {**({} if args.teacher else manifest.teacher_load_options(args.student)), **loading}
             student = load_student(args.student, load_teacher(args.teacher or manifest.teacher, **options), manifest)
             teacher, schedule, cfg, experts = student.roles.teacher, student.schedule, student.cfg, student.experts
         else:

@@ -27,6 +27,22 @@ class PlanError(ValueError):
     """Input the planner cannot use (a folder without config files, an unknown checkpoint); one line."""
 
 
+class UntokenisedProcessor:
+    """Stands in for a pipeline's processor (its tokenizer, image and video processors) where prompts are never
+    tokenised: what a pipeline's constructor reads from it (QwenImage21Pipeline counts its chat template's system
+    tokens and looks up the image placeholder's id) gets a placeholder answer the planner never uses."""
+
+    @property
+    def tokenizer(self) -> "UntokenisedProcessor":
+        return self
+
+    def apply_chat_template(self, *args, **kwargs) -> list[list[int]]:
+        return [[]]
+
+    def encode(self, *args, **kwargs) -> list[int]:
+        return [0]
+
+
 def shipped_checkpoints() -> list[str]:
     """Hub ids whose architecture ships under assets/architectures."""
     return sorted(p.name.replace("--", "/", 1) for p in ARCHITECTURES.iterdir() if (p / MODEL_INDEX).is_file())
@@ -88,11 +104,13 @@ def pipeline_components(name: str) -> tuple[str, dict]:
                 components[key] = value  # pipeline settings such as Wan 2.2's boundary_ratio
             continue
         library, component_class = value
-        if key == "scheduler":
-            config = _read_json(folder / key / "scheduler_config.json")
-            components[key] = getattr(diffusers, component_class).from_config(config)
+        if key in ("scheduler", "guider"):  # config-only components (HunyuanVideo 1.5 has a guider), each read
+            component = getattr(diffusers, component_class)  # from its own file: scheduler_config.json, ...
+            components[key] = component.from_config(_read_json(folder / key / component.config_name))
         elif key.startswith("tokenizer"):
             components[key] = None  # prompts are never tokenised here: the embeddings' shapes are known
+        elif key == "processor":  # a tokenizer with the image and video processors (QwenImage21Pipeline)
+            components[key] = UntokenisedProcessor()
         else:
             components[key] = _build_component(folder, key, library, component_class)
     return class_name, components

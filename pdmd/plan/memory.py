@@ -113,6 +113,17 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
     elif teacher.family == "z-image":  # at most prompt_length tokens of the Qwen3 encoder (each prompt its own)
         cond = {"prompt_embeds": embeds(length, config.cap_feat_dim),
                 "prompt_mask": torch.ones(batch, length, dtype=torch.bool, device=device)}
+    elif teacher.family == "qwen-image21":  # prompt_length Qwen3-VL tokens (the pipeline caps none), then the
+        # image's H/16 * W/16 tokens, which the transformer appends itself
+        cond = {"prompt_embeds": embeds(length, config.context_in_dim),
+                "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.bool, device=device)}
+    elif teacher.family == "hunyuan-video-1.5":  # 1000 Qwen2.5-VL and 256 ByT5 glyph tokens, always padded, with
+        # their masks in the model dtype (the transformer adds its 729 masked image tokens itself)
+        glyphs = teacher.glyph_length
+        cond = {"prompt_embeds": embeds(length, config.text_embed_dim),
+                "prompt_embeds_mask": torch.ones(batch, length, dtype=dtype, device=device),
+                "prompt_embeds_2": embeds(glyphs, config.text_embed_2_dim),
+                "prompt_embeds_mask_2": torch.ones(batch, glyphs, dtype=dtype, device=device)}
     else:  # qwen-image: at most prompt_length tokens (the pipeline trims to the longest prompt)
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device)}

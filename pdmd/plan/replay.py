@@ -253,6 +253,12 @@ class Replayed(nn.Module):
         self.adapters = memo.setdefault(("adapters", id(block)), _Adapters(block))  # looked up once per block
         self.stand_ins: dict[tuple, list[torch.Tensor]] = {}
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what a network reads off its blocks is the block's (Qwen-Image 2.1's forward
+            return getattr(super().__getattr__("block"), name)  # reads each block's attention processor)
+
     def forward(self, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]

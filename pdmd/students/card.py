@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pdmd.core.sampling import phase_sigmas
 from pdmd.students.manifest import PUBLISHED, Manifest
 from pdmd.students.roles import phase_adapter
+from pdmd.teachers.style_loras import ADAPTER_PREFIX
 
 CARD = "README.md"
 SAMPLE_GRID = "samples.png"  # the run's last sample grid, copied beside the LoRAs so the card can show it
@@ -26,9 +27,18 @@ METHODS = {"phased": "Phased DMD: one LoRA expert per SNR phase, each distilled 
            "dmd": "DMD, one step", "dmd-sgts": "DMD with stochastic gradient truncation",
            PUBLISHED: "published LoRA files, one per phase, wrapped as a phased student"}
 # the keyword that sets guidance in each family's pipeline __call__
-CFG_KEYWORD = {"qwen-image": "true_cfg_scale"}
+CFG_KEYWORD = {"qwen-image": "true_cfg_scale", "qwen-image21": "true_cfg_scale"}
 # that keyword's value for our CFG scale where they differ: ZImagePipeline mixes pos + s * (pos - neg), CFG 1 + s
 CFG_VALUE = {"z-image": lambda cfg: cfg - 1.0}
+# further __call__ keywords a family's snippet needs, by student CFG: QwenImage21Pipeline guides only when given a
+# negative prompt (the teacher's " "), and its text-token KV cache, filled at the first step under the first phase's
+# LoRA, would give the later phases that expert's text keys and values
+CALL_KEYWORDS = {"qwen-image21": lambda cfg: ('negative_prompt=" ", ' if cfg > 1 else "") + "use_kv_cache=False, "}
+# families whose pipeline has no LoRA loader mixin and no callback_on_step_end (HunyuanVideo15Pipeline, diffusers
+# 0.42): the LoRAs load into the transformer itself, and the scheduler's step switches the phase experts
+ON_TRANSFORMER = {"hunyuan-video-1.5"}
+# families whose guidance is a pipeline component (a ClassifierFreeGuidance ``guider``), not a __call__ keyword
+GUIDER = {"hunyuan-video-1.5"}
 
 TEMPLATE = """---
 {{ card_data }}
@@ -36,7 +46,7 @@ TEMPLATE = """---
 
 # {{ name }}
 
-A {{ nfe }}-step student of [{{ teacher }}]({{ teacher_link }}) made with
+A {{ nfe }}-step student of [{{ teacher }}]({{ teacher_link }}){{ style }} made with
 Phased DMD Studio (`pdmd`): {{ method }}
 ([Phased DMD](https://arxiv.org/abs/2510.27684)). Each phase of the noise schedule has its own LoRA expert;
 sampling switches experts at each phase boundary.
@@ -64,7 +74,9 @@ Every LoRA file also carries the schedule in its safetensors metadata (`pdmd_sch
 {{ evaluation }}
 {% endif %}
 ## Use with diffusers
-
+{% if style_usage %}
+{{ style_usage }}
+{% endif %}
 ```python
 {{ diffusers_usage }}
 ```
@@ -149,19 +161,48 @@ def phase_starts(manifest: Manifest) -> dict[int, str]:
     return {step: phase_adapter(k) for k, step in enumerate(ends) if k > 0}
 
 
+def styles_text(manifest: Manifest) -> str:
+    """The teacher's style LoRAs as 'name × strength', or ''."""
+    return ", ".join(f"`{lora.describe()}`" for lora in manifest.teacher_loras)
+
+
+def style_usage(manifest: Manifest) -> str:
+    if not manifest.teacher_loras:
+        return ""
+    return (f"The phase LoRAs go on top of the teacher's style LoRA(s) {styles_text(manifest)} (copies in "
+            "`teacher_loras/` of this repository): the snippet loads the style first, then the phase LoRAs, and keeps "
+            "the style active at its strength beside each phase's expert. `python -m pdmd lora export --with-style` "
+            "writes phase LoRAs that already contain the style, each loaded alone.")
+
+
 def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
     """The diffusers snippet: the teacher's pipeline, Euler on exactly the student's timesteps, one LoRA adapter
-    per phase (Wan 2.2's low-noise network's with load_into_transformer_2) and the switch at each boundary."""
-    loads = []
+    per phase (Wan 2.2's low-noise network's with load_into_transformer_2) and the switch at each boundary. A
+    teacher with style LoRAs: those load first, and stay active at their strengths under every phase's expert.
+    HunyuanVideo 1.5: adapters on ``pipe.transformer``, switched by the scheduler's step, CFG set on its guider."""
+    styles = {f"{ADAPTER_PREFIX}_{k + 1}": lora for k, lora in enumerate(manifest.teacher_loras)}
+    on_transformer = manifest.family in ON_TRANSFORMER
+    load, owner = ("pipe.transformer.load_lora_adapter", "pipe.transformer") if on_transformer else \
+        ("pipe.load_lora_weights", "pipe")
+    loads = [f'{load}(STUDENT, weight_name="{lora.file}", adapter_name="{name}")'
+             for name, lora in styles.items()]
+
+    def activate(expert: str) -> str:
+        if not styles:
+            return f"{owner}.set_adapters({expert})"
+        weights = "weights" if on_transformer else "adapter_weights"  # the model's set_adapters names it so
+        return f"{owner}.set_adapters([*STYLE, {expert}], {weights}=[*STYLE.values(), 1.0])"
+
     for k in range(manifest.schedule.num_phases):
         for network, relative in manifest.phase_files(k).items():
             into = ", load_into_transformer_2=True" if network == "transformer_2" else ""
-            loads.append(f'pipe.load_lora_weights(STUDENT, weight_name="{relative}", '
+            loads.append(f'{load}(STUDENT, weight_name="{relative}", '
                          f'adapter_name="{phase_adapter(k)}"{into})')
     options = manifest.teacher_options
     size = ", ".join(f"{k}={options[k]}" for k in ("height", "width", "num_frames") if k in options)
     cfg_keyword = CFG_KEYWORD.get(manifest.family or "", "guidance_scale")
     cfg_value = CFG_VALUE.get(manifest.family or "", float)(manifest.student_cfg)
+    guider = manifest.family in GUIDER
     video = "num_frames" in options
     output = ('video = result.frames[0]\nexport_to_video(video, "student.mp4", fps=16)' if video
               else 'image = result.images[0]\nimage.save("student.png")')
@@ -175,6 +216,8 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         f'STUDENT = "{student}"  # this repository, or a local copy of it',
         f"SIGMAS = [{sigmas}]  # the student's timesteps, already shifted (shift {manifest.schedule.shift:g})",
         f"PHASE_STARTS = {phase_starts(manifest)!r}  # the phase switch: step index -> the expert from there on",
+        *([f"STYLE = {({n: lora.strength for n, lora in styles.items()})!r}  # the teacher's style LoRA(s) -> "
+           "strength, under every phase"] if styles else []),
         "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
         "DTYPE = torch.bfloat16 if DEVICE == \"cuda\" else torch.float32",
         "",
@@ -183,23 +226,33 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         "    \"\"\"Euler on exactly the student's timesteps, whatever the pipeline asks for.\"\"\"",
         "    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):",
         "        super().set_timesteps(sigmas=SIGMAS, device=device)",
-        "",
-        "",
-        "def switch_phase(pipe, step, timestep, callback_kwargs):",
-        "    if step + 1 in PHASE_STARTS:  # the next step opens a new phase: its own LoRA expert",
-        "        pipe.set_adapters(PHASE_STARTS[step + 1])",
-        "    return callback_kwargs",
+        *(["",  # the pipeline takes no step callback: the scheduler switches the experts after each step
+           "    def step(self, *args, **kwargs):",
+           "        out = super().step(*args, **kwargs)",
+           "        if self.step_index in PHASE_STARTS:  # the next step opens a new phase: its own LoRA expert",
+           f"            {activate('PHASE_STARTS[self.step_index]')}",
+           "        return out"] if on_transformer else
+          ["",
+           "",
+           "def switch_phase(pipe, step, timestep, callback_kwargs):",
+           "    if step + 1 in PHASE_STARTS:  # the next step opens a new phase: its own LoRA expert",
+           f"        {activate('PHASE_STARTS[step + 1]')}",
+           "    return callback_kwargs"]),
         "",
         "",
         "pipe = DiffusionPipeline.from_pretrained(TEACHER, dtype=DTYPE)",
         "pipe.scheduler = StudentScheduler(shift=1.0)",
         *loads,
-        f'pipe.set_adapters("{phase_adapter(0)}")',
+        activate(f'"{phase_adapter(0)}"'),
+        *([f"pipe.guider = pipe.guider.new(guidance_scale={cfg_value:g})"] if guider else []),
         "pipe.to(DEVICE)",
         # prompt by keyword: the first parameter of the FLUX.2 pipelines is a conditioning image
-        f'result = pipe(prompt="{prompt}", num_inference_steps=len(SIGMAS), {cfg_keyword}={cfg_value:g}, '
+        f'result = pipe(prompt="{prompt}", num_inference_steps=len(SIGMAS), '
+        + ("" if guider else f"{cfg_keyword}={cfg_value:g}, ")
+        + CALL_KEYWORDS.get(manifest.family or "", lambda cfg: "")(manifest.student_cfg)
         + (f"{size}, " if size else "")
-        + "generator=torch.Generator().manual_seed(0), callback_on_step_end=switch_phase)",
+        + "generator=torch.Generator().manual_seed(0)"
+        + (")" if on_transformer else ", callback_on_step_end=switch_phase)"),
         output,
     ])
 
@@ -209,9 +262,12 @@ def comfyui_usage(manifest: Manifest, name: str) -> str:
     steps = "; ".join(f"phase {k + 1}: steps {ends[k]}–{ends[k + 1]}" for k in range(manifest.schedule.num_phases))
     networks = (" For Wan 2.2 the `high_noise` file goes on the high-noise model and the `low_noise` file on the "
                 "low-noise model." if manifest.networks else "")
+    style = (f" The phase files go on top of the teacher's style LoRA(s) {styles_text(manifest)}, copied beside "
+             "them: chain its *LoraLoaderModelOnly* at that strength first (or export with `--with-style` for phase "
+             "files that contain it)." if manifest.teacher_loras else "")
     return (f"Export the experts in ComfyUI's key layout: `python -m pdmd lora export --student {name} --layout "
-            f"comfyui --out comfyui/` (one file per phase, `export.json` says which is which).{networks} Load each "
-            f"with *LoraLoaderModelOnly* on its own copy of the model, set *ModelSamplingSD3* shift to "
+            f"comfyui --out comfyui/` (one file per phase, `export.json` says which is which).{networks}{style} Load "
+            f"each with *LoraLoaderModelOnly* on its own copy of the model, set *ModelSamplingSD3* shift to "
             f"{manifest.schedule.shift:g}, and chain one *KSamplerAdvanced* per phase over {manifest.schedule.nfe} "
             f"steps in total, sampler `euler`, CFG {manifest.student_cfg:g}: {steps}. ComfyUI's `simple` scheduler "
             f"spaces the steps evenly in its own way, so images are close to, not identical with, this student's.")
@@ -235,6 +291,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, seconds: float |
     return ModelCard.from_template(
         data, template_str=TEMPLATE, name=name, teacher=teacher,
         teacher_link=f"https://huggingface.co/{teacher}" if hub_teacher else "#",
+        style=f" with its style LoRA(s) {styles_text(manifest)} fused in" if manifest.teacher_loras else "",
+        style_usage=style_usage(manifest),
         method=METHODS.get(manifest.method, manifest.method), nfe=manifest.schedule.nfe,
         shift=f"{manifest.schedule.shift:g}", cfg=f"{manifest.student_cfg:g}", phases=schedule_rows(manifest),
         training=training_text(manifest, seconds), sample_grid=SAMPLE_GRID if (folder / SAMPLE_GRID).is_file() else "",

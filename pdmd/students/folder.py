@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,14 @@ from torch import Tensor
 from pdmd.core.sampling import phase_sigmas, teacher_takes_phases
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import StudentError
-from pdmd.students.manifest import MANIFEST, Manifest
+from pdmd.students.manifest import MANIFEST, Manifest, TeacherLora
 from pdmd.students.roles import Roles, phase_adapter
 from pdmd.teachers.base import Teacher
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights records rank and alpha
 SCHEDULE_METADATA_KEY = "pdmd_schedule"  # the phase schedule, so a LoRA file alone says where it belongs
+TEACHER_LORA_DIR = "teacher_loras"  # copies of the style LoRAs fused into the student's teacher
 
 
 def schedule_metadata(schedule: PhaseSchedule, phase: int) -> dict[str, str]:
@@ -52,6 +54,21 @@ def warn_about_shared_phases(teacher: Teacher, schedule: PhaseSchedule) -> None:
             warnings.warn(f"phase {k + 1} has steps at t = {times}, on both networks {' and '.join(used)} (a step "
                           "runs on the network of the t it starts from): its LoRA is saved for each; for one "
                           "network per phase, keep each phase's steps on one side of the switch", stacklevel=2)
+
+
+def teacher_fields(teacher: Teacher, folder: Path) -> dict:
+    """The manifest's record of how ``teacher`` loads: its options, and its style LoRAs, each copied into
+    ``folder/teacher_loras/`` so that the student rebuilds base + style wherever the folder goes."""
+    options = dict(teacher.options())
+    records, names = [], set()
+    for k, lora in enumerate(options.pop("teacher_loras", ())):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", lora.file.stem)[:64] + ".safetensors"
+        name = f"{k + 1}-{name}" if name in names else name  # two files of one name from different folders
+        names.add(name)
+        (folder / TEACHER_LORA_DIR).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lora.file, folder / TEACHER_LORA_DIR / name)
+        records.append(TeacherLora(f"{TEACHER_LORA_DIR}/{name}", lora.sha256, lora.strength))
+    return {"teacher_options": options, "teacher_loras": tuple(records)}
 
 
 def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, **provenance) -> Manifest:
@@ -86,7 +103,7 @@ def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, **provenan
             phases.append({n: write(f"{name}/{n}/{LORA_WEIGHT_NAME}", parts[n], k) for n in used})
             networks.append(tuple(used))
     manifest = Manifest(schedule=schedule, phases=tuple(phases), lora=roles.lora, lora_prefix=prefix,
-                        family=teacher.family, teacher_options=teacher.options(),
+                        family=teacher.family, **teacher_fields(teacher, folder),
                         networks=tuple(networks) or None, **provenance)
     manifest.write(folder)
     return manifest
@@ -147,7 +164,7 @@ def load_student(folder: str | Path, teacher: Teacher | None = None, manifest: M
     manifest = manifest or Manifest.read(folder)
     if teacher is None:
         from pdmd.teachers import load_teacher
-        teacher = load_teacher(manifest.teacher, **manifest.teacher_options)
+        teacher = load_teacher(manifest.teacher, **manifest.teacher_load_options(folder))
     schedule = manifest.schedule
     roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], manifest.lora)
     load_phases(roles, folder, manifest, range(schedule.num_phases))

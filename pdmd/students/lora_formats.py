@@ -11,12 +11,18 @@ silently dropped.
 Out: a student's per-phase LoRAs as single files in the diffusers layout (``pipe.load_lora_weights``) or in a
 layout ComfyUI's LoRA loader reads (comfy/lora.py ``model_lora_keys_unet``): Wan under its original module names
 ``diffusion_model.blocks.N.self_attn.q.lora_down.weight``, Qwen-Image as ``diffusion_model.<module>.lora_down``
-(ComfyUI's Qwen-Image keeps the diffusers module names), FLUX and SD3 as ``transformer.<module>.lora_A`` which
+(ComfyUI's Qwen-Image keeps the diffusers module names), Qwen-Image 2.1 as ``<module>.lora_down`` unprefixed (what
+ComfyUI's QwenImage branch maps for every module, gate_layer / proj onto the halves of its checkpoint's fused
+``img_mlp.gate_up``, which ``diffusion_model.`` names would miss; a LoRA on gate_up imports split back),
+FLUX and SD3 as ``transformer.<module>.lora_A`` which
 ComfyUI maps itself (``flux_to_diffusers`` / ``mmdit_to_diffusers``), Z-Image as ``diffusion_model.<diffusers
 module>.lora_down`` which ComfyUI's Lumina2 branch maps (``z_image_to_diffusers``: to_q/to_k/to_v onto rows of
 its fused qkv; the same keys ai-toolkit's published Z-Image LoRAs use, with lora_A/lora_B), FLUX.2 under its
 original module names ``diffusion_model.double_blocks.N.img_attn.qkv.lora_A.weight`` (q, k, v fused exactly;
-pdmd/students/lora_flux2.py). Scales are folded into ``lora_up``/``lora_B``
+pdmd/students/lora_flux2.py), HunyuanVideo 1.5 under ComfyUI's names for its HunyuanVideo model
+``diffusion_model.double_blocks.N.img_attn.qkv.lora_down.weight`` (q, k, v fused exactly; diffusers has no converter
+for this family, so pdmd/students/lora_hunyuan_video15.py reads its layouts too). Scales are folded into
+``lora_up``/``lora_B``
 so no ``.alpha`` is needed: every reader then applies the LoRA at scale 1.
 
 A *published student* is an ordinary student folder (manifest.json + phase_k/pytorch_lora_weights.safetensors)
@@ -26,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,16 +45,25 @@ from torch import Tensor, nn
 from pdmd.core.sampling import phase_sigmas
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.limits import MAX_STRENGTH
-from pdmd.students import StudentError, lora_flux2
-from pdmd.students.folder import LORA_WEIGHT_NAME, networks_of_phase, schedule_metadata
+from pdmd.students import StudentError, lora_flux2, lora_hunyuan_video15
+from pdmd.students.folder import (
+    LORA_METADATA_KEY,
+    LORA_WEIGHT_NAME,
+    networks_of_phase,
+    schedule_metadata,
+    teacher_fields,
+)
 from pdmd.students.manifest import MANIFEST, PICKLE_SUFFIXES, PUBLISHED, LoraSpec, Manifest
 from pdmd.students.roles import phase_adapter
 from pdmd.teachers.base import Teacher
 
 # family -> the diffusers LoRA loader mixin its pipeline inherits (and whose lora_state_dict converts)
 LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin",
-           "qwen-image": "QwenImageLoraLoaderMixin", "z-image": "ZImageLoraLoaderMixin",
-           "flux2": "Flux2LoraLoaderMixin"}
+           "qwen-image": "QwenImageLoraLoaderMixin",
+           "qwen-image21": "QwenImageLoraLoaderMixin",  # QwenImage21Pipeline inherits Qwen-Image's loader
+           "z-image": "ZImageLoraLoaderMixin",
+           "flux2": "Flux2LoraLoaderMixin",
+           "hunyuan-video-1.5": None}  # no diffusers LoRA loader nor converter: pdmd/students/lora_hunyuan_video15.py
 FAMILIES = tuple(LOADERS)
 EXPORT_LAYOUTS = ("diffusers", "comfyui")
 TRANSFORMER_PREFIX = "transformer"
@@ -72,6 +89,15 @@ Z_IMAGE_COMFYUI_BLOCKS = re.compile(r"(layers|noise_refiner|context_refiner)\.\d
                                     r"feed_forward\.w[123]|adaLN_modulation\.0)")
 Z_IMAGE_COMFYUI_TOP = {"all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1", "all_x_embedder.2-1",
                        "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"}
+# Qwen-Image 2.1: the diffusers module names ComfyUI's LoRA loader maps for its QwenImage21 model (comfy/lora.py,
+# the QwenImage branch: each weight's own name, and gate_layer / proj onto the halves of the gate_up its checkpoint
+# fuses them into)
+QWEN_IMAGE21_COMFYUI_BLOCKS = re.compile(
+    r"transformer_blocks\.\d+\.(attn\.to_(q|k|v|out\.0)|img_mlp\.(gate_layer|proj|out))")
+QWEN_IMAGE21_COMFYUI_TOP = {"img_in", "txt_in.in_layer", "txt_in.out_layer", "modulation.1", "norm_out.linear",
+                            "proj_out", "time_text_embed.timestep_embedder.linear_1",
+                            "time_text_embed.timestep_embedder.linear_2"}
+QWEN_IMAGE21_FUSED_MLP = ".img_mlp.gate_up"  # ComfyUI's fused [gate_layer; proj] rows, as a LoRA trained on it names it
 # a two-network teacher's files are named by network, as the published Wan2.2-Lightning files are: the key
 # names alone cannot tell a ComfyUI user which model a file belongs to
 NETWORK_FILE_NAMES = {"transformer": "high_noise", "transformer_2": "low_noise"}
@@ -92,7 +118,9 @@ def _listing(keys) -> str:
 def family_of(pipeline_class: str) -> str:
     """Our family id for a diffusers pipeline class name (``WanPipeline`` -> ``wan``)."""
     for prefix, family in (("StableDiffusion3", "sd3"), ("Flux2", "flux2"), ("Flux", "flux"), ("Wan", "wan"),
-                           ("QwenImage", "qwen-image"), ("ZImage", "z-image")):
+                           # QwenImage21Pipeline starts with "QwenImage" too: it has to be tried first
+                           ("QwenImage21", "qwen-image21"), ("QwenImage", "qwen-image"), ("ZImage", "z-image"),
+                           ("HunyuanVideo15", "hunyuan-video-1.5")):
         if pipeline_class.startswith(prefix) and not pipeline_class.startswith("Flux3"):
             return family
     raise LoraFormatError(f"no LoRA converter for pipeline {pipeline_class!r}; supported families: "
@@ -122,6 +150,21 @@ def read_lora(path: str | Path) -> dict[str, Tensor]:
         raise LoraFormatError(f"{path.name} is not a readable safetensors file ({err})") from None
 
 
+def read_adapter_config(path: str | Path) -> dict:
+    """The transformer's PEFT LoraConfig that diffusers' ``save_lora_weights`` records in a file's metadata
+    (``lora_adapter_metadata``: ``transformer.r``, ``transformer.lora_alpha`` and their per-module patterns), which
+    diffusers' loader applies instead of reading the scale off the keys; {} when the file records none."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        packed = json.loads(metadata.get(LORA_METADATA_KEY, "{}"))
+    except ValueError:
+        raise LoraFormatError(f"{Path(path).name}: its {LORA_METADATA_KEY} metadata is not JSON") from None
+    prefix = f"{TRANSFORMER_PREFIX}."
+    return {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)} if isinstance(packed, dict) \
+        else {}
+
+
 def detect_layout(state: dict[str, Tensor]) -> str:
     """``kohya`` (lora_unet_...), ``comfyui`` (original names: diffusion_model. prefix or lora_down/lora_up) or
     ``diffusers`` (lora_A/lora_B on diffusers module names)."""
@@ -140,7 +183,8 @@ def detect_layout(state: dict[str, Tensor]) -> str:
 # --- import ------------------------------------------------------------------------------------------------
 def _unsupported(state: dict[str, Tensor]) -> list[str]:
     """Keys diffusers' converters would drop with only a log line: full-weight diffs, DoRA scales, biases."""
-    return [k for k in state if k.endswith((".diff", ".diff_b", ".dora_scale")) or ".lora_B.bias" in k]
+    return [k for k in state if k.endswith((".diff", ".diff_b", ".dora_scale")) or ".lora_magnitude_vector" in k
+            or ".lora_B.bias" in k]
 
 
 def _fold_leftover_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -155,6 +199,31 @@ def _fold_leftover_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if down not in out or up not in out:
             raise LoraFormatError(f"{module}.alpha has no lora_A/lora_B pair beside it")
         out[up] = out[up] * (float(alpha) / out[down].shape[0])
+    return out
+
+
+def _fold_adapter_config(state: dict[str, Tensor], config: dict) -> dict[str, Tensor]:
+    """Fold the scale PEFT gives each module under ``config`` (read_adapter_config) into its lora_B: lora_alpha / r,
+    or lora_alpha / sqrt(r) with rsLoRA, a module's own values from rank_pattern / alpha_pattern (a pattern names a
+    module or a dotted tail of its name, as PEFT matches them)."""
+    if "r" not in config and "lora_alpha" not in config:
+        return state
+
+    def value(pattern: str, module: str, default):
+        for key, own in (config.get(pattern) or {}).items():
+            if module == key or module.endswith(f".{key}"):
+                return own
+        return default
+    out = dict(state)
+    for module in {match["module"] for match in map(PAIR.match, state) if match}:
+        rank = value("rank_pattern", module, config.get("r"))
+        alpha = value("alpha_pattern", module, config.get("lora_alpha"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (rank, alpha)):
+            raise LoraFormatError(f"{LORA_METADATA_KEY} gives {module} rank {rank!r} and alpha {alpha!r}: not two "
+                                  "positive numbers")
+        if f"{module}.lora_B.weight" in out:
+            out[f"{module}.lora_B.weight"] = out[f"{module}.lora_B.weight"] * (
+                alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
     return out
 
 
@@ -180,6 +249,11 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
             state = lora_flux2.normalised_original(state)
         except lora_flux2.Flux2KeyError as err:
             raise LoraFormatError(str(err)) from None
+    if family == "hunyuan-video-1.5":  # diffusers has no converter: every layout is read by lora_hunyuan_video15
+        try:
+            return lora_hunyuan_video15.to_peft(state)
+        except lora_hunyuan_video15.HunyuanVideo15KeyError as err:
+            raise LoraFormatError(str(err)) from None
     loader = getattr(loaders, LOADERS[family])
     work = dict(state)
     try:
@@ -199,7 +273,8 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     if outside:
         raise LoraFormatError(f"only the transformer's LoRA is loaded; these keys are for other parts: "
                               f"{_listing(outside)}")
-    return {k.removeprefix(prefix): v for k, v in converted.items()}
+    converted = {k.removeprefix(prefix): v for k, v in converted.items()}
+    return split_fused_mlp(converted) if family == "qwen-image21" else converted
 
 
 def check_fits(state: dict[str, Tensor], model: nn.Module) -> None:
@@ -230,13 +305,15 @@ def load_published(path: str | Path, family: str, model: nn.Module | None = None
                    strength: float = 1.0) -> dict[str, Tensor]:
     """One published LoRA file as PEFT weights for ``family``, times ``strength`` (0 = no change, 1 = as
     published), checked against ``model`` when given."""
-    return convert_published(read_lora(path), family, model, strength)
+    return convert_published(read_lora(path), family, model, strength, read_adapter_config(path))
 
 
 def convert_published(raw: dict[str, Tensor], family: str, model: nn.Module | None = None,
-                      strength: float = 1.0) -> dict[str, Tensor]:
-    """load_published for tensors already read."""
+                      strength: float = 1.0, adapter_config: dict | None = None) -> dict[str, Tensor]:
+    """load_published for tensors already read (and the file's read_adapter_config)."""
     state = to_peft(raw, family)
+    if adapter_config and not any(k.endswith(".alpha") for k in raw):  # the keys' own alphas are folded already
+        state = _fold_adapter_config(state, adapter_config)
     if model is not None:
         check_fits(state, model)
     return {k: (v * strength if ".lora_B." in k else v).contiguous() for k, v in state.items()}  # dtype kept
@@ -297,7 +374,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
     for path, strength, (_, network) in zip(files, strengths, networks):  # one file in memory at a time
         raw = read_lora(path)
         layouts.append(detect_layout(raw))
-        states.append(convert_published(raw, teacher.family, network, strength))
+        states.append(convert_published(raw, teacher.family, network, strength, read_adapter_config(path)))
     rank = max(v.shape[0] for state in states for k, v in state.items() if ".lora_A." in k)
     modules = sorted({PAIR.match(k)["module"] for state in states for k in state})
     phases = []
@@ -310,7 +387,7 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
     Manifest(teacher=teacher_id or teacher.name, family=teacher.family, method=PUBLISHED, student_cfg=float(cfg),
              updates_trained=0, schedule=schedule, phases=tuple(phases),
              lora=LoraSpec(rank, float(rank), tuple(modules)), lora_prefix=TRANSFORMER_PREFIX,
-             teacher_options=teacher.options(),
+             **teacher_fields(teacher, folder),
              networks=tuple(name for name, _ in networks) if teacher.network_names else None,
              published={"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files],
                         "layouts": layouts, "strengths": strengths}).write(folder)
@@ -347,12 +424,44 @@ def z_image_comfyui_name(module: str) -> str:
     return module
 
 
+def qwen_image21_comfyui_name(module: str) -> str:
+    """A diffusers Qwen-Image 2.1 module name as ComfyUI's LoRA keys for its QwenImage21 model use it: unchanged
+    and unprefixed, the "QwenImage LoRA format" its QwenImage branch of ``model_lora_keys_unet`` maps (with
+    ``transformer.`` too, not with ``diffusion_model.``, for the two MLP inputs its checkpoint fuses), provided it is
+    one of the names that map covers."""
+    if not (QWEN_IMAGE21_COMFYUI_BLOCKS.fullmatch(module) or module in QWEN_IMAGE21_COMFYUI_TOP):
+        raise LoraFormatError(f"Qwen-Image 2.1 module {module!r} is not one ComfyUI's Qwen-Image 2.1 LoRA loader maps")
+    return module
+
+
+def split_fused_mlp(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Qwen-Image 2.1 LoRA on ComfyUI's fused ``img_mlp.gate_up`` (rows: gate_layer's, then proj's) as LoRAs on
+    diffusers' two modules: the same lora_A, lora_B's halves of rows, which adds exactly the same weights."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(f"{QWEN_IMAGE21_FUSED_MLP}.lora_B.weight")]:
+        module = key.removesuffix(".lora_B.weight")
+        down, up = out.pop(f"{module}.lora_A.weight", None), out.pop(key)
+        if down is None or up.shape[0] % 2:
+            raise LoraFormatError(f"{module}: a fused gate_up LoRA needs its lora_A and an even number of lora_B rows")
+        for name, half in zip(("gate_layer", "proj"), up.chunk(2)):
+            target = module.removesuffix("gate_up") + name
+            if f"{target}.lora_B.weight" in out:
+                raise LoraFormatError(f"{target} has a LoRA both of its own and in {module}")
+            out[f"{target}.lora_A.weight"], out[f"{target}.lora_B.weight"] = down, half.contiguous()
+    return out
+
+
 def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     """Scale-folded PEFT weights -> the keys ComfyUI's LoRA loader maps for ``family`` (see module doc)."""
     if family == "flux2":  # q, k, v are fused across keys there: pdmd.students.lora_flux2
         try:
             return lora_flux2.comfyui_state(state)
         except lora_flux2.Flux2KeyError as err:
+            raise LoraFormatError(str(err)) from None
+    if family == "hunyuan-video-1.5":  # ComfyUI fuses q, k, v there too: pdmd.students.lora_hunyuan_video15
+        try:
+            return lora_hunyuan_video15.comfyui_state(state)
+        except lora_hunyuan_video15.HunyuanVideo15KeyError as err:
             raise LoraFormatError(str(err)) from None
     out = {}
     for key, value in state.items():
@@ -366,6 +475,8 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
             out[f"diffusion_model.{module}.{kohya_part}.weight"] = value
         elif family == "z-image":
             out[f"diffusion_model.{z_image_comfyui_name(module)}.{kohya_part}.weight"] = value
+        elif family == "qwen-image21":
+            out[f"{qwen_image21_comfyui_name(module)}.{kohya_part}.weight"] = value
         elif family in ("flux", "sd3"):
             out[f"{TRANSFORMER_PREFIX}.{key}"] = value
         else:
@@ -391,10 +502,46 @@ def student_phase_files(folder: str | Path) -> tuple[Manifest, list[list[tuple[s
     return manifest, phases
 
 
-def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui") -> list[Path]:
+def with_style(state: dict[str, Tensor], styles: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``state`` plus the style LoRA(s) ``styles`` as one LoRA, exactly (all with their scales folded in): per module
+    the A's stacked as rows and the B's side by side as columns, so B @ A is the sum of every B_i @ A_i at rank
+    r_style + r_phase; a module only one of them adapts keeps that one's pair."""
+    parts = [*styles, state]
+    dtype = next(iter(state.values())).dtype
+    combined = {}
+    for module in sorted({PAIR.match(k)["module"] for part in parts for k in part}):
+        down, up = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        having = [part for part in parts if down in part]
+        combined[down] = torch.cat([part[down].to(dtype) for part in having], 0).contiguous()
+        combined[up] = torch.cat([part[up].to(dtype) for part in having], 1).contiguous()
+    return combined
+
+
+def style_states(folder: Path, manifest: Manifest) -> list[dict[str, Tensor]]:
+    """The style LoRAs of a student's teacher, from their copies in the student folder, as PEFT weights with
+    alpha / r and the strength folded in; each copy must still have the sha256 the manifest records."""
+    from pdmd.teachers.style_loras import sha256_of
+
+    states = []
+    for lora in manifest.teacher_loras:
+        path = (folder / lora.file).resolve()
+        if folder.resolve() not in path.parents or not path.is_file():
+            raise LoraFormatError(f"{folder / MANIFEST}: its style LoRA copy {lora.file} is missing")
+        if sha256_of(path) != lora.sha256:
+            raise LoraFormatError(f"{folder / lora.file} has changed since the student was made (sha256)")
+        states.append(load_published(path, manifest.family, strength=lora.strength))
+    return states
+
+
+def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
+                   include_style: bool = False) -> list[Path]:
     """Write each phase of a student as one LoRA file per network, ``out/<student>-phase_k[-network]-<layout>
     .safetensors``, with the PEFT scale (alpha / rank) folded into lora_B, plus ``export.json`` saying which file
-    is which phase and, for two-network Wan, which transformer it loads into."""
+    is which phase and, for two-network Wan, which transformer it loads into.
+
+    A student of a teacher with style LoRAs (``teacher_loras``): by default the phase files go on top of the style
+    LoRA(s), which are copied beside them as they are; ``include_style`` writes self-contained phase files instead,
+    each the exact sum of the style LoRA(s) and its phase LoRA (``with_style``), to be loaded alone."""
     from safetensors.torch import load_file
 
     if layout not in EXPORT_LAYOUTS:
@@ -406,25 +553,40 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui")
         raise LoraFormatError(f"{folder / MANIFEST} names no model family: only students of diffusers teachers "
                               f"({', '.join(FAMILIES)}) have a diffusers or ComfyUI counterpart")
     _check_family(family)
-    scale, prefix = manifest.lora.alpha / manifest.lora.rank, f"{manifest.lora_prefix}."
     name = folder.parent.name if folder.name == "student" else folder.name
+    if include_style and not manifest.teacher_loras:
+        raise LoraFormatError(f"{name}'s teacher has no style LoRA to include: export it without --with-style")
+    styles = style_states(folder, manifest) if manifest.teacher_loras else []  # checked before anything is written
+    scale, prefix = manifest.lora.alpha / manifest.lora.rank, f"{manifest.lora_prefix}."
     out.mkdir(parents=True, exist_ok=True)
     written, described = [], []
     for k, pairs in enumerate(phases):
         for network, source in pairs:
             state = {key.removeprefix(prefix): (v * scale if ".lora_B." in key else v).contiguous()
                      for key, v in load_file(str(source)).items()}
+            if include_style:
+                state = with_style(state, styles)
             keys = comfyui_state(state, family) if layout == "comfyui" else \
                 {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
             path = out / f"{name}-{phase_adapter(k)}{'-' + NETWORK_FILE_NAMES.get(network, network) if network else ''}" \
-                         f"-{layout}.safetensors"
+                         f"{'-with-style' if include_style else ''}-{layout}.safetensors"
             save_file(keys, str(path), metadata={"format": "pt", **schedule_metadata(manifest.schedule, k),
                                                  "pdmd_family": family, **({"pdmd_network": network} if network else {})})
             written.append(path)
             described.append({"file": path.name, "phase": k + 1, **({"network": network} if network else {})})
+    styled = []
+    for lora in manifest.teacher_loras:
+        styled.append({"file": Path(lora.file).name, "strength": lora.strength, "sha256": lora.sha256})
+        if not include_style:  # the phase files need them underneath
+            shutil.copyfile(folder / lora.file, out / Path(lora.file).name)
+    notes = ["load a 'network': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
+             if any("network" in d for d in described) else "",
+             ("each phase file already holds the teacher_loras: load it alone" if include_style else
+              "load the teacher_loras files first, each at its strength (set_adapters), then each phase file on top")
+             if styled else ""]
     (out / "export.json").write_text(json.dumps({
         "student": name, "teacher": manifest.teacher, "family": family, "layout": layout,
         "schedule": manifest.schedule.as_dict(), "cfg": manifest.student_cfg, "phases": described,
-        "note": "load a 'network': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
-        if any("network" in d for d in described) else ""}, indent=2))
+        **({"teacher_loras": styled, "with_style": include_style} if styled else {}),
+        "note": " ".join(note for note in notes if note)}, indent=2))
     return written

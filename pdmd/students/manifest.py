@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from numbers import Real
@@ -17,6 +18,7 @@ from pathlib import Path
 from pdmd import limits
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
+from pdmd.teachers.style_loras import StyleLora
 
 MANIFEST = "manifest.json"
 VERSION = 2
@@ -34,6 +36,18 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ()  # empty: the teacher's own (Teacher.lora_target_modules)
 
 
+@dataclass(frozen=True)
+class TeacherLora:
+    """A style LoRA fused into the student's teacher (pdmd.teachers.style_loras): its copy inside the student folder,
+    the copy's sha256 and the strength it was fused at."""
+    file: str          # relative to the folder
+    sha256: str
+    strength: float
+
+    def describe(self) -> str:
+        return f"{Path(self.file).name} × {self.strength:g}"
+
+
 PhaseFiles = str | dict  # one file, or network -> file for a phase that runs on both networks of a teacher
 
 
@@ -49,6 +63,7 @@ class Manifest:
     teacher_cfg: float | None = None      # the real score's guidance it was distilled with
     family: str | None = None             # diffusers teacher family (sd3, flux, wan, qwen-image)
     teacher_options: dict = field(default_factory=dict)  # load_teacher options: resolution, dtype...
+    teacher_loras: tuple[TeacherLora, ...] = ()  # style LoRAs fused into the teacher: base + style is the teacher
     networks: tuple | None = None         # two-network teachers: per phase, the network(s) its LoRA is for
     updates_trained: int | None = None
     updates_per_phase: tuple[int, ...] | None = None
@@ -118,6 +133,7 @@ class Manifest:
             teacher_cfg=_optional(data.pop("teacher_cfg", None), _cfg, "teacher_cfg"),
             family=_optional(data.pop("family", None), _text, "family"),
             teacher_options=_teacher_options(data.pop("teacher_options", None) or {}),
+            teacher_loras=_teacher_loras(data.pop("teacher_loras", None) or [], "teacher_loras"),
             networks=_optional(data.pop("networks", None), lambda v, n: _networks(v, n, len(phases)), "networks"),
             updates_trained=_optional(data.pop("updates_trained", None), _count, "updates_trained"),
             updates_per_phase=_optional(data.pop("updates_per_phase", None), _counts, "updates_per_phase"),
@@ -136,12 +152,22 @@ class Manifest:
                 "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
                          "target_modules": list(self.lora.target_modules), "prefix": self.lora_prefix},
                 "family": self.family, "teacher_options": self.teacher_options or None,
+                "teacher_loras": [{"file": lora.file, "sha256": lora.sha256, "strength": lora.strength}
+                                  for lora in self.teacher_loras] or None,
                 "networks": list(self.networks) if self.networks else None, "phases_from": self.phases_from,
                 "published": self.published}
         return {k: v for k, v in data.items() if v is not None}
 
     def write(self, folder: Path) -> None:
         (Path(folder) / MANIFEST).write_text(json.dumps(self.as_dict(), indent=2))
+
+    def teacher_load_options(self, folder: str | Path) -> dict:
+        """load_teacher's options for this student's teacher: the recorded ones plus its style LoRAs, read from
+        their copies in ``folder`` (load_teacher checks each copy's sha256)."""
+        if not self.teacher_loras:
+            return dict(self.teacher_options)
+        return {**self.teacher_options, "teacher_loras": tuple(
+            StyleLora(Path(folder) / lora.file, lora.strength, lora.sha256) for lora in self.teacher_loras)}
 
     @property
     def is_published(self) -> bool:
@@ -284,6 +310,22 @@ def _teacher_options(value) -> dict:
         else:
             options[key] = _text(option, f"teacher_options.{key}")
     return options
+
+
+def _teacher_loras(value, name: str) -> tuple[TeacherLora, ...]:
+    if not isinstance(value, list) or len(value) > limits.MAX_TEACHER_LORAS:
+        raise StudentError(f"{name} must be a list of at most {limits.MAX_TEACHER_LORAS} {{file, sha256, strength}} "
+                           "entries")
+    loras = []
+    for k, entry in enumerate(value):
+        where = f"{name}[{k}]"
+        if not isinstance(entry, dict) or set(entry) != {"file", "sha256", "strength"}:
+            raise StudentError(f"{where} must be an object with file, sha256 and strength")
+        if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            raise StudentError(f"{where}.sha256 must be 64 lower-case hexadecimal digits")
+        loras.append(TeacherLora(_relative_file(entry["file"], f"{where}.file"), entry["sha256"],
+                                 _number(entry["strength"], f"{where}.strength", 0.0, limits.MAX_STRENGTH)))
+    return tuple(loras)
 
 
 def _published(value, name: str) -> dict:

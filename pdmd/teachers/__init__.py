@@ -23,9 +23,11 @@ PIPELINES = {
     "FluxPipeline": ("pdmd.teachers.flux", "FluxTeacher"),
     "WanPipeline": ("pdmd.teachers.wan", "WanTeacher"),
     "QwenImagePipeline": ("pdmd.teachers.qwen_image", "QwenImageTeacher"),
+    "QwenImage21Pipeline": ("pdmd.teachers.qwen_image21", "QwenImage21Teacher"),
     "Flux2Pipeline": ("pdmd.teachers.flux2", "Flux2Teacher"),
     "Flux2KleinPipeline": ("pdmd.teachers.flux2", "Flux2KleinTeacher"),
     "ZImagePipeline": ("pdmd.teachers.z_image", "ZImageTeacher"),
+    "HunyuanVideo15Pipeline": ("pdmd.teachers.hunyuan_video15", "HunyuanVideo15Teacher"),
 }
 
 
@@ -90,16 +92,23 @@ def _hub_resolves() -> bool:
 
 
 def load_teacher(name: str, device=None, dtype=None, offload: bool = False, height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None, quantize: str = "none") -> Teacher:
+                 width: int | None = None, num_frames: int | None = None, quantize: str = "none",
+                 teacher_loras=()) -> Teacher:
     """A teacher by id or path.
 
     ``dtype``: "fp32", "bf16", "fp16" or a torch dtype (default: bf16 on CUDA, fp32 on the CPU). ``offload``
     keeps the text encoders and the VAE on the CPU, moving each to ``device`` only while it runs. ``height``,
     ``width`` (pixels) and ``num_frames`` (video) default to the pipeline's own. ``quantize`` ("int8", "fp8",
-    "nf4"): the frozen transformer(s) loaded quantized (pdmd.teachers.quantize).
+    "nf4"): the frozen transformer(s) loaded quantized (pdmd.teachers.quantize). ``teacher_loras``: style LoRAs
+    (StyleLoras, or ``{file, strength}`` entries as a config lists them) fused into the base before it is quantized
+    (pdmd.teachers.style_loras).
     """
     from pdmd.teachers.quantize import check_quantization, pipeline_quantization, quantize_networks
+    from pdmd.teachers.style_loras import check_takes_style_loras, fuse_style_loras, parse_teacher_loras
     check_quantization(quantize, device)
+    teacher_loras = parse_teacher_loras(teacher_loras)
+    if teacher_loras and name == BUILTIN:
+        raise TeacherError("teacher_loras are style LoRAs of a diffusers teacher; the built-in teacher takes none")
     if name == "builtin":
         from pdmd.teachers.builtin import load_builtin_teacher
         teacher = load_builtin_teacher(device=device)
@@ -122,8 +131,11 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if num_frames is not None and not teacher_class.is_video:
         raise TeacherError(f"num_frames is for video teachers; {name} is a {class_name}")
+    if teacher_loras:
+        check_takes_style_loras(index, quantize)
     import diffusers
-    quantization = pipeline_quantization(quantize, list(index))
+    # style LoRAs are fused into the unquantized base, which is quantized afterwards (style_loras)
+    quantization = pipeline_quantization("none" if teacher_loras else quantize, list(index))
     try:
         pipe = getattr(diffusers, class_name).from_pretrained(
             str(Path(name).expanduser()) if local else name, dtype=dtype,
@@ -134,5 +146,9 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     except Exception as err:  # a damaged folder, a missing component, no network for a component file
         where = "" if local else "; if it could not download, pass a local folder"
         raise TeacherError(f"could not load {class_name} from {name}: {type(err).__name__}: {err}{where}") from None
+    if teacher_loras:
+        fuse_style_loras(pipe, teacher_class.family, teacher_loras, quantize)
     extra = {"num_frames": num_frames} if teacher_class.is_video else {}
-    return teacher_class(pipe, name, device=device, offload=offload, height=height, width=width, **extra)
+    teacher = teacher_class(pipe, name, device=device, offload=offload, height=height, width=width, **extra)
+    teacher.style_loras = teacher_loras
+    return teacher

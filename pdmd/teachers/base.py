@@ -42,6 +42,8 @@ class Teacher(ABC):
     # "expert" means a phase's LoRA only): ``model`` is an nn.ModuleDict of these networks and ``network_at(t)``
     # names the one that handles noise level t.
     network_names: tuple[str, ...] = ()
+    # style LoRAs fused into the base while loading (pdmd.teachers.style_loras.StyleLora): base + style is the teacher
+    style_loras: tuple = ()
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:

@@ -163,7 +163,8 @@ class DiffusersTeacher(Teacher):
         return torch.randn((batch, *self.latent_shape), generator=generator).to(self.device)
 
     def options(self) -> dict:
-        return {"height": self.height, "width": self.width}
+        return {"height": self.height, "width": self.width,
+                **({"teacher_loras": self.style_loras} if self.style_loras else {})}
 
     def scheduler_shift(self) -> float:
         """The timestep shift of the pipeline's scheduler. A resolution-dependent ("dynamic") shift uses

@@ -194,6 +194,50 @@ def build_wan22_ti2v(folder: str | Path) -> Path:
     return _save(pipe, folder)
 
 
+def build_hunyuan_video15(folder: str | Path) -> Path:
+    """HunyuanVideo15Pipeline like HunyuanVideo-1.5 480p text-to-video: a Qwen2.5-VL text model (3 layers: the
+    pipeline reads the third hidden state from the end), a ByT5 glyph encoder for quoted text (ByT5's own
+    tokenizer), the dual-stream DiT with one token-refiner and one double-stream block, the HunyuanVideo 1.5 VAE
+    (spatial compression 16, temporal 4) at toy width with a scaling factor away from 1, the real checkpoint's
+    shift 5 and guider (guidance_scale 6); 32x32 pixels and 5 frames are a (4, 2, 2, 2) latent."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(SEED)
+    # Qwen2.5-VL's chat template renders a text-only system + user turn exactly as this Qwen3-style one does
+    tokenizer, glyph_tokenizer = qwen3_tokenizer(), ByT5Tokenizer()
+    text_width, glyph_width, latent_channels = 16, 16, 4
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [1, 1, 2]},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>")))
+    glyph_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(glyph_tokenizer), d_model=glyph_width, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))
+    # in_channels: the noisy latent, the (zero) condition latent and the one-channel condition mask, stacked;
+    # head dim 8 = sum of the three RoPE axes
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * latent_channels + 1, out_channels=latent_channels, num_attention_heads=2,
+        attention_head_dim=8, num_layers=1, num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=text_width,
+        text_embed_2_dim=glyph_width, image_embed_dim=8, rope_axes_dim=(2, 2, 4), target_size=64, task_type="t2v")
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=latent_channels, block_out_channels=(8, 8, 8, 8, 8),
+                                      layers_per_block=1, scaling_factor=0.7)
+    pipe = HunyuanVideo15Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=glyph_encoder,
+                                  tokenizer_2=glyph_tokenizer, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    return _save(pipe, folder)
+
+
 def build_qwen_image(folder: str | Path) -> Path:
     """QwenImagePipeline: Qwen2.5-VL text encoder, QwenImage MMDiT and VAE, 32x32 images."""
     from diffusers import (
@@ -225,6 +269,81 @@ def build_qwen_image(folder: str | Path) -> Path:
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                              tokenizer=tokenizer, transformer=transformer)
     return _save(pipe, folder)
+
+
+def build_qwen_image21(folder: str | Path) -> Path:
+    """QwenImage21Pipeline: a Qwen3-VL text encoder (two layers, a one-block vision tower it never runs for
+    text), the single-stream block-causal transformer (two blocks, ``causal_condition`` as on the real model, head
+    dim 16 = its three RoPE axes), the RGBA Qwen-Image 2.1 VAE with the real model's five stages (16x spatial) at
+    toy width and latents_mean / latents_std away from 0 / 1, and the real checkpoint's scheduler (dynamic shift,
+    ``shift_terminal`` 0.02); 32x64 images are a 16 x 2 x 4 latent.
+
+    The processor is ``qwen3_vl_text_processor`` (see there), not a Qwen3VLProcessor: transformers builds that one
+    only with torchvision installed, for its video processor."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    processor = qwen3_vl_text_processor()
+    tokenizer = processor.tokenizer
+    text_width, latent_channels = 16, 16  # the transformer's context_in_dim and in_channels: encoder width, z_dim
+    special_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text_encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config={"hidden_size": text_width, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "vocab_size": len(tokenizer),
+                     "max_position_embeddings": 1024,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 1, 1],
+                                         "mrope_interleaved": True}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": text_width, "patch_size": 16, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2, "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+        tie_word_embeddings=False, **special_ids))
+    transformer = QwenImage21Transformer2DModel(in_channels=latent_channels, out_channels=latent_channels,
+                                                num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                                context_in_dim=text_width, mlp_ratio=3, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=6, z_dim=latent_channels, dim_mult=[1, 1, 1, 1, 1],
+                                   num_res_blocks=1, temperal_downsample=[False, True, True, True],
+                                   latents_mean=[0.05 * k - 0.4 for k in range(latent_channels)],
+                                   latents_std=[0.8 + 0.05 * k for k in range(latent_channels)])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, processor=processor,
+                               transformer=transformer)
+    return _save(pipe, folder)
+
+
+# Qwen3-VL's chat template for text turns: a message's content is a string or a list of {"type": "text", ...}
+# parts (QwenImage21Pipeline counts the tokens of its system turn, given as such a list, to drop them)
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                           "<|video_pad|>")
+
+
+def qwen3_vl_text_processor():
+    """What QwenImage21Pipeline reads of its Qwen3VLProcessor for text-to-image, in a processor transformers builds
+    without torchvision: a byte-level Qwen2 tokenizer (one token per byte) whose chat and vision markers are single
+    special tokens, as in Qwen3-VL's vocabulary (the pipeline finds ``<|image_pad|>`` by its id), Qwen3-VL's chat
+    template, and a Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL's). For a prompt without images
+    Qwen3VLProcessor only tokenizes, and its ``mm_token_type_ids`` (all text) leave a text-only forward of the
+    encoder unchanged; LlavaProcessor tokenizes alike and has no video processor to build."""
+    from transformers import LlavaProcessor, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+
+    tokenizer = Qwen2Tokenizer(vocab={char: i for i, char in enumerate(_byte_alphabet())}, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN3_VL_SPECIAL_TOKENS)})
+    return LlavaProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2), tokenizer=tokenizer,
+                          chat_template=QWEN3_VL_CHAT_TEMPLATE, image_token="<|image_pad|>")
 
 
 def build_z_image(folder: str | Path) -> Path:
@@ -382,7 +501,9 @@ BUILDERS = {
     "wan2.1": build_wan21,
     "wan2.2": build_wan22,
     "wan2.2-ti2v": build_wan22_ti2v,
+    "hunyuan-video-1.5": build_hunyuan_video15,
     "qwen-image": build_qwen_image,
+    "qwen-image21": build_qwen_image21,
     "flux2-dev": build_flux2_dev,
     "flux2-klein": build_flux2_klein,
     "z-image": build_z_image,

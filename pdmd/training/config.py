@@ -14,7 +14,9 @@ from pdmd import limits
 from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students.manifest import LoraSpec
+from pdmd.teachers.base import TeacherError
 from pdmd.teachers.quantize import QUANTIZATIONS
+from pdmd.teachers.style_loras import StyleLora, parse_teacher_loras
 from pdmd.training.optimizers import OPTIMIZERS
 
 
@@ -96,6 +98,9 @@ class TrainConfig:
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
+    # style LoRAs fused into the diffusers teacher before anything else ([{file, strength}]; "distil my model": the
+    # teacher is base + style, and the student records and keeps a copy of each; pdmd.teachers.style_loras)
+    teacher_loras: tuple[StyleLora, ...] = ()
     report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
     seed: int = 0
     # the frozen transformer(s) loaded quantized: "none", "int8", "fp8" (torchao, CPU or GPU) or "nf4"
@@ -185,7 +190,12 @@ class TrainConfig:
                 set_(name, _positive(name, getattr(self, name), integer=True))
                 if getattr(self, name) > high:
                     raise ConfigError(f"{name} = {getattr(self, name)} must be at most {high}")
-        loading = [n for n in ("dtype", "offload", "height", "width", "num_frames") if getattr(self, n) not in (None, False)]
+        try:
+            set_("teacher_loras", parse_teacher_loras(self.teacher_loras))
+        except TeacherError as err:
+            raise ConfigError(str(err)) from None
+        loading = [n for n in ("dtype", "offload", "height", "width", "num_frames", "teacher_loras")
+                   if getattr(self, n) not in (None, False, ())]
         if self.teacher == "builtin" and loading:
             raise ConfigError(f"{', '.join(loading)} apply to diffusers teachers; the built-in teacher has fixed ones")
         if self.report_to not in ("none", "tensorboard"):
@@ -230,8 +240,8 @@ class TrainConfig:
         if self.teacher == "builtin":
             return quantized
         options = {**quantized, "dtype": self.dtype, "offload": self.offload, "height": self.height, "width": self.width,
-                   "num_frames": self.num_frames}
-        return {k: v for k, v in options.items() if v not in (None, False)}
+                   "num_frames": self.num_frames, "teacher_loras": self.teacher_loras}
+        return {k: v for k, v in options.items() if v not in (None, False, ())}
 
     @property
     def total_updates(self) -> int:
@@ -280,4 +290,5 @@ class TrainConfig:
         if self.lora.target_modules:
             data["lora"]["target_modules"] = list(self.lora.target_modules)
         data["prompts"], data["sample_prompts"] = list(self.prompts), list(self.sample_prompts)
+        data["teacher_loras"] = [{"file": str(lora.file), "strength": lora.strength} for lora in self.teacher_loras]
         return data

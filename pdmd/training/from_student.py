@@ -12,6 +12,7 @@ from pdmd.core.sampling import phase_sigmas
 from pdmd.students import StudentError
 from pdmd.students.manifest import Manifest
 from pdmd.teachers import same_teacher
+from pdmd.teachers.style_loras import describe_styles, same_styles
 from pdmd.training.config import ConfigError, TrainConfig
 
 
@@ -26,6 +27,10 @@ def check_student_fits(manifest: Manifest, config: TrainConfig, start_phase: int
     if not same_teacher(manifest.teacher, config.teacher):
         raise StudentError(f"{name} is a student of {manifest.teacher!r}, this config's teacher is "
                            f"{config.teacher!r}")
+    if not same_styles(manifest.teacher_loras, config.teacher_loras):
+        raise StudentError(f"{name}'s teacher has style LoRAs {describe_styles(manifest.teacher_loras)}, this "
+                           f"config's teacher_loras are {describe_styles(config.teacher_loras)}: the same teacher "
+                           "means the same ones")
     theirs = manifest.schedule
     for k in range(start_phase - 1):
         if k >= theirs.num_phases or phase_sigmas(theirs, k) != phase_sigmas(schedule, k):
