@@ -68,14 +68,21 @@ def _tiny_config(folder, tmp_path, **overrides) -> TrainConfig:
 FULL_LENGTH_PROMPTS = ["a red fox in the snow, " * 30, "a city at night, " * 40]
 
 
+# Masked attention on the CPU holds each L x L score matrix, which the planner (a GPU's fused kernel) does not
+# count: for the families whose tiny pipelines mask their attention the peak is not compared, their bytes are
+MASKED_ATTENTION = ("qwenimage21", "hunyuan15")
+
+
 @pytest.mark.parametrize("family,checkpointing", [("wan22", False), ("sd3", True), ("fluxdev", "rollout"),
-                                                  ("zimage", True), ("flux2klein", False)])
+                                                  ("zimage", True), ("flux2klein", False), ("qwenimage21", False),
+                                                  ("hunyuan15", False)])
 def test_predicted_bytes_equal_counted_and_peak_is_near_the_measured_one(tiny_pipeline, tmp_path, family,
                                                                          checkpointing):
     from pdmd.training.trainer import Trainer
 
     folder = tiny_pipeline({"wan22": "wan2.2", "sd3": "sd3", "fluxdev": "flux-dev", "zimage": "z-image",
-                           "flux2klein": "flux2-klein"}[family])
+                           "flux2klein": "flux2-klein", "qwenimage21": "qwen-image21",
+                           "hunyuan15": "hunyuan-video-1.5"}[family])
     config = _tiny_config(folder, tmp_path, gradient_checkpointing=checkpointing,
                           **({"prompts": FULL_LENGTH_PROMPTS} if family == "zimage" else {}))
     rows, _ = components(PlanSettings.from_config(config, device="cpu"))
@@ -99,11 +106,14 @@ def test_predicted_bytes_equal_counted_and_peak_is_near_the_measured_one(tiny_pi
     prompts = sum(tensor_bytes(v) for c in (trainer.cond, trainer.uncond) if c for v in c.values())
     if family == "zimage":  # the plan counts the negative prompt "" as long as the prompts: an upper bound
         assert predicted["prompt embeddings"] == 2 * sum(tensor_bytes(v) for v in trainer.cond.values()) > prompts
+    elif family == "qwenimage21":  # each prompt at its own length, counted at 512 tokens: an upper bound
+        assert predicted["prompt embeddings"] > prompts
     else:
         assert predicted["prompt embeddings"] == prompts
     measured = (sum(module_bytes(n) for n in networks) + sum(module_bytes(e) for e in teacher.text_encoders)
                 + module_bytes(teacher.pipe.vae) + optimizer + prompts + live.peak)
-    assert peaks(rows)["training"] == pytest.approx(measured, rel=0.25)
+    if family not in MASKED_ATTENTION:
+        assert peaks(rows)["training"] == pytest.approx(measured, rel=0.25)
 
 
 def _config_file(tmp_path, config: TrainConfig):
