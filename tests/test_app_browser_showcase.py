@@ -33,7 +33,7 @@ def test_a_visitor_sees_exactly_the_showcase_pairs_and_no_other_teacher_picker(p
     assert page.get_by_role("tab", name="Compare").count() == 0
     page.locator("#showcase-pair input").click()
     options = [text.replace("✓", "").strip() for text in page.get_by_role("option").all_inner_texts()]
-    assert options == ["tiny-sd3/phased", "tiny-wan22/phased", "tiny-wan22/lightning-style"]
+    assert options == ["tiny-sd3/phased", "tiny-wan22/phased", "tiny-wan22/lightning-style", "tiny-zimage-style/phased"]
     page.keyboard.press("Escape")
 
 

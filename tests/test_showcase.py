@@ -74,9 +74,10 @@ def test_an_invalid_file_is_one_line_naming_the_entry_and_the_rule(showcase_file
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_the_example_file_lists_both_pairs(showcase_file):
+def test_the_example_file_lists_its_pairs(showcase_file):
     showcase = Showcase.read(showcase_file)
-    assert showcase.pairs() == ["tiny-sd3/phased", "tiny-wan22/phased", "tiny-wan22/lightning-style"]
+    assert showcase.pairs() == ["tiny-sd3/phased", "tiny-wan22/phased", "tiny-wan22/lightning-style",
+                              "tiny-zimage-style/phased"]
     assert showcase.opening == ("tiny-sd3", "phased") and not showcase.eager
 
 
@@ -101,6 +102,19 @@ def test_the_handlers_refuse_every_other_teacher_folder_and_hub_id(store, showca
             store.loaded_teacher(name)
     with pytest.raises(ValueError, match="only its showcase's students"):
         store.student(SHIPPED_STUDENTS / "phased")
+
+
+def test_the_style_pair_serves_its_base_with_the_owners_style_lora_on_both_sides(store):
+    from ui.showcase import on_status, on_student, on_teacher
+
+    on_status(store, "tiny-zimage-style/phased")
+    _, _, caption, _, run = on_student(store, "tiny-zimage-style/phased", "two blue dogs", 5)
+    assert "NFE 4" in caption and run["seed"] == 5
+    teacher, _ = store.showcase.pair("tiny-zimage-style/phased")
+    (style,) = store.teacher(teacher.model).style_loras  # the student's experts stand on base + style
+    assert style.strength == 0.8 and style.file.name == "pytorch_lora_weights.safetensors"
+    _, _, teacher_caption, _, summary, done = on_teacher(store, run, 8, 1.0)
+    assert "NFE 8" in teacher_caption and done == "Done."  # cfg 1: Z-Image's one evaluation a step
 
 
 def test_both_pairs_compare_with_video_for_wan_and_a_slider_for_images(store):
