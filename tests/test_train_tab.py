@@ -20,7 +20,10 @@ from pdmd.training.gate import Gate
 from pdmd.training.jobs import JobManager
 from pdmd.training.run_folder import RunFolder
 from ui import students, train, train_form, train_retrain
+from pdmd.plan.architectures import config_folder, shipped_checkpoints
+from pdmd.teachers import PIPELINES, read_model_index
 from ui.app import build_app
+from ui.teacher_picker import supported_pipelines
 
 OPEN = Gate("on")
 LOCKED = Gate("token", token="s3cret")
@@ -277,4 +280,15 @@ def test_the_app_builds_with_the_train_tab(manager):
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
     assert {"train-start", "train-stop", "train-progress", "train-jobs", "compare-student", "train-retrain",
             "train-retrain-student", "train-retrain-phase", "train-adherence", "train-fd"} <= ids
+    # both teacher boxes offer every family's shipped checkpoints, each of a pipeline a teacher adapter takes
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for box in ("train-teacher", "compare-teacher"):
+        offered = [value for _, value in by_id[box].choices]
+        assert set(shipped_checkpoints()) <= set(offered) and "builtin" in offered
+    for checkpoint in shipped_checkpoints():
+        index, _ = read_model_index(str(config_folder(checkpoint)))
+        assert index["_class_name"] in PIPELINES
+        assert index["_class_name"].removesuffix("Pipeline") in by_id["train-teacher"].info
+    assert {"ZImage", "Flux2", "Flux2Klein", "HunyuanVideo15", "QwenImage21"} <= set(
+        supported_pipelines().split(", "))
     manager.stop_supervisor()

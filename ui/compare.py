@@ -54,7 +54,7 @@ from ui.inputs import (
 )
 from ui.models import ModelStore
 from ui.student_files import on_export_student, on_import_published, on_upload
-from ui.teacher_picker import on_load_teacher, teacher_choices, teacher_pick
+from ui.teacher_picker import on_load_teacher, supported_pipelines, teacher_choices, teacher_pick
 
 EXAMPLES = [
     ["a red star on a dark background", 0],
@@ -206,7 +206,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                                      elem_id="compare-teacher")
         teacher_path = gr.Textbox(label="…or a diffusers pipeline folder / Hub id", scale=3,
                                   placeholder="/models/Wan2.2-T2V-A14B-Diffusers  or  Qwen/Qwen-Image",
-                                  elem_id="compare-teacher-path")
+                                  info=f"pipelines: {supported_pipelines()}", elem_id="compare-teacher-path")
         load_button = gr.Button("Load teacher", scale=0, min_width=120, elem_id="compare-load-teacher")
     with gr.Accordion("Teacher resolution (blank = the model's own; smaller renders faster)", open=False):
         with gr.Row():

@@ -5,16 +5,22 @@ import gradio as gr
 
 from pdmd.limits import MAX_TEACHER_STEPS
 from pdmd.students import StudentError
-from pdmd.teachers import BUILTIN, teacher_key
+from pdmd.plan.architectures import shipped_checkpoints
+from pdmd.teachers import BUILTIN, PIPELINES, teacher_key
 from pdmd.teachers.base import TeacherError
 from ui import students
 from ui.inputs import InputError, error_markdown, load_options, teacher_lora_options
 from ui.models import ModelStore
 
-# offered in the teacher picker besides 'builtin' and the teachers already loaded (each loads from the Hub, or
-# from a local folder typed into the box next to the picker)
-SUGGESTED_TEACHERS = ("stabilityai/stable-diffusion-3.5-medium", "black-forest-labs/FLUX.1-dev",
-                      "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "Qwen/Qwen-Image")
+# offered in the teacher pickers besides 'builtin' and the teachers already loaded: the checkpoints whose
+# architectures ship in assets/architectures (each family's published ones; each loads from the Hub, or from a
+# local folder typed into the box next to the picker)
+SUGGESTED_TEACHERS = tuple(shipped_checkpoints())
+
+
+def supported_pipelines() -> str:
+    """The diffusers pipelines a typed folder or Hub id may hold, for the pickers' help text."""
+    return ", ".join(name.removesuffix("Pipeline") for name in PIPELINES)
 LOAD_ERRORS = (TeacherError, StudentError, OSError, RuntimeError)  # a folder of any kind can be typed in
 
 

@@ -25,6 +25,7 @@ from pdmd.training.gate import Gate, GateClosed
 from pdmd.training.jobs import JobError, JobManager
 from ui import comparison
 from ui.inputs import InputError, error_markdown
+from ui.teacher_picker import SUGGESTED_TEACHERS, supported_pipelines
 from ui.train_curves import duration, loss_frames, probe_frames, probe_line
 from ui.train_form import (
     EDIT_HERE,
@@ -242,8 +243,10 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 name = gr.Textbox(label="Run name", placeholder="empty: <method>-<date>-<time>",
                                   elem_id="train-name", info="letters, digits, - and _ (runs/jobs/<name>/)")
             with gr.Row():
-                teacher = gr.Dropdown(["builtin"], value=defaults[0], allow_custom_value=True, label="Teacher",
-                                      info="builtin, or a model folder / Hub id the app can load offline")
+                teacher = gr.Dropdown(["builtin", *SUGGESTED_TEACHERS], value=defaults[0], allow_custom_value=True,
+                                      label="Teacher", elem_id="train-teacher",
+                                      info="builtin, or a diffusers pipeline folder / Hub id; pipelines: "
+                                           f"{supported_pipelines()}")
                 method = gr.Radio(list(METHODS), value=defaults[1], label="Method", elem_id="train-method")
             schedule_source = gr.Radio([METHOD_DEFAULT, FROM_PHASES, EDIT_HERE], value=defaults[2],
                                        label="Schedule")
