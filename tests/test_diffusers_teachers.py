@@ -306,6 +306,18 @@ def test_a_damaged_pipeline_folder_says_what_failed(tmp_path, tiny_pipeline):
         load_teacher(str(broken))
 
 
+def test_a_component_that_needs_a_missing_package_is_one_line_naming_it(tiny_pipeline, monkeypatch):
+    import diffusers
+
+    def without_torchvision(*args, **kwargs):  # transformers' words for FLUX.2 [dev]'s PixtralProcessor
+        raise ImportError("\nPixtralProcessor requires the Torchvision library but it was not found in your "
+                          "environment. Check out the instructions on the\ninstallation page: https://pytorch.org")
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", without_torchvision)
+    with pytest.raises(TeacherError, match="a package it needs is not installed .*Torchvision") as caught:
+        load_teacher(str(tiny_pipeline("sd3")))
+    assert "\n" not in str(caught.value)
+
+
 def test_a_lora_whose_keys_match_no_module_lists_them(tmp_path, tiny_pipeline):
     teacher = teacher_of(tiny_pipeline, "sd3")
     schedule = PhaseSchedule.from_dict(EXPERT_SPLIT)

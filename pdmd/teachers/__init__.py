@@ -143,6 +143,10 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     except torch.OutOfMemoryError as err:
         from pdmd.teachers.diffusers_base import MEMORY_ADVICE
         raise TeacherError(f"{name} does not fit in memory ({err}): {MEMORY_ADVICE}") from None
+    except ImportError as err:  # e.g. FLUX.2 [dev]'s and Qwen-Image 2.1's processors want torchvision
+        reason = " ".join(str(err).split()).split(". ")[0]  # transformers' message spans lines: its first sentence
+        raise TeacherError(f"could not load {class_name} from {name}: a package it needs is not installed "
+                           f"({reason}); see the README's family table") from None
     except Exception as err:  # a damaged folder, a missing component, no network for a component file
         where = "" if local else "; if it could not download, pass a local folder"
         raise TeacherError(f"could not load {class_name} from {name}: {type(err).__name__}: {err}{where}") from None
