@@ -430,3 +430,13 @@ def test_published_layouts_import_as_diffusers_hunyuanvideo_converter_reads_them
               str(tmp_path / "stray.safetensors"))
     with pytest.raises(lf.LoraFormatError, match="match no module.*img_attn_q_norm"):
         lf.load_published(tmp_path / "stray.safetensors", FAMILY, teacher.model)
+
+
+@pytest.mark.parametrize("frames, tokens, batch", [(3, 4, None), (5, 6, 2), (1, 7, 1)])
+def test_the_vaes_causal_mask_is_diffusers_own_made_a_frame_at_a_time(frames, tokens, batch):
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import HunyuanVideo15AttnBlock
+
+    from pdmd.teachers.hunyuan_video15 import frame_causal_mask
+
+    stock = HunyuanVideo15AttnBlock.prepare_causal_attention_mask(frames, tokens, torch.float32, "cpu", batch)
+    assert torch.equal(frame_causal_mask(frames, tokens, torch.float32, "cpu", batch), stock)
