@@ -98,17 +98,26 @@ def comfyui_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             fused.setdefault(name, {})[row_block] = (parts["lora_A"], parts["lora_B"])
     for name, members in fused.items():
-        rows = next(iter(members.values()))[1].shape[0]  # q, k and v have one width
-        down = torch.cat([members[block][0] for block in sorted(members)])
-        up = down.new_zeros(3 * rows, down.shape[0])
-        column = 0
-        for block in sorted(members):  # a member the student has no LoRA on keeps zero rows
-            rank = members[block][0].shape[0]
-            up[block * rows:(block + 1) * rows, column:column + rank] = members[block][1]
-            column += rank
-        out[f"{ORIGINAL_PREFIX}{name}.lora_A.weight"] = down.contiguous()
+        down, up = fuse_row_blocks(members)
+        out[f"{ORIGINAL_PREFIX}{name}.lora_A.weight"] = down
         out[f"{ORIGINAL_PREFIX}{name}.lora_B.weight"] = up
     return out
+
+
+def fuse_row_blocks(members: dict[int, tuple[Tensor, Tensor]], blocks: int = 3) -> tuple[Tensor, Tensor]:
+    """The (down, up) pairs of the row blocks of one fused Linear (q, k and v of a qkv projection: block 0, 1, 2)
+    as one exact pair: the downs stacked, each up in its block's rows and its own rank's columns, so up @ down is
+    each block's own product in its rows; a block without a LoRA keeps zero rows. FLUX.2's and HunyuanVideo 1.5's
+    ComfyUI models both fuse q, k and v this way (FLUX's double-stream block)."""
+    rows = next(iter(members.values()))[1].shape[0]  # q, k and v have one width
+    down = torch.cat([members[block][0] for block in sorted(members)])
+    up = down.new_zeros(blocks * rows, down.shape[0])
+    column = 0
+    for block in sorted(members):
+        rank = members[block][0].shape[0]
+        up[block * rows:(block + 1) * rows, column:column + rank] = members[block][1]
+        column += rank
+    return down.contiguous(), up
 
 
 def normalised_original(state: dict[str, Tensor]) -> dict[str, Tensor]:

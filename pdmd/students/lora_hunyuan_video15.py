@@ -38,6 +38,8 @@ import re
 import torch
 from torch import Tensor
 
+from pdmd.students.lora_flux2 import fuse_row_blocks
+
 ORIGINAL_PREFIX, KOHYA_PREFIX, DIFFUSERS_PREFIX = "diffusion_model.", "lora_unet_", "transformer."
 PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 PARTS = {"lora_down": "lora_A", "lora_up": "lora_B", "lora_A": "lora_A", "lora_B": "lora_B"}
@@ -149,15 +151,8 @@ def comfyui_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         out[f"{ORIGINAL_PREFIX}{name}.lora_down.weight"] = down
         out[f"{ORIGINAL_PREFIX}{name}.lora_up.weight"] = _swap_halves(up) if module == SWAPPED_HALVES else up
     for name, members in fused.items():
-        rows = next(iter(members.values()))[1].shape[0]  # q, k and v have one width
-        down = torch.cat([members[block][0] for block in sorted(members)])
-        up = down.new_zeros(3 * rows, down.shape[0])
-        column = 0
-        for block in sorted(members):  # a member the student has no LoRA on keeps zero rows
-            rank = members[block][0].shape[0]
-            up[block * rows:(block + 1) * rows, column:column + rank] = members[block][1]
-            column += rank
-        out[f"{ORIGINAL_PREFIX}{name}.lora_down.weight"] = down.contiguous()
+        down, up = fuse_row_blocks(members)
+        out[f"{ORIGINAL_PREFIX}{name}.lora_down.weight"] = down
         out[f"{ORIGINAL_PREFIX}{name}.lora_up.weight"] = up
     return out
 
