@@ -1,6 +1,8 @@
 """``python -m pdmd sample``: render one prompt with a teacher, or with a student folder on top of its teacher.
 
 The teacher is ``builtin``, a diffusers pipeline folder or a Hub id; video teachers (Wan) write .mp4 or .gif.
+``--image`` gives a teacher that takes one (Wan 2.2 TI2V-5B: the first frame) its image, read and checked by
+``pdmd.conditions.open_image`` before any model loads.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pdmd.commands.arguments import frames, non_negative_float, pixels, positive_int, seed, teacher_lora
+from pdmd.conditions import open_image
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
 from pdmd.students import StudentError
@@ -25,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'builtin', a diffusers pipeline folder or a Hub id (default: the student's, else builtin)")
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
+    parser.add_argument("--image", action="append", metavar="FILE",
+                        help="PNG, JPEG or WebP for a teacher that takes an image (Wan 2.2 TI2V-5B: the first frame), "
+                             "one per --prompt")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
     parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
@@ -47,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     loading = {"dtype": args.dtype, "offload": args.offload, "height": args.height, "width": args.width,
                "num_frames": args.frames, "teacher_loras": tuple(args.teacher_lora or ())}
     loading = {k: v for k, v in loading.items() if v not in (None, False, ())}
+    prompts = [args.prompt]
+    if args.image and len(args.image) != len(prompts):
+        return fail(f"{len(args.image)} --image for {len(prompts)} --prompt: give one image per prompt")
     try:
+        images = [open_image(path) for path in args.image] if args.image else None
         if args.student:
             manifest = Manifest.read(args.student)  # the resolution it was distilled at, unless told otherwise
             options = {**({} if args.teacher else manifest.teacher_load_options(args.student)), **loading}
@@ -59,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
             cfg, experts = teacher.default_cfg, None
     except (StudentError, ValueError, OSError) as err:
         return fail(str(err))
+    if images and args.student and "image" in teacher.conditions:  # its experts learnt text-to-video only
+        return fail(f"--image with --student: students conditioned on images come with training on them; "
+                    f"sample the teacher ({teacher.name}) with --image, or the student without it")
     suffix = Path(args.out).suffix.lower()
     if suffix not in ((".png",) + VIDEO_SUFFIXES if teacher.is_video else (".png",)):
         kind = "videos: write .mp4, .gif or .png (frames side by side)" if teacher.is_video else "images: write a .png"
@@ -66,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = cfg if args.cfg is None else args.cfg
     try:
         with torch.no_grad():
-            result = teacher.sample([args.prompt], args.seed, schedule, cfg, experts)
+            result = teacher.sample(prompts, args.seed, schedule, cfg, experts, images=images)
             save_media(teacher.decode(result.sample), Path(args.out))
     except torch.OutOfMemoryError as err:
         from pdmd.teachers.diffusers_base import MEMORY_ADVICE
         return fail(f"out of memory while sampling ({err}): {MEMORY_ADVICE}")
-    except ValueError as err:  # .mp4 without imageio-ffmpeg
+    except ValueError as err:  # an image a text-only teacher refuses; .mp4 without imageio-ffmpeg
         return fail(str(err))
     print(json.dumps({"out": args.out, "nfe": result.nfe, "seed": args.seed, "schedule": schedule.as_dict()}))
     return 0

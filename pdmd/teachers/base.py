@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +23,12 @@ class Teacher(ABC):
     """A flow-matching model: prompts -> conditioning, velocity v(x_t, t, cond), latents -> images.
 
     ``model`` is the network LoRA experts attach to. ``velocity`` is unguided; classifier-free guidance is
-    applied by the sampler from the ``(cond, uncond)`` pair that ``encode_prompts`` returns.
+    applied by the sampler from the ``(cond, uncond)`` pair that ``encode`` returns.
+
+    Conditions beside the prompt (``conditions``: an image-to-video teacher's first frame, an editing teacher's
+    image) are the family's alone: ``encode`` turns each row's image into the same per-row ``cond`` the prompts
+    give, ``velocity`` reads it from there, and ``impose_conditions`` puts it into the finished sample where the
+    pipeline does. The sampler and the trainer pass ``cond`` through untouched.
     """
 
     name: str
@@ -44,10 +50,34 @@ class Teacher(ABC):
     network_names: tuple[str, ...] = ()
     # style LoRAs fused into the base while loading (pdmd.teachers.style_loras.StyleLora): base + style is the teacher
     style_loras: tuple = ()
+    # what the teacher takes beside its prompts, one per prompt row: () text only, ("image",) an image per row
+    conditions: tuple[str, ...] = ()
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:
         """Conditioning for a batch of prompts and the matching unconditional branch."""
+
+    def encode(self, prompts: list[str], images: list | None = None) -> tuple[Any, Any]:
+        """``encode_prompts``, or with ``images`` (RGB PIL images read by ``pdmd.conditions.open_image``, one per
+        prompt) the family's ``encode_prompts_with_images``; a text-only teacher refuses images."""
+        if images is None:
+            return self.encode_prompts(prompts)
+        if "image" not in self.conditions:
+            raise TeacherError(f"{self.name} is a text-only teacher: it takes no image")
+        if len(images) != len(prompts):
+            raise TeacherError(f"{len(images)} image(s) for {len(prompts)} prompt(s): give one image per prompt")
+        return self.encode_prompts_with_images(prompts, images)
+
+    def encode_prompts_with_images(self, prompts: list[str], images: list) -> tuple[Any, Any]:
+        """The ``(cond, uncond)`` pair of prompts each with its image, for a teacher whose ``conditions`` name
+        "image" (the family's whole encoding: an editing model may read the image in its prompt encoder too)."""
+        raise NotImplementedError(f"{type(self).__name__} names 'image' in its conditions but encodes no image")
+
+    def impose_conditions(self, x: Tensor, cond: Any) -> Tensor:
+        """``x`` with what ``cond`` fixes in the sample itself put in place, as the pipeline does after its last
+        step (Wan 2.2 TI2V: the first latent frame is the image's); unchanged where conditions only enter the
+        network, as prompts do."""
+        return x
 
     @abstractmethod
     def velocity(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
@@ -101,12 +131,14 @@ class Teacher(ABC):
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, schedule: PhaseSchedule | None = None,
                cfg: float | list[float] | None = None, experts: Velocity | list[Velocity] | None = None,
-               callback: Callback | None = None, noise: Tensor | None = None) -> PhasedSample:
+               callback: Callback | None = None, noise: Tensor | None = None,
+               images: list | None = None) -> PhasedSample:
         """Teacher sampling by default (its own steps/shift/CFG); pass ``experts`` to sample a student, and
         ``cfg`` per phase where phases run at different guidance (pdmd.core.sampling.teacher_takes_phases).
         ``noise``: the x_1 to start from instead of ``self.noise(len(prompts), seed)`` -- several requests
-        sampled as one batch, each row with its own seed's noise (ui.comparison)."""
-        return self.sample_encoded(self.encode_prompts(list(prompts)), len(prompts), seed, schedule, cfg, experts,
+        sampled as one batch, each row with its own seed's noise (ui.comparison). ``images``: one per prompt,
+        for a teacher that takes them (``conditions``; see ``encode``)."""
+        return self.sample_encoded(self.encode(list(prompts), images), len(prompts), seed, schedule, cfg, experts,
                                    callback, noise)
 
     @torch.no_grad()
@@ -114,7 +146,7 @@ class Teacher(ABC):
                        schedule: PhaseSchedule | None = None, cfg: float | list[float] | None = None,
                        experts: Velocity | list[Velocity] | None = None,
                        callback: Callback | None = None, noise: Tensor | None = None) -> PhasedSample:
-        """``sample`` from ``batch`` prompts encoded earlier (``encode_prompts``' pair): the trainer's sample grid,
+        """``sample`` from ``batch`` prompts encoded earlier (``encode``'s pair): the trainer's sample grid,
         drawn after its text encoders were released, never touches them."""
         schedule = schedule or PhaseSchedule.uniform(self.default_steps, self.default_shift)
         cfg = self.default_cfg if cfg is None else cfg
@@ -123,5 +155,6 @@ class Teacher(ABC):
         if self.guidance_embedded:  # the scale is a network input, not a (cond, uncond) pair
             experts = [self.with_guidance(e, c) for e, c in zip(per_phase(experts, schedule.num_phases, "experts"),
                                                                 per_phase(cfg, schedule.num_phases, "CFG scales"))]
-        return sample_phased(experts, self.noise(batch, seed) if noise is None else noise, schedule, cond,
-                             uncond=uncond, cfg=cfg, combine=self.combine_guidance, callback=callback)
+        result = sample_phased(experts, self.noise(batch, seed) if noise is None else noise, schedule, cond,
+                               uncond=uncond, cfg=cfg, combine=self.combine_guidance, callback=callback)
+        return replace(result, sample=self.impose_conditions(result.sample, cond))

@@ -189,6 +189,13 @@ class DiffusersTeacher(Teacher):
             latents = latents.to(next(vae.parameters()).device, vae.dtype)
             return ((vae.decode(latents, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
 
+    def encode_vae(self, pixels: Tensor) -> Tensor:
+        """Pixels in [-1, 1] -> float32 latents, not yet normalised: the mode of the VAE's posterior, as pipelines
+        encode a condition image (``retrieve_latents(..., sample_mode="argmax")``)."""
+        with self._borrowed(self.pipe.vae) as vae:
+            pixels = pixels.to(next(vae.parameters()).device, vae.dtype)
+            return vae.encode(pixels).latent_dist.mode().to(self.device, torch.float32)
+
     def encode_with(self, encode) -> Any:
         """Call the pipeline's own ``encode_prompt`` (``encode``) with the text encoders on the teacher's device
         (borrowed for the call when offloaded), and bring every tensor to the transformer."""
