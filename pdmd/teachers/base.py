@@ -100,9 +100,16 @@ class Teacher(ABC):
         return {}
 
     def with_guidance(self, velocity: Velocity, cfg: float) -> Velocity:
-        """``velocity`` run at guidance ``cfg`` when guidance is a network input; unchanged otherwise (CFG is
-        then the sampler's ``(cond, uncond)`` pair)."""
-        return velocity
+        """``velocity`` run at guidance ``cfg`` when guidance is a network input (``guidance_embedded``: the scale
+        reaches the family's velocity as ``cond["guidance"]``, one per row); unchanged otherwise (CFG is then the
+        sampler's ``(cond, uncond)`` pair)."""
+        if not self.guidance_embedded:
+            return velocity
+
+        def guided(x: Tensor, t: Tensor, cond: dict) -> Tensor:
+            guidance = torch.full((x.shape[0],), float(cfg), dtype=torch.float32, device=x.device)
+            return velocity(x, t, {**cond, "guidance": guidance})
+        return guided
 
     def combine_guidance(self, v_cond: Tensor, v_uncond: Tensor, cfg: float) -> Tensor:
         """How this teacher's pipeline mixes the guided pair: plain CFG unless a family says otherwise."""

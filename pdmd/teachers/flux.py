@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pdmd.core.sampling import Velocity
 from pdmd.teachers.diffusers_base import PackedLatentTeacher, pack_2x2, unpack_2x2
 
 DEV_STEPS, DEV_GUIDANCE = 28, 3.5       # FluxPipeline's defaults (FLUX.1-dev)
@@ -39,15 +38,6 @@ class FluxTeacher(PackedLatentTeacher):
             return {"prompt_embeds": embeds, "pooled_projections": pooled}
 
         return encode(prompts), None if self.guidance_embedded else encode([""] * len(prompts))
-
-    def with_guidance(self, velocity: Velocity, cfg: float) -> Velocity:
-        if not self.guidance_embedded:
-            return velocity
-
-        def guided(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-            guidance = torch.full((x.shape[0],), float(cfg), dtype=torch.float32, device=x.device)
-            return velocity(x, t, {**cond, "guidance": guidance})
-        return guided
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         batch, _, height, width = x.shape

@@ -28,7 +28,6 @@ import math
 import torch
 from torch import Tensor
 
-from pdmd.core.sampling import Velocity
 from pdmd.teachers.base import ATTENTION_TARGETS
 from pdmd.teachers.diffusers_base import DiffusersTeacher
 
@@ -132,15 +131,6 @@ class Flux2Teacher(Flux2BaseTeacher):
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, None]:
         return self.encode_texts(prompts), None
-
-    def with_guidance(self, velocity: Velocity, cfg: float) -> Velocity:
-        if not self.guidance_embedded:
-            return velocity
-
-        def guided(x: Tensor, t: Tensor, cond: dict) -> Tensor:
-            guidance = torch.full((x.shape[0],), float(cfg), dtype=torch.float32, device=x.device)
-            return velocity(x, t, {**cond, "guidance": guidance})
-        return guided
 
     def network_guidance(self, x: Tensor, cond: dict) -> Tensor | None:
         guidance = cond.get("guidance")
