@@ -15,7 +15,8 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
         offload: false          # text encoders and VAE on the CPU
         quantize: none          # none | int8 | fp8 | nf4 (CUDA): the transformer(s), as load_teacher and train configs say
         teacher_loras:          # style LoRAs fused into the teacher (base + style), as in train configs
-          - {file: my_style.safetensors, strength: 0.8}
+          - {file: my_style_high.safetensors, strength: 0.8}   # network: transformer, the default (high-noise)
+          - {file: my_style_low.safetensors, strength: 0.8, network: transformer_2}   # Wan 2.2 A14B's low-noise one
         height: 480
         width: 832
         frames: 81

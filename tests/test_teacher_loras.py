@@ -2,7 +2,9 @@
 (pdmd/teachers/tiny.py; guidance is a network input there, so one evaluation a step): base + style samples what
 the stock pipeline with the LoRA loaded samples; a phased run on it records the LoRA in its student, which rebuilds
 base + style from its own copy; both exports reproduce the student in stock diffusers; a bad style LoRA is one line
-with nothing written, in a config, on the command line, in the showcase file and in the Compare tab's handler."""
+with nothing written, in a config, on the command line, in the showcase file and in the Compare tab's handler. The
+same on the tiny two-network Wan 2.2 A14B pipeline, with a style file per network (high-noise ``transformer``,
+low-noise ``transformer_2``)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +20,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_card import run_snippet, snippet
-from test_diffusers_teachers import fresh_accelerator_state, random_student  # noqa: F401  (autouse)
+from test_diffusers_teachers import EXPERT_SPLIT, SIZES, fresh_accelerator_state, random_student  # noqa: F401  (autouse)
 
 from pdmd.cli import main
+from pdmd.commands.arguments import teacher_lora
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import save_media
 from pdmd.showcase import Showcase, ShowcaseError
@@ -89,12 +92,9 @@ def student(folder, style, tmp_path_factory) -> Path:
     return where
 
 
-def stock_latents(pipe, prompts, schedule: PhaseSchedule, noise, guidance: float, activate=None) -> torch.Tensor:
-    """The stock pipeline's Euler over ``schedule``'s timesteps from ``noise``; ``activate(k)``: the adapters of
-    phase k, switched in at each phase boundary."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # the timesteps are already shifted
+def phase_switch(schedule: PhaseSchedule, activate=None):
+    """A pipeline's step callback that calls ``activate(k)`` -- the adapters of phase k -- at each phase boundary,
+    after calling it for the first phase."""
     starts = {step: k + 1 for k, step in enumerate(schedule.boundary_step_indices[:-1])}
     if activate:
         activate(0)
@@ -103,9 +103,18 @@ def stock_latents(pipe, prompts, schedule: PhaseSchedule, noise, guidance: float
         if activate and step + 1 in starts:
             activate(starts[step + 1])
         return callback_kwargs
+    return switch
+
+
+def stock_latents(pipe, prompts, schedule: PhaseSchedule, noise, guidance: float, activate=None) -> torch.Tensor:
+    """The stock pipeline's Euler over ``schedule``'s timesteps from ``noise``; ``activate(k)``: the adapters of
+    phase k, switched in at each phase boundary."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # the timesteps are already shifted
     latents = pipe(prompts, sigmas=list(schedule.timesteps[:-1]),
                    num_inference_steps=schedule.nfe, guidance_scale=guidance, latents=pack_2x2(noise),
-                   output_type="latent", callback_on_step_end=switch, **SIZE).images
+                   output_type="latent", callback_on_step_end=phase_switch(schedule, activate), **SIZE).images
     return unpack_2x2(latents, *noise.shape[2:])
 
 
@@ -222,7 +231,8 @@ def test_both_exports_reproduce_the_student_in_stock_diffusers(folder, student, 
     files = json.loads(capsys.readouterr().out)["files"]
     export = json.loads((tmp_path / "a" / "export.json").read_text())
     assert export["teacher_loras"] == [{"file": "pytorch_lora_weights.safetensors", "strength": STRENGTH,
-                                        "sha256": style.sha256}] and export["with_style"] is False
+                                        "sha256": style.sha256, "network": "transformer"}]
+    assert export["with_style"] is False
     pipe = stock_pipeline(folder)
     pipe.load_lora_weights(str(tmp_path / "a" / export["teacher_loras"][0]["file"]), adapter_name="style")
     for k, path in enumerate(files):
@@ -284,8 +294,7 @@ def bad_files(folder, tmp_path_factory) -> dict[str, tuple[Path, str]]:
                            "transformer.single_transformer_blocks.0.attn.to_q.lora_magnitude_vector")}
 
 
-def test_bad_style_loras_are_one_line_and_nothing_is_written(folder, style_file, bad_files, tiny_pipeline, tmp_path,
-                                                             capsys):
+def test_bad_style_loras_are_one_line_and_nothing_is_written(folder, style_file, bad_files, tmp_path, capsys):
     """Checks without the model (the file, the strength, the built-in teacher) fail the config; checks against it
     (another family's LoRA, DoRA) fail loading the teacher; before the run folder or any output exists. Teachers
     no style can be fused into are refused before their pipeline loads."""
@@ -311,10 +320,8 @@ def test_bad_style_loras_are_one_line_and_nothing_is_written(folder, style_file,
     assert not output.exists()
     with pytest.raises(TeacherError, match="the built-in teacher takes none"):
         load_teacher("builtin", teacher_loras=(style_lora(style_file),))
-    with pytest.raises(TeacherError, match="teacher_loras are for one-network teachers"):  # before it loads
-        load_teacher(str(tiny_pipeline("wan2.2")), teacher_loras=(style_lora(style_file),))
     with pytest.raises(TeacherError, match="cannot be fused into an nf4 base"):  # on CUDA; the CPU refuses nf4 itself
-        check_takes_style_loras({}, "nf4")
+        check_takes_style_loras({}, "nf4", (style_lora(style_file),))
 
     for argument, said in ((f"{style_file}:2.5", "strength 2.5"), (str(bad_files["pickle"][0]), "pickle")):
         with pytest.raises(SystemExit):
@@ -352,7 +359,12 @@ def test_the_showcase_file_takes_a_teachers_style_loras_and_refuses_bad_ones(fol
                           (dict(teacher_loras=[{"file": "nowhere.safetensors"}]), "does not exist"),
                           (dict(teacher_loras=[{"file": style_file.name, "strength": 0.5}]),
                            "was distilled with teacher_loras [pytorch_lora_weights.safetensors × 0.7]"),
-                          (dict(teacher_loras=[]), "was distilled with teacher_loras")):
+                          (dict(teacher_loras=[]), "was distilled with teacher_loras"),
+                          (dict(teacher_loras=[{"file": style_file.name, "strength": STRENGTH,
+                                                "network": "transformer_2"}]),
+                           "was distilled with teacher_loras [pytorch_lora_weights.safetensors × 0.7], not "),
+                          (dict(teacher_loras=[{"file": style_file.name, "network": "high"}]),
+                           "teacher_loras[0] network 'high' must be transformer or transformer_2")):
         with pytest.raises(ShowcaseError) as raised:
             read(**changes)
         assert one_line(str(raised.value)) and said in str(raised.value), changes
@@ -379,3 +391,240 @@ def test_the_compare_handler_checks_the_style_lora_on_the_server(folder, style_f
     assert status.startswith("✓") and f"+ style LoRA pytorch_lora_weights.safetensors × {STRENGTH:g}" in status
     assert state["options"]["teacher_loras"] == (style_lora(style_file, STRENGTH),)
     assert store.teacher(state["name"], state["options"]).style_loras == state["options"]["teacher_loras"]
+
+
+# --- a two-network teacher (Wan 2.2 A14B): a style file per network ----------------------------------------------
+WAN_SIZE = SIZES["wan2.2"]
+HIGH, LOW = 0.7, 1.3  # the strengths of the high-noise (transformer) and the low-noise (transformer_2) style
+# each network's style adapts a module the other's does not: a file fused into, or summed with, the wrong network
+# would show
+HIGH_MODULES, LOW_MODULES = ["to_q", "ffn.net.2"], ["to_q", "proj_out"]
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tiny_pipeline) -> Path:
+    return tiny_pipeline("wan2.2")
+
+
+def stock_wan(folder: Path):
+    from diffusers import WanPipeline
+    return WanPipeline.from_pretrained(str(folder))
+
+
+def into(network: str) -> dict:
+    return {"load_into_transformer_2": True} if network == "transformer_2" else {}
+
+
+@pytest.fixture(scope="module")
+def wan_style_files(wan_folder, tmp_path_factory) -> tuple[Path, Path]:
+    """The high-noise and the low-noise style file, each made with PEFT on its transformer and saved by
+    WanPipeline.save_lora_weights, as a style for Wan 2.2 A14B is published."""
+    from diffusers import WanPipeline
+
+    pipe, where = stock_wan(wan_folder), tmp_path_factory.mktemp("wan-style")
+    return (peft_lora_file(pipe.transformer, WanPipeline, where / "high", seed=6, target_modules=HIGH_MODULES),
+            peft_lora_file(pipe.transformer_2, WanPipeline, where / "low", seed=7, target_modules=LOW_MODULES))
+
+
+@pytest.fixture(scope="module")
+def wan_styles(wan_style_files):
+    high, low = wan_style_files
+    return style_lora(high, HIGH), style_lora(low, LOW, network="transformer_2")
+
+
+@pytest.fixture(scope="module")
+def wan_student(wan_folder, wan_styles, tmp_path_factory) -> Path:
+    """Random phase LoRAs on base + style, one phase per network (t = 1 on transformer, t = 0.8 on transformer_2)."""
+    teacher = load_teacher(str(wan_folder), **WAN_SIZE, teacher_loras=wan_styles)
+    where = tmp_path_factory.mktemp("wan-styled") / "student"
+    random_student(teacher, PhaseSchedule.from_dict(EXPERT_SPLIT), where)
+    return where
+
+
+def stock_wan_latents(pipe, prompts, schedule: PhaseSchedule, noise, guidance: float, activate=None):
+    """WanPipeline's own Euler over ``schedule``'s timesteps from ``noise``: it takes no sigmas, so its scheduler
+    is handed ours; ``activate(k)`` as for stock_latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sigmas = list(schedule.timesteps[:-1])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # the timesteps are already shifted
+    scheduler.set_timesteps = lambda *args, device=None, **kwargs: \
+        FlowMatchEulerDiscreteScheduler.set_timesteps(scheduler, sigmas=sigmas, device=device)
+    pipe.scheduler = scheduler
+    return pipe(prompts, num_inference_steps=len(sigmas), guidance_scale=guidance, latents=noise,
+                output_type="latent", callback_on_step_end=phase_switch(schedule, activate), **WAN_SIZE).frames
+
+
+def test_a_two_network_teacher_fuses_each_style_file_into_its_network(wan_folder, wan_style_files, wan_styles):
+    """The high-noise file into transformer at 0.7, the low-noise one into transformer_2 at 1.3 sample what stock
+    WanPipeline samples with load_lora_weights(high), load_lora_weights(low, load_into_transformer_2=True) at those
+    strengths, over steps on both networks: latents to 1e-4. The network is part of the teacher's identity; int8
+    quantizes both fused networks."""
+    teacher = load_teacher(str(wan_folder), **WAN_SIZE, teacher_loras=wan_styles)
+    assert teacher.style_loras == wan_styles and not any("lora" in name for name, _ in teacher.model.named_modules())
+    schedule = PhaseSchedule.uniform(4, teacher.default_shift)
+    assert {teacher.network_at(t) for t in schedule.timesteps[:-1]} == {"transformer", "transformer_2"}
+    ours = teacher.sample(PROMPTS[:1], 0, schedule, teacher.default_cfg).sample
+    high, low = wan_style_files
+    pipe = stock_wan(wan_folder)
+    pipe.load_lora_weights(str(high), adapter_name="high")
+    pipe.load_lora_weights(str(low), adapter_name="low", load_into_transformer_2=True)
+    pipe.set_adapters(["high", "low"], adapter_weights=[HIGH, LOW])
+    theirs = stock_wan_latents(pipe, PROMPTS[:1], schedule, teacher.noise(1, 0), teacher.default_cfg)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    swapped = (style_lora(high, HIGH, network="transformer_2"), style_lora(low, LOW))
+    assert teacher_key(str(wan_folder), teacher.options()) != \
+        teacher_key(str(wan_folder), {**teacher.options(), "teacher_loras": swapped})
+
+    quantized = load_teacher(str(wan_folder), **WAN_SIZE, teacher_loras=wan_styles, quantize="int8").model
+    for network in ("transformer", "transformer_2"):
+        fused = teacher.model[network].blocks[0].attn1.to_q.weight
+        plain = getattr(pipe, network).blocks[0].attn1.to_q.base_layer.weight  # under the stock pipeline's LoRA
+        weight = quantized[network].blocks[0].attn1.to_q.weight
+        assert type(weight) is not torch.nn.Parameter  # a torchao int8 tensor
+        assert (weight.dequantize() - fused).abs().max() < (fused - plain).abs().max() / 20, network  # W + style
+
+
+def test_a_style_lora_for_a_network_the_teacher_lacks_or_that_does_not_fit_its_network_is_one_line(
+        folder, style_file, wan_folder, tmp_path, capsys):
+    """transformer_2 on a one-network teacher is refused before its pipeline loads; a low-noise file of another
+    Wan (other widths) when it is checked against transformer_2; an unknown network in the config. The command
+    line's FILE[:STRENGTH][:NETWORK] reads the network."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    with pytest.raises(TeacherError) as raised:
+        load_teacher(str(folder), **SIZE, teacher_loras=(style_lora(style_file, network="transformer_2"),))
+    assert one_line(str(raised.value)) and "is for network transformer_2, which this one-network teacher does not " \
+                                           "have" in str(raised.value)
+    other_wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                      in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                      num_layers=1)
+    misfit = peft_lora_file(other_wan, WanPipeline, tmp_path / "other", seed=8, target_modules=["to_q"])
+    with pytest.raises(TeacherError) as raised:
+        load_teacher(str(wan_folder), **WAN_SIZE, teacher_loras=(style_lora(misfit, network="transformer_2"),))
+    assert one_line(str(raised.value)) and "does not fit this wan teacher's transformer_2 (a LoRA of another " \
+                                           "model?): LoRA shapes do not fit" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        TrainConfig.from_dict(dict(teacher=str(wan_folder), output_dir=str(tmp_path / "run"), **WAN_SIZE,
+                                   teacher_loras=[{"file": str(style_file), "network": "transformer_3"}]))
+    assert one_line(str(raised.value)) and "teacher_loras[0] network 'transformer_3' must be transformer or " \
+                                           "transformer_2" in str(raised.value)
+
+    assert teacher_lora(f"{style_file}:0.8:transformer_2") == style_lora(style_file, 0.8, network="transformer_2")
+    assert teacher_lora(f"{style_file}:transformer_2") == style_lora(style_file, network="transformer_2")
+    assert teacher_lora(f"{style_file}:0.8") == style_lora(style_file, 0.8)
+    assert main(["sample", "--teacher", str(folder), "--teacher-lora", f"{style_file}:0.8:transformer_2",
+                 "--prompt", PROMPT, "--out", str(tmp_path / "x.png")]) == 2
+    assert "which this one-network teacher does not have" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_phased_run_on_wan22_with_a_style_per_network_records_each_network(wan_folder, wan_style_files,
+                                                                             tmp_path):
+    """One phase per network (boundaries [0.8]), one update each at batch 1: the run's config reads back with the
+    networks, the manifest records each style's network, the student rebuilds base + both styles and samples as
+    the trainer's experts did. A manifest written before networks were recorded reads its styles as
+    transformer's."""
+    high, low = wan_style_files
+    config = TrainConfig.from_dict(dict(
+        teacher=str(wan_folder), method="phased", schedule=EXPERT_SPLIT, updates_per_phase=1, batch_size=1,
+        fake_ratio=1, lora={"rank": 2, "alpha": 2}, prompts=PROMPTS, sample_prompts=PROMPTS[:1], sample_every=100,
+        checkpoint_every=100, lr_generator=1e-2, output_dir=str(tmp_path / "run"), **WAN_SIZE,
+        teacher_loras=[{"file": str(high), "strength": HIGH},
+                       {"file": str(low), "strength": LOW, "network": "transformer_2"}]))
+    trainer = Trainer(config)
+    result = trainer.fit(progress=False)
+    assert result["finished"] and result["step"] == 2
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert TrainConfig.from_dict(written).teacher_loras == config.teacher_loras
+    student = Path(result["student"])
+    manifest = Manifest.read(student)
+    assert manifest.networks == ("transformer", "transformer_2")
+    assert [(lora.network, lora.strength) for lora in manifest.teacher_loras] == [("transformer", HIGH),
+                                                                                  ("transformer_2", LOW)]
+    for lora, source in zip(manifest.teacher_loras, (high, low)):
+        assert (student / lora.file).read_bytes() == source.read_bytes()
+    expected = trainer.teacher.sample(PROMPTS[:1], 3, config.schedule, config.student_cfg, trainer.experts).sample
+    rebuilt = load_student(student)
+    assert rebuilt.roles.teacher.style_loras == config.teacher_loras
+    torch.testing.assert_close(rebuilt.sample(PROMPTS[:1], seed=3).sample, expected, rtol=1e-4, atol=1e-5)
+
+    recorded = json.loads((student / "manifest.json").read_text())
+    assert [entry["network"] for entry in recorded["teacher_loras"]] == ["transformer", "transformer_2"]
+    unnamed = [{k: v for k, v in entry.items() if k != "network"} for entry in recorded["teacher_loras"]]
+    assert {lora.network for lora in Manifest.from_dict({**recorded, "teacher_loras": unnamed}).teacher_loras} == \
+        {"transformer"}
+    with pytest.raises(StudentError, match=r"teacher_loras\[1\].network = 'transformer_3' must be transformer or"):
+        Manifest.from_dict({**recorded, "teacher_loras": [unnamed[0], {**unnamed[1], "network": "transformer_3"}]})
+
+
+def test_both_exports_of_a_wan22_student_reproduce_it_in_stock_diffusers(wan_folder, wan_student, tmp_path,
+                                                                         capsys):
+    """The card's snippet, as written up to the decode (mp4 is lossy), loads each style copy into its network;
+    (a) the export on top of the styles, loaded as the card does; (b) `--with-style` alone, each phase file the
+    sum of its phase and its own network's style only (rank 4 + 2 on to_q, the style's 4 where the style alone
+    adapts a module, nothing of the other network's). All give the latents of `pdmd sample --student` to 1e-4."""
+    student = load_student(wan_student)
+    ours = student.sample([PROMPT], seed=0).sample
+    noise, schedule = student.roles.teacher.noise(1, 0), student.schedule
+
+    code = snippet(str(render_card(wan_student, repo_id=str(wan_student))))
+    assert 'weight_name="teacher_loras/pytorch_lora_weights.safetensors", adapter_name="style_1")' in code
+    assert 'weight_name="teacher_loras/2-pytorch_lora_weights.safetensors", adapter_name="style_2", ' \
+           'load_into_transformer_2=True)' in code and f"STYLE = {{'style_1': {HIGH}, 'style_2': {LOW}}}" in code
+    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
+                                      "callback_on_step_end=switch_phase, output_type='latent')")
+                         .split("video = result")[0], tmp_path)
+    torch.testing.assert_close(latent["result"].frames, ours, rtol=1e-4, atol=1e-4)
+
+    assert main(["lora", "export", "--student", str(wan_student), "--layout", "diffusers",
+                 "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    export = json.loads((tmp_path / "a" / "export.json").read_text())
+    assert [(style["network"], style["strength"]) for style in export["teacher_loras"]] == [
+        ("transformer", HIGH), ("transformer_2", LOW)]
+    pipe = stock_wan(wan_folder)
+    for k, style in enumerate(export["teacher_loras"]):
+        pipe.load_lora_weights(str(tmp_path / "a" / style["file"]), adapter_name=f"style_{k + 1}",
+                               **into(style["network"]))
+    for phase in export["phases"]:
+        pipe.load_lora_weights(str(tmp_path / "a" / phase["file"]), adapter_name=phase_adapter(phase["phase"] - 1),
+                               **into(phase["network"]))
+    on_top = stock_wan_latents(pipe, [PROMPT], schedule, noise, 1.0, lambda k: pipe.set_adapters(
+        ["style_1", "style_2", phase_adapter(k)], adapter_weights=[HIGH, LOW, 1.0]))
+    torch.testing.assert_close(on_top, ours, rtol=1e-4, atol=1e-4)
+
+    assert main(["lora", "export", "--student", str(wan_student), "--layout", "diffusers", "--with-style",
+                 "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    export = json.loads((tmp_path / "b" / "export.json").read_text())
+    assert [phase["network"] for phase in export["phases"]] == ["transformer", "transformer_2"]
+    ranks = []
+    for phase in export["phases"]:
+        with safe_open(str(tmp_path / "b" / phase["file"]), framework="pt") as handle:
+            ranks.append({key.removeprefix("transformer.").removesuffix(".lora_A.weight"):
+                          handle.get_slice(key).get_shape()[0]
+                          for key in handle.keys() if key.endswith(".lora_A.weight")})
+    high_file, low_file = ranks
+    assert high_file["blocks.0.attn1.to_q"] == low_file["blocks.0.attn1.to_q"] == 6
+    assert high_file["blocks.0.ffn.net.2"] == 4 and "proj_out" not in high_file
+    assert low_file["proj_out"] == 4 and "blocks.0.ffn.net.2" not in low_file
+    pipe = stock_wan(wan_folder)
+    for phase in export["phases"]:
+        pipe.load_lora_weights(str(tmp_path / "b" / phase["file"]), adapter_name=phase_adapter(phase["phase"] - 1),
+                               **into(phase["network"]))
+    alone = stock_wan_latents(pipe, [PROMPT], schedule, noise, 1.0, lambda k: pipe.set_adapters(phase_adapter(k)))
+    torch.testing.assert_close(alone, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_the_showcase_file_takes_a_style_per_network_of_a_wan22_teacher(wan_folder, wan_student, wan_styles,
+                                                                       wan_style_files, tmp_path):
+    high, low = wan_style_files
+    path = tmp_path / "showcase.yaml"
+    path.write_text(yaml.safe_dump({"teachers": [{
+        "name": "styled-wan", "model": str(wan_folder), **{"height": 16, "width": 16, "frames": 5},
+        "teacher_loras": [{"file": str(high), "strength": HIGH},
+                          {"file": str(low), "strength": LOW, "network": "transformer_2"}],
+        "students": [{"name": "phased", "folder": str(wan_student)}]}]}))
+    (teacher,) = Showcase.read(path).teachers
+    assert teacher.options["teacher_loras"] == wan_styles

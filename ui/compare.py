@@ -217,6 +217,8 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
     with gr.Accordion("Teacher style LoRA: distil your model, base + your style LoRA (fused in)", open=False,
                       visible=store.other_teachers):
         with gr.Row():
+            # one file, fused into `transformer` (Wan 2.2 A14B: the high-noise network); a style per network
+            # comes through a showcase file, a train config or `pdmd sample --teacher-lora`
             lora_file = gr.Textbox(label="Style LoRA file (.safetensors on this machine; blank = none)", scale=3,
                                    placeholder="/loras/my_style.safetensors", elem_id="compare-teacher-lora")
             lora_strength = gr.Number(1.0, label="Strength (0–2)", minimum=0, maximum=MAX_STRENGTH,

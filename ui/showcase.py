@@ -90,7 +90,7 @@ def student_folder(store: ShowcaseStore, teacher: ShowcaseTeacher, student: Show
     loaded = store.teacher(teacher.model)
     strengths = list(student.strengths) if strengths is None else strengths
     schedule = student.schedule_on(loaded.default_shift)
-    styles = [[lora.sha256, lora.strength] for lora in teacher.options.get("teacher_loras", ())]
+    styles = [[lora.sha256, lora.strength, lora.network] for lora in teacher.options.get("teacher_loras", ())]
     salt = json.dumps([teacher.key, styles, schedule.as_dict(), student.cfg])
     folder = published_dir() / published_folder_name(student.lora, strengths, salt)
     if not (folder / MANIFEST).is_file():

@@ -47,20 +47,24 @@ def positive_float(text: str) -> float:
 
 
 def teacher_lora(text: str):
-    """argparse type: ``FILE[:STRENGTH]``, a style LoRA fused into the teacher (strength in [0, 2], default 1), as
-    a checked pdmd.teachers.style_loras.StyleLora."""
+    """argparse type: ``FILE[:STRENGTH][:NETWORK]``, a style LoRA fused into the teacher (strength in [0, 2],
+    default 1; network transformer, the default, or transformer_2, Wan 2.2 A14B's low-noise one), as a checked
+    pdmd.teachers.style_loras.StyleLora."""
     from pdmd.teachers.base import TeacherError
-    from pdmd.teachers.style_loras import style_lora
+    from pdmd.teachers.style_loras import DEFAULT_NETWORK, NETWORKS, style_lora
 
-    file, strength = text, 1.0
-    head, colon, tail = text.rpartition(":")
+    file, strength, network = text, 1.0, DEFAULT_NETWORK
+    head, colon, tail = file.rpartition(":")
+    if colon and head and tail in NETWORKS:
+        file, network = head, tail
+    head, colon, tail = file.rpartition(":")
     if colon and head:
         try:
             file, strength = head, float(tail)
         except ValueError:
-            file = text  # a colon that is part of the path
+            pass  # a colon that is part of the path
     try:
-        return style_lora(file, strength)
+        return style_lora(file, strength, network=network)
     except TeacherError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

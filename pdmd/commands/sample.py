@@ -1,8 +1,9 @@
 """``python -m pdmd sample``: render one prompt with a teacher, or with a student folder on top of its teacher.
 
 The teacher is ``builtin``, a diffusers pipeline folder or a Hub id; video teachers (Wan) write .mp4 or .gif.
-``--image`` gives a teacher that takes one (Wan 2.2 TI2V-5B: the first frame) its image, read and checked by
-``pdmd.conditions.open_image`` before any model loads.
+``--image`` gives a teacher that takes one (Wan 2.2 TI2V-5B: the first frame), or a student distilled on condition
+images, its image, read and checked by ``pdmd.conditions.open_image`` before any model loads; a student takes an
+image exactly when its manifest says it was distilled on them (``conditions``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pdmd.conditions import open_image
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import VIDEO_SUFFIXES, save_media
 from pdmd.students import StudentError
-from pdmd.students.folder import load_student
+from pdmd.students.folder import check_images, load_student
 from pdmd.students.manifest import Manifest
 from pdmd.teachers import load_teacher
 
@@ -29,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--image", action="append", metavar="FILE",
-                        help="PNG, JPEG or WebP for a teacher that takes an image (Wan 2.2 TI2V-5B: the first frame), "
-                             "one per --prompt")
+                        help="PNG, JPEG or WebP for a teacher that takes an image (Wan 2.2 TI2V-5B: the first frame) "
+                             "or a student distilled on condition images, one per --prompt")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
     parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
@@ -40,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=pixels, help="pixels (default: the pipeline's)")
     parser.add_argument("--width", type=pixels, help="pixels (default: the pipeline's)")
     parser.add_argument("--frames", type=frames, help="video frames (Wan; default: the pipeline's)")
-    parser.add_argument("--teacher-lora", type=teacher_lora, action="append", metavar="FILE[:STRENGTH]",
-                        help="a style LoRA fused into the teacher, strength 0-2 (default 1); repeatable (default: "
-                             "the student's own)")
+    parser.add_argument("--teacher-lora", type=teacher_lora, action="append", metavar="FILE[:STRENGTH][:NETWORK]",
+                        help="a style LoRA fused into the teacher, strength 0-2 (default 1), network transformer "
+                             "(default) or transformer_2 (Wan 2.2 A14B's low-noise one); repeatable (default: the "
+                             "student's own)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         images = [open_image(path) for path in args.image] if args.image else None
         if args.student:
             manifest = Manifest.read(args.student)  # the resolution it was distilled at, unless told otherwise
+            check_images(args.student, manifest, images)
             options = {**({} if args.teacher else manifest.teacher_load_options(args.student)), **loading}
             student = load_student(args.student, load_teacher(args.teacher or manifest.teacher, **options), manifest)
             teacher, schedule, cfg, experts = student.roles.teacher, student.schedule, student.cfg, student.experts
@@ -69,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
             cfg, experts = teacher.default_cfg, None
     except (StudentError, ValueError, OSError) as err:
         return fail(str(err))
-    if images and args.student and "image" in teacher.conditions:  # its experts learnt text-to-video only
-        return fail(f"--image with --student: students conditioned on images come with training on them; "
-                    f"sample the teacher ({teacher.name}) with --image, or the student without it")
     suffix = Path(args.out).suffix.lower()
     if suffix not in ((".png",) + VIDEO_SUFFIXES if teacher.is_video else (".png",)):
         kind = "videos: write .mp4, .gif or .png (frames side by side)" if teacher.is_video else "images: write a .png"

@@ -8,7 +8,9 @@ One code path, so comparisons are fair (docs/method.md §6; the objective is §3
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +20,14 @@ from pdmd.core import rectified_flow as rf
 from pdmd.core import sampling
 from pdmd.core.sampling import Combine, Velocity, cfg_combine, guided_velocity, phase_sigmas, sample_euler
 from pdmd.core.schedule import PhaseSchedule, preset
+
+# x, cond -> x with what the conditions fix in a sample put in place (Teacher.impose_conditions; docs/method.md §6)
+Impose = Callable[[Tensor, Any], Tensor]
+
+
+def unconditioned(x: Tensor, cond=None) -> Tensor:
+    """The rule of a text-only teacher: nothing in a sample is fixed."""
+    return x
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,14 @@ def get_method(name: str, schedule: PhaseSchedule | None = None) -> Method:
 
 
 def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise: Tensor, cond=None,
-            *, sgts: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, float]:
+            *, sgts: bool = False, generator: torch.Generator | None = None,
+            impose: Impose = unconditioned) -> tuple[Tensor, float]:
     """docs/method.md §5, Eq. (21): back-simulation: noise -> frozen experts 1..k-1 (no grad) -> expert k's own steps -> x_s, s = t_k.
 
     With SGTS (§5, Eq. (22)) a random exit step j of the phase is drawn from ``generator``: the steps before it run
     without grad and step j's prediction is projected straight to the phase end, so only step j carries gradient.
-    Without SGTS the gradient flows through every step of the phase.
+    Without SGTS the gradient flows through every step of the phase. ``impose`` is applied at every phase
+    boundary: what the conditions fix (a first frame) is the condition there, and x_s carries no gradient in it.
 
     The exit step is the only draw here (the noise is given), and it shapes the graph: j + 1 forwards of expert k.
     Under FSDP each forward is a collective every rank must join, so the trainer passes a generator seeded by
@@ -62,17 +74,17 @@ def rollout(experts: list[Velocity], phase: int, schedule: PhaseSchedule, noise:
     x = noise
     with torch.no_grad():
         for k in range(phase):
-            x = sample_euler(experts[k], x, phase_sigmas(schedule, k), cond)
+            x = impose(sample_euler(experts[k], x, phase_sigmas(schedule, k), cond), cond)
     sigmas = phase_sigmas(schedule, phase)
     s = sigmas[-1]
     if not sgts:
-        return sample_euler(experts[phase], x, sigmas, cond), s
+        return impose(sample_euler(experts[phase], x, sigmas, cond), cond), s
     exit_step = int(torch.randint(len(sigmas) - 1, (1,), generator=generator))
     with torch.no_grad():
         x = sample_euler(experts[phase], x, sigmas[: exit_step + 1], cond)
     t = sigmas[exit_step]
     t_batch = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-    return rf.euler_step(x, t, s, experts[phase](x, t_batch, cond)), s
+    return impose(rf.euler_step(x, t, s, experts[phase](x, t_batch, cond)), cond), s
 
 
 def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generator | None = None):
@@ -84,13 +96,15 @@ def renoise(x_s: Tensor, s: float, shift: float = 1.0, generator: torch.Generato
 
 def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, cond=None, uncond=None,
                    cfg: float = 1.0, *, combine: Combine = cfg_combine, shift: float = 1.0, gradient: str = "x0",
-                   generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   generator: torch.Generator | None = None,
+                   impose: Impose = unconditioned) -> tuple[Tensor, dict[str, Tensor]]:
     """docs/method.md §3, Eqs. (12)-(14): the DMD loss of phase k, whose gradient w.r.t. x_s is the
     distribution-matching direction, and its diagnostics (as DMD2 logs them): the DMD gradient's norm per
     sample and the real/fake gap in x0-prediction, which shrinks as the generator matches the teacher.
 
     The teacher uses CFG (by its own ``combine`` rule), the fake score none (Eq. (15)). ``gradient`` picks the
-    velocity form (w_{t|s}) or the DMD2 x0-normalised form.
+    velocity form (w_{t|s}) or the DMD2 x0-normalised form. ``impose`` puts the conditions into both x0
+    estimates, so in the x0 form the region they fix adds nothing to the gradient, its normaliser or the score gap.
     """
     if gradient not in ("x0", "velocity"):
         raise ValueError(f"unknown DMD gradient form {gradient!r}; use 'x0' or 'velocity'")
@@ -100,7 +114,7 @@ def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, con
             v_real = guided_velocity(teacher, x_t, t, cond, uncond, cfg, combine)
         with record_function("generator/fake score"):
             v_fake = fake(x_t, t, cond)
-        x0_real, x0_fake = rf.x0_from_velocity(x_t, t, v_real), rf.x0_from_velocity(x_t, t, v_fake)
+        x0_real, x0_fake = (impose(rf.x0_from_velocity(x_t, t, v), cond) for v in (v_real, v_fake))
         if gradient == "velocity":
             grad = rf.dmd_gradient_velocity(v_real, v_fake, s, t)
         else:
@@ -122,21 +136,22 @@ def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float 
 
 
 def teacher_states(teacher: Velocity, schedule: PhaseSchedule, noise: Tensor, cond=None, uncond=None,
-                   cfg: float = 1.0, *, combine: Combine = cfg_combine, steps_per_phase: int = 6) -> list[Tensor]:
+                   cfg: float = 1.0, *, combine: Combine = cfg_combine, steps_per_phase: int = 6,
+                   impose: Impose = unconditioned) -> list[Tensor]:
     """The teacher's own ODE solution from ``noise`` at every boundary of ``schedule``: [x_1 (the noise),
     x_{t_1}, ..., x_0], each phase solved with ``steps_per_phase`` guided Euler steps (spaced by Eq. (9)):
-    the paired targets of ``regression_loss``."""
+    the paired targets of ``regression_loss``, each boundary with the conditions imposed as a rollout's are."""
     phases = range(schedule.num_phases)
     steps, experts, scales = sampling.teacher_takes_phases(schedule, [teacher] * len(phases), cfg, teacher, cfg,
                                                            phases, steps_per_phase)
     out = sampling.sample_phased(experts, noise, steps, cond, uncond=uncond, cfg=scales, combine=combine)
-    return [noise, *(x for _, x in out.boundary_states), out.sample]
+    return [noise, *(impose(x, cond) for _, x in out.boundary_states), impose(out.sample, cond)]
 
 
 def regression_loss(experts: list[Velocity], phase: int, schedule: PhaseSchedule, start: Tensor, target: Tensor,
-                    cond=None) -> Tensor:
+                    cond=None, *, impose: Impose = unconditioned) -> Tensor:
     """DMD's regression loss on paired teacher trajectories (Yin et al. 2024, Eq. 6; mean squared error where
     they use LPIPS), per phase: expert k's own steps from the teacher's x_{t_{k-1}} should land on the teacher's
     x_{t_k}. A warm start: it points each expert at the teacher's mapping before the DMD updates sharpen it."""
-    x = sample_euler(experts[phase], start, phase_sigmas(schedule, phase), cond)
+    x = impose(sample_euler(experts[phase], start, phase_sigmas(schedule, phase), cond), cond)
     return (x - target).square().mean()

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from pdmd.core.sampling import phase_sigmas
 from pdmd.students.manifest import PUBLISHED, Manifest
 from pdmd.students.roles import phase_adapter
-from pdmd.teachers.style_loras import ADAPTER_PREFIX
+from pdmd.teachers.style_loras import ADAPTER_PREFIX, SECOND_NETWORK
 
 CARD = "README.md"
 SAMPLE_GRID = "samples.png"  # the run's last sample grid, copied beside the LoRAs so the card can show it
@@ -39,6 +39,9 @@ CALL_KEYWORDS = {"qwen-image21": lambda cfg: ('negative_prompt=" ", ' if cfg > 1
 ON_TRANSFORMER = {"hunyuan-video-1.5"}
 # families whose guidance is a pipeline component (a ClassifierFreeGuidance ``guider``), not a __call__ keyword
 GUIDER = {"hunyuan-video-1.5"}
+# the pipeline of a family's student distilled on condition images (manifest ``conditions``), given ``image=``
+IMAGE_PIPELINE = {"wan": "WanImageToVideoPipeline"}
+IMAGE_FILE = "first.png"  # the card's example condition image
 
 TEMPLATE = """---
 {{ card_data }}
@@ -88,7 +91,7 @@ Every LoRA file also carries the schedule in its safetensors metadata (`pdmd_sch
 ## Reproduce with pdmd
 
 ```bash
-python -m pdmd sample --student {{ name }} --prompt "{{ prompt }}" --seed 0 --out student.{{ suffix }}
+python -m pdmd sample --student {{ name }}{{ image }} --prompt "{{ prompt }}" --seed 0 --out student.{{ suffix }}
 ```
 """
 
@@ -169,22 +172,30 @@ def styles_text(manifest: Manifest) -> str:
 def style_usage(manifest: Manifest) -> str:
     if not manifest.teacher_loras:
         return ""
+    networks = (" (a low-noise one, `on transformer_2`, into `pipe.transformer_2` with "
+                "`load_into_transformer_2=True`)" if any(lora.network == SECOND_NETWORK for lora in
+                                                         manifest.teacher_loras) else "")
     return (f"The phase LoRAs go on top of the teacher's style LoRA(s) {styles_text(manifest)} (copies in "
-            "`teacher_loras/` of this repository): the snippet loads the style first, then the phase LoRAs, and keeps "
-            "the style active at its strength beside each phase's expert. `python -m pdmd lora export --with-style` "
-            "writes phase LoRAs that already contain the style, each loaded alone.")
+            f"`teacher_loras/` of this repository): the snippet loads the style first{networks}, then the phase "
+            "LoRAs, and keeps the style active at its strength beside each phase's expert. `python -m pdmd lora "
+            "export --with-style` writes phase LoRAs that already contain the style of their network, each loaded "
+            "alone.")
 
 
 def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
     """The diffusers snippet: the teacher's pipeline, Euler on exactly the student's timesteps, one LoRA adapter
     per phase (Wan 2.2's low-noise network's with load_into_transformer_2) and the switch at each boundary. A
-    teacher with style LoRAs: those load first, and stay active at their strengths under every phase's expert.
+    teacher with style LoRAs: those load first, each into its network, and stay active at their strengths under
+    every phase's expert.
     HunyuanVideo 1.5: adapters on ``pipe.transformer``, switched by the scheduler's step, CFG set on its guider."""
     styles = {f"{ADAPTER_PREFIX}_{k + 1}": lora for k, lora in enumerate(manifest.teacher_loras)}
     on_transformer = manifest.family in ON_TRANSFORMER
     load, owner = ("pipe.transformer.load_lora_adapter", "pipe.transformer") if on_transformer else \
         ("pipe.load_lora_weights", "pipe")
-    loads = [f'{load}(STUDENT, weight_name="{lora.file}", adapter_name="{name}")'
+    def into(network) -> str:
+        return ", load_into_transformer_2=True" if network == SECOND_NETWORK else ""
+
+    loads = [f'{load}(STUDENT, weight_name="{lora.file}", adapter_name="{name}"{into(lora.network)})'
              for name, lora in styles.items()]
 
     def activate(expert: str) -> str:
@@ -195,9 +206,8 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
 
     for k in range(manifest.schedule.num_phases):
         for network, relative in manifest.phase_files(k).items():
-            into = ", load_into_transformer_2=True" if network == "transformer_2" else ""
             loads.append(f'{load}(STUDENT, weight_name="{relative}", '
-                         f'adapter_name="{phase_adapter(k)}"{into})')
+                         f'adapter_name="{phase_adapter(k)}"{into(network)})')
     options = manifest.teacher_options
     size = ", ".join(f"{k}={options[k]}" for k in ("height", "width", "num_frames") if k in options)
     cfg_keyword = CFG_KEYWORD.get(manifest.family or "", "guidance_scale")
@@ -207,15 +217,20 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
     output = ('video = result.frames[0]\nexport_to_video(video, "student.mp4", fps=16)' if video
               else 'image = result.images[0]\nimage.save("student.png")')
     sigmas = ", ".join(repr(round(t, 8)) for t in manifest.schedule.timesteps[:-1])
+    conditioned = "image" in manifest.conditions  # Wan 2.2 TI2V-5B from a first frame
+    pipeline = IMAGE_PIPELINE[manifest.family] if conditioned else "DiffusionPipeline"
     return "\n".join([
         "import torch",
-        "from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler",
+        f"from diffusers import {pipeline}, FlowMatchEulerDiscreteScheduler",
         *(["from diffusers.utils import export_to_video"] if video else []),
+        *(["from diffusers.utils import load_image"] if conditioned else []),
         "",
         f'TEACHER = "{manifest.teacher}"',
         f'STUDENT = "{student}"  # this repository, or a local copy of it',
         f"SIGMAS = [{sigmas}]  # the student's timesteps, already shifted (shift {manifest.schedule.shift:g})",
         f"PHASE_STARTS = {phase_starts(manifest)!r}  # the phase switch: step index -> the expert from there on",
+        *([f'IMAGE = "{IMAGE_FILE}"  # the first frame, best at the student\'s size: the pipeline stretches an image '
+           "of another aspect where pdmd crops it"] if conditioned else []),
         *([f"STYLE = {({n: lora.strength for n, lora in styles.items()})!r}  # the teacher's style LoRA(s) -> "
            "strength, under every phase"] if styles else []),
         "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
@@ -240,14 +255,15 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
            "    return callback_kwargs"]),
         "",
         "",
-        "pipe = DiffusionPipeline.from_pretrained(TEACHER, dtype=DTYPE)",
+        f"pipe = {pipeline}.from_pretrained(TEACHER, dtype=DTYPE)",
         "pipe.scheduler = StudentScheduler(shift=1.0)",
         *loads,
         activate(f'"{phase_adapter(0)}"'),
         *([f"pipe.guider = pipe.guider.new(guidance_scale={cfg_value:g})"] if guider else []),
         "pipe.to(DEVICE)",
         # prompt by keyword: the first parameter of the FLUX.2 pipelines is a conditioning image
-        f'result = pipe(prompt="{prompt}", num_inference_steps=len(SIGMAS), '
+        "result = pipe(" + ("image=load_image(IMAGE), " if conditioned else "")
+        + f'prompt="{prompt}", num_inference_steps=len(SIGMAS), '
         + ("" if guider else f"{cfg_keyword}={cfg_value:g}, ")
         + CALL_KEYWORDS.get(manifest.family or "", lambda cfg: "")(manifest.student_cfg)
         + (f"{size}, " if size else "")
@@ -263,8 +279,10 @@ def comfyui_usage(manifest: Manifest, name: str) -> str:
     networks = (" For Wan 2.2 the `high_noise` file goes on the high-noise model and the `low_noise` file on the "
                 "low-noise model." if manifest.networks else "")
     style = (f" The phase files go on top of the teacher's style LoRA(s) {styles_text(manifest)}, copied beside "
-             "them: chain its *LoraLoaderModelOnly* at that strength first (or export with `--with-style` for phase "
-             "files that contain it)." if manifest.teacher_loras else "")
+             "them: chain its *LoraLoaderModelOnly* at that strength first"
+             + (" (on the high-noise model; a style `on transformer_2` on the low-noise one)" if manifest.networks
+                else "")
+             + ", or export with `--with-style` for phase files that contain it." if manifest.teacher_loras else "")
     return (f"Export the experts in ComfyUI's key layout: `python -m pdmd lora export --student {name} --layout "
             f"comfyui --out comfyui/` (one file per phase, `export.json` says which is which).{networks}{style} Load "
             f"each with *LoraLoaderModelOnly* on its own copy of the model, set *ModelSamplingSD3* shift to "
@@ -286,7 +304,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, seconds: float |
         base_model=teacher if hub_teacher else None, library_name="diffusers",
         license=teacher_license(teacher),
         tags=["pdmd", "phased-dmd", "lora", "few-step", "distillation",
-              *(["text-to-video"] if "num_frames" in manifest.teacher_options else
+              *(["image-to-video" if "image" in manifest.conditions else "text-to-video"]
+                if "num_frames" in manifest.teacher_options else
                 (["text-to-image"] if manifest.family else [])), *([manifest.family] if manifest.family else [])])
     return ModelCard.from_template(
         data, template_str=TEMPLATE, name=name, teacher=teacher,
@@ -301,7 +320,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, seconds: float |
         "# the built-in 32x32 teacher is not a diffusers pipeline: use `python -m pdmd sample --student`",
         comfyui_usage=comfyui_usage(manifest, name) if manifest.family else
         "Not available: the built-in teacher has no ComfyUI counterpart.",
-        suffix="mp4" if "num_frames" in manifest.teacher_options else "png")
+        suffix="mp4" if "num_frames" in manifest.teacher_options else "png",
+        image=f" --image {IMAGE_FILE}" if "image" in manifest.conditions else "")
 
 
 def write_card(folder: str | Path, repo_id: str | None = None, seconds: float | None = None,

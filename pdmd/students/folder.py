@@ -67,7 +67,7 @@ def teacher_fields(teacher: Teacher, folder: Path) -> dict:
         names.add(name)
         (folder / TEACHER_LORA_DIR).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(lora.file, folder / TEACHER_LORA_DIR / name)
-        records.append(TeacherLora(f"{TEACHER_LORA_DIR}/{name}", lora.sha256, lora.strength))
+        records.append(TeacherLora(f"{TEACHER_LORA_DIR}/{name}", lora.sha256, lora.strength, lora.network))
     return {"teacher_options": options, "teacher_loras": tuple(records)}
 
 
@@ -149,11 +149,24 @@ class Student:
                                     teacher_steps or self.teacher_steps_per_phase(schedule))
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seed: int = 0, callback=None, teacher_phases=()):
-        """The student's samples; ``teacher_phases`` (0-based) are taken by the teacher (with_teacher_phases)."""
+    def sample(self, prompts: list[str], seed: int = 0, callback=None, teacher_phases=(), images: list | None = None):
+        """The student's samples; ``teacher_phases`` (0-based) are taken by the teacher (with_teacher_phases);
+        ``images``: one per prompt (pdmd.conditions.open_image) for a student distilled on condition images."""
+        check_images(self.folder, self.manifest, images)
         schedule, experts, cfg = self.with_teacher_phases(teacher_phases)
         with self.roles.active(None):  # on exit the network holds the base weights again, not a merged phase
-            return self.roles.teacher.sample(prompts, seed, schedule, cfg, experts, callback)
+            return self.roles.teacher.sample(prompts, seed, schedule, cfg, experts, callback, images=images)
+
+
+def check_images(folder: Path, manifest: Manifest, images: list | None) -> None:
+    """StudentError unless images come exactly when the student was distilled on them: its experts learnt either
+    from a condition image (image-to-video) or without one, not both."""
+    if "image" in manifest.conditions and not images:
+        raise StudentError(f"{folder} was distilled on {manifest.condition_images or 'its'} condition image(s): "
+                           "give one image per prompt (--image)")
+    if images and "image" not in manifest.conditions:
+        raise StudentError(f"{folder} was distilled on prompts alone: it takes no image; sample the teacher "
+                           f"({manifest.teacher}) with one, or this student without it")
 
 
 def load_student(folder: str | Path, teacher: Teacher | None = None, manifest: Manifest | None = None) -> Student:

@@ -517,19 +517,20 @@ def with_style(state: dict[str, Tensor], styles: list[dict[str, Tensor]]) -> dic
     return combined
 
 
-def style_states(folder: Path, manifest: Manifest) -> list[dict[str, Tensor]]:
-    """The style LoRAs of a student's teacher, from their copies in the student folder, as PEFT weights with
-    alpha / r and the strength folded in; each copy must still have the sha256 the manifest records."""
+def style_states(folder: Path, manifest: Manifest) -> dict[str, list[dict[str, Tensor]]]:
+    """The style LoRAs of a student's teacher by the network they were fused into, from their copies in the student
+    folder, as PEFT weights with alpha / r and the strength folded in; each copy must still have the sha256 the
+    manifest records."""
     from pdmd.teachers.style_loras import sha256_of
 
-    states = []
+    states = {}
     for lora in manifest.teacher_loras:
         path = (folder / lora.file).resolve()
         if folder.resolve() not in path.parents or not path.is_file():
             raise LoraFormatError(f"{folder / MANIFEST}: its style LoRA copy {lora.file} is missing")
         if sha256_of(path) != lora.sha256:
             raise LoraFormatError(f"{folder / lora.file} has changed since the student was made (sha256)")
-        states.append(load_published(path, manifest.family, strength=lora.strength))
+        states.setdefault(lora.network, []).append(load_published(path, manifest.family, strength=lora.strength))
     return states
 
 
@@ -541,8 +542,11 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
 
     A student of a teacher with style LoRAs (``teacher_loras``): by default the phase files go on top of the style
     LoRA(s), which are copied beside them as they are; ``include_style`` writes self-contained phase files instead,
-    each the exact sum of the style LoRA(s) and its phase LoRA (``with_style``), to be loaded alone."""
+    each the exact sum of its phase LoRA and the style LoRA(s) of its network (``with_style``), to be loaded
+    alone."""
     from safetensors.torch import load_file
+
+    from pdmd.teachers.style_loras import DEFAULT_NETWORK
 
     if layout not in EXPORT_LAYOUTS:
         raise LoraFormatError(f"unknown export layout {layout!r}; choose {' or '.join(EXPORT_LAYOUTS)}")
@@ -556,7 +560,7 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
     name = folder.parent.name if folder.name == "student" else folder.name
     if include_style and not manifest.teacher_loras:
         raise LoraFormatError(f"{name}'s teacher has no style LoRA to include: export it without --with-style")
-    styles = style_states(folder, manifest) if manifest.teacher_loras else []  # checked before anything is written
+    styles = style_states(folder, manifest) if manifest.teacher_loras else {}  # checked before anything is written
     scale, prefix = manifest.lora.alpha / manifest.lora.rank, f"{manifest.lora_prefix}."
     out.mkdir(parents=True, exist_ok=True)
     written, described = [], []
@@ -564,8 +568,8 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
         for network, source in pairs:
             state = {key.removeprefix(prefix): (v * scale if ".lora_B." in key else v).contiguous()
                      for key, v in load_file(str(source)).items()}
-            if include_style:
-                state = with_style(state, styles)
+            if include_style:  # a one-network teacher's phases (network None) run on its transformer
+                state = with_style(state, styles.get(network or DEFAULT_NETWORK, []))
             keys = comfyui_state(state, family) if layout == "comfyui" else \
                 {f"{TRANSFORMER_PREFIX}.{key}": v for key, v in state.items()}
             path = out / f"{name}-{phase_adapter(k)}{'-' + NETWORK_FILE_NAMES.get(network, network) if network else ''}" \
@@ -576,13 +580,15 @@ def export_student(folder: str | Path, out: str | Path, layout: str = "comfyui",
             described.append({"file": path.name, "phase": k + 1, **({"network": network} if network else {})})
     styled = []
     for lora in manifest.teacher_loras:
-        styled.append({"file": Path(lora.file).name, "strength": lora.strength, "sha256": lora.sha256})
+        styled.append({"file": Path(lora.file).name, "strength": lora.strength, "sha256": lora.sha256,
+                       "network": lora.network})
         if not include_style:  # the phase files need them underneath
             shutil.copyfile(folder / lora.file, out / Path(lora.file).name)
     notes = ["load a 'network': 'transformer_2' file with load_lora_weights(..., load_into_transformer_2=True)"
              if any("network" in d for d in described) else "",
              ("each phase file already holds the teacher_loras: load it alone" if include_style else
-              "load the teacher_loras files first, each at its strength (set_adapters), then each phase file on top")
+              "load the teacher_loras files first, each into its network at its strength (set_adapters), then each "
+              "phase file on top")
              if styled else ""]
     (out / "export.json").write_text(json.dumps({
         "student": name, "teacher": manifest.teacher, "family": family, "layout": layout,

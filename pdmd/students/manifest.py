@@ -18,7 +18,7 @@ from pathlib import Path
 from pdmd import limits
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
-from pdmd.teachers.style_loras import StyleLora
+from pdmd.teachers.style_loras import DEFAULT_NETWORK, NETWORKS, StyleLora, describe_style
 
 MANIFEST = "manifest.json"
 VERSION = 2
@@ -27,6 +27,7 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}  # refused
 RENAMED_IN_V2 = {"cfg": "student_cfg", "experts": "networks", "steps_trained": "updates_trained",
                  "steps_per_phase": "updates_per_phase"}
 TEACHER_OPTIONS = {"height", "width", "num_frames", "dtype", "offload", "quantize"}
+CONDITIONS = ("image",)  # what a student may take beside its prompts (Teacher.conditions)
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ class LoraSpec:
 @dataclass(frozen=True)
 class TeacherLora:
     """A style LoRA fused into the student's teacher (pdmd.teachers.style_loras): its copy inside the student folder,
-    the copy's sha256 and the strength it was fused at."""
+    the copy's sha256, the strength it was fused at and the network it was fused into."""
     file: str          # relative to the folder
     sha256: str
     strength: float
+    network: str = DEFAULT_NETWORK  # manifests written before two-network styles name none: transformer
 
     def describe(self) -> str:
-        return f"{Path(self.file).name} × {self.strength:g}"
+        return describe_style(Path(self.file).name, self.strength, self.network)
 
 
 PhaseFiles = str | dict  # one file, or network -> file for a phase that runs on both networks of a teacher
@@ -71,6 +73,10 @@ class Manifest:
     seed: int | None = None
     phases_from: dict | None = None       # earlier experts kept from another student (train --from-student)
     published: dict | None = None         # published LoRA files: names, layouts, strengths
+    # what the student takes beside its prompts (Teacher.conditions: ("image",) a first frame per prompt), and how
+    # many condition images it was distilled on; () for a text-only student, even of an image teacher
+    conditions: tuple[str, ...] = ()
+    condition_images: int | None = None
 
     # --- reading -----------------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +146,11 @@ class Manifest:
             ema_decay=_optional(data.pop("ema_decay", None), _decay, "ema_decay"),
             seed=_optional(data.pop("seed", None), _count, "seed"),
             phases_from=_optional(data.pop("phases_from", None), _mapping, "phases_from"),
-            published=_optional(data.pop("published", None), _published, "published"))
+            published=_optional(data.pop("published", None), _published, "published"),
+            conditions=_conditions(data.pop("conditions", None) or [], "conditions"),
+            condition_images=_optional(data.pop("condition_images", None),
+                                       lambda v, n: _count(v, n, limits.MAX_CONDITION_IMAGES, low=1),
+                                       "condition_images"))
 
     # --- writing -----------------------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -152,10 +162,11 @@ class Manifest:
                 "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
                          "target_modules": list(self.lora.target_modules), "prefix": self.lora_prefix},
                 "family": self.family, "teacher_options": self.teacher_options or None,
-                "teacher_loras": [{"file": lora.file, "sha256": lora.sha256, "strength": lora.strength}
-                                  for lora in self.teacher_loras] or None,
+                "teacher_loras": [{"file": lora.file, "sha256": lora.sha256, "strength": lora.strength,
+                                   "network": lora.network} for lora in self.teacher_loras] or None,
                 "networks": list(self.networks) if self.networks else None, "phases_from": self.phases_from,
-                "published": self.published}
+                "published": self.published, "conditions": list(self.conditions) or None,
+                "condition_images": self.condition_images}
         return {k: v for k, v in data.items() if v is not None}
 
     def write(self, folder: Path) -> None:
@@ -167,7 +178,8 @@ class Manifest:
         if not self.teacher_loras:
             return dict(self.teacher_options)
         return {**self.teacher_options, "teacher_loras": tuple(
-            StyleLora(Path(folder) / lora.file, lora.strength, lora.sha256) for lora in self.teacher_loras)}
+            StyleLora(Path(folder) / lora.file, lora.strength, lora.sha256, lora.network)
+            for lora in self.teacher_loras)}
 
     @property
     def is_published(self) -> bool:
@@ -314,18 +326,28 @@ def _teacher_options(value) -> dict:
 
 def _teacher_loras(value, name: str) -> tuple[TeacherLora, ...]:
     if not isinstance(value, list) or len(value) > limits.MAX_TEACHER_LORAS:
-        raise StudentError(f"{name} must be a list of at most {limits.MAX_TEACHER_LORAS} {{file, sha256, strength}} "
-                           "entries")
+        raise StudentError(f"{name} must be a list of at most {limits.MAX_TEACHER_LORAS} {{file, sha256, strength, "
+                           "network} entries")
     loras = []
     for k, entry in enumerate(value):
         where = f"{name}[{k}]"
-        if not isinstance(entry, dict) or set(entry) != {"file", "sha256", "strength"}:
-            raise StudentError(f"{where} must be an object with file, sha256 and strength")
+        if not isinstance(entry, dict) or not {"file", "sha256", "strength"} <= set(entry) <= \
+                {"file", "sha256", "strength", "network"}:
+            raise StudentError(f"{where} must be an object with file, sha256, strength and optionally network")
         if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
             raise StudentError(f"{where}.sha256 must be 64 lower-case hexadecimal digits")
+        network = entry.get("network", DEFAULT_NETWORK)
+        if network not in NETWORKS:
+            raise StudentError(f"{where}.network = {str(network)[:40]!r} must be {' or '.join(NETWORKS)}")
         loras.append(TeacherLora(_relative_file(entry["file"], f"{where}.file"), entry["sha256"],
-                                 _number(entry["strength"], f"{where}.strength", 0.0, limits.MAX_STRENGTH)))
+                                 _number(entry["strength"], f"{where}.strength", 0.0, limits.MAX_STRENGTH), network))
     return tuple(loras)
+
+
+def _conditions(value, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(c in CONDITIONS for c in value) or len(set(value)) != len(value):
+        raise StudentError(f"{name} = {str(value)[:80]} must list distinct conditions among {list(CONDITIONS)}")
+    return tuple(value)
 
 
 def _published(value, name: str) -> dict:

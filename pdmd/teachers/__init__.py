@@ -100,8 +100,8 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     keeps the text encoders and the VAE on the CPU, moving each to ``device`` only while it runs. ``height``,
     ``width`` (pixels) and ``num_frames`` (video) default to the pipeline's own. ``quantize`` ("int8", "fp8",
     "nf4"): the frozen transformer(s) loaded quantized (pdmd.teachers.quantize). ``teacher_loras``: style LoRAs
-    (StyleLoras, or ``{file, strength}`` entries as a config lists them) fused into the base before it is quantized
-    (pdmd.teachers.style_loras).
+    (StyleLoras, or ``{file, strength, network}`` entries as a config lists them) fused into the base, each into its
+    network, before it is quantized (pdmd.teachers.style_loras).
     """
     from pdmd.teachers.quantize import check_quantization, pipeline_quantization, quantize_networks
     from pdmd.teachers.style_loras import check_takes_style_loras, fuse_style_loras, parse_teacher_loras
@@ -132,7 +132,7 @@ def load_teacher(name: str, device=None, dtype=None, offload: bool = False, heig
     if num_frames is not None and not teacher_class.is_video:
         raise TeacherError(f"num_frames is for video teachers; {name} is a {class_name}")
     if teacher_loras:
-        check_takes_style_loras(index, quantize)
+        check_takes_style_loras(index, quantize, teacher_loras)
     import diffusers
     # style LoRAs are fused into the unquantized base, which is quantized afterwards (style_loras)
     quantization = pipeline_quantization("none" if teacher_loras else quantize, list(index))

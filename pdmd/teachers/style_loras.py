@@ -10,9 +10,13 @@ checks a published file (pdmd.students.lora_formats: keys that match no module, 
 parts for other components), since diffusers would skip a misfit with a log line. Those checks are the one thing
 this layer takes from pdmd/students (imported where used).
 
-A ``StyleLora`` is known by its content (sha256) and strength, not by its path: teachers are kept by their load
-options (pdmd.teachers.teacher_key), so base and base + style are two teachers, while a student's copy of the
-file is the same teacher as the file it was copied from.
+A two-network teacher (Wan 2.2 A14B) takes a style LoRA per network, as such styles are published: the high-noise
+file for ``transformer``, the low-noise one for ``transformer_2`` (``network``; diffusers loads it there with
+``load_into_transformer_2=True``). Each file is checked against, and fused into, its own network only.
+
+A ``StyleLora`` is known by its content (sha256), strength and network, not by its path: teachers are kept by
+their load options (pdmd.teachers.teacher_key), so base and base + style are two teachers, while a student's copy
+of the file is the same teacher as the file it was copied from.
 """
 from __future__ import annotations
 
@@ -26,27 +30,43 @@ from pdmd import limits
 from pdmd.teachers.base import TeacherError
 
 ADAPTER_PREFIX = "style"  # the style LoRAs' diffusers adapter names (style_1, ...), fusing and in model cards
+# the diffusers components a style LoRA can go into: every teacher's transformer, and Wan 2.2 A14B's second
+# (low-noise) network
+DEFAULT_NETWORK, SECOND_NETWORK = NETWORKS = ("transformer", "transformer_2")
+
+
+def describe_style(name: str, strength: float, network: str) -> str:
+    """'name × strength', and the network where it is not the default one."""
+    return f"{name} × {strength:g}" + (f" on {network}" if network != DEFAULT_NETWORK else "")
 
 
 @dataclass(frozen=True)
 class StyleLora:
-    """One style LoRA file at a strength (0 = the base, 1 = as trained, up to MAX_STRENGTH)."""
+    """One style LoRA file at a strength (0 = the base, 1 = as trained, up to MAX_STRENGTH), for one network of
+    the teacher."""
     file: Path = field(compare=False)  # where it is read from; equality and the teacher key go by content
     strength: float
     sha256: str
+    network: str = DEFAULT_NETWORK
 
     @property
     def name(self) -> str:
         return self.file.name
 
     def describe(self) -> str:
-        return f"{self.name} × {self.strength:g}"
+        return describe_style(self.name, self.strength, self.network)
+
+    def as_entry(self) -> dict:
+        """The ``{file, strength, network}`` entry a config or showcase lists it as (parse_teacher_loras)."""
+        return {"file": str(self.file), "strength": self.strength, "network": self.network}
 
 
 def same_styles(ours, theirs) -> bool:
     """Whether two lists of style LoRAs -- StyleLoras, or a manifest's records of them -- make the same teacher:
-    the same contents at the same strengths, in the same order."""
-    return [(lora.sha256, lora.strength) for lora in ours] == [(lora.sha256, lora.strength) for lora in theirs]
+    the same contents at the same strengths on the same networks, in the same order."""
+    def identity(loras):
+        return [(lora.sha256, lora.strength, lora.network) for lora in loras]
+    return identity(ours) == identity(theirs)
 
 
 def describe_styles(loras) -> str:
@@ -61,14 +81,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def style_lora(file, strength=1.0, relative_to: Path | None = None, where: str = "style LoRA") -> StyleLora:
-    """``file`` at ``strength``, checked without a model: a readable .safetensors file of LoRA weights and a
-    strength in [0, MAX_STRENGTH]; TeacherError with one line naming ``where`` otherwise. A relative path is
-    taken relative to ``relative_to`` (default: the working directory)."""
+def style_lora(file, strength=1.0, relative_to: Path | None = None, where: str = "style LoRA",
+               network: str = DEFAULT_NETWORK) -> StyleLora:
+    """``file`` at ``strength`` for ``network``, checked without a model: a readable .safetensors file of LoRA
+    weights, a strength in [0, MAX_STRENGTH] and a network in NETWORKS; TeacherError with one line naming ``where``
+    otherwise. A relative path is taken relative to ``relative_to`` (default: the working directory)."""
     from pdmd.students.manifest import PICKLE_SUFFIXES
     if isinstance(strength, bool) or not isinstance(strength, Real) or not math.isfinite(strength) \
             or not 0 <= strength <= limits.MAX_STRENGTH:
         raise TeacherError(f"{where} strength {strength!r} must be a number in [0, {limits.MAX_STRENGTH:g}]")
+    if network not in NETWORKS:
+        raise TeacherError(f"{where} network {str(network)[:40]!r} must be {' or '.join(NETWORKS)} (Wan 2.2 A14B's "
+                           "high-noise and low-noise networks; one-network teachers have transformer only)")
     if not isinstance(file, (str, Path)) or not str(file).strip() or len(str(file)) > limits.MAX_NAME_CHARS:
         raise TeacherError(f"{where} file {str(file)[:80]!r} must be the path of a .safetensors LoRA file")
     path = Path(str(file).strip()).expanduser()
@@ -80,7 +104,7 @@ def style_lora(file, strength=1.0, relative_to: Path | None = None, where: str =
     if not path.is_file():
         raise TeacherError(f"{where} {file} does not exist")
     _check_holds_lora(path, where)
-    return StyleLora(path, float(strength), sha256_of(path))
+    return StyleLora(path, float(strength), sha256_of(path), network)
 
 
 def _check_holds_lora(path: Path, where: str) -> None:
@@ -100,12 +124,13 @@ def _check_holds_lora(path: Path, where: str) -> None:
 
 
 def parse_teacher_loras(value, relative_to: Path | None = None, where: str = "teacher_loras") -> tuple[StyleLora, ...]:
-    """A config's or showcase's ``teacher_loras`` -- a list of ``{file, strength}`` (strength default 1) -- as
-    checked StyleLoras; StyleLoras pass as they are. TeacherError naming the entry otherwise."""
+    """A config's or showcase's ``teacher_loras`` -- a list of ``{file, strength, network}`` (strength default 1,
+    network default transformer) -- as checked StyleLoras; StyleLoras pass as they are. TeacherError naming the
+    entry otherwise."""
     if value is None:
         return ()
     if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-        raise TeacherError(f"{where} must be a list of {{file, strength}} entries")
+        raise TeacherError(f"{where} must be a list of {{file, strength, network}} entries")
     if len(value) > limits.MAX_TEACHER_LORAS:
         raise TeacherError(f"{where} lists {len(value)} LoRAs; at most {limits.MAX_TEACHER_LORAS}")
     loras = []
@@ -113,46 +138,56 @@ def parse_teacher_loras(value, relative_to: Path | None = None, where: str = "te
         if isinstance(entry, StyleLora):
             loras.append(entry)
             continue
-        if not isinstance(entry, dict) or "file" not in entry or set(entry) - {"file", "strength"}:
-            raise TeacherError(f"{where}[{k}] must be a mapping with 'file' and optionally 'strength'")
-        loras.append(style_lora(entry["file"], entry.get("strength", 1.0), relative_to, f"{where}[{k}]"))
+        if not isinstance(entry, dict) or "file" not in entry or set(entry) - {"file", "strength", "network"}:
+            raise TeacherError(f"{where}[{k}] must be a mapping with 'file' and optionally 'strength' and 'network'")
+        loras.append(style_lora(entry["file"], entry.get("strength", 1.0), relative_to, f"{where}[{k}]",
+                                entry.get("network", DEFAULT_NETWORK)))
     return tuple(loras)
 
 
-def check_takes_style_loras(model_index: dict, quantize: str) -> None:
-    """Refuse, in one line and before the pipeline loads, a teacher no style LoRA can be fused into."""
+def check_takes_style_loras(model_index: dict, quantize: str, loras: tuple[StyleLora, ...]) -> None:
+    """Refuse, in one line and before the pipeline loads, a teacher ``loras`` cannot be fused into: an nf4 base,
+    or a style LoRA for a second network the teacher does not have."""
     if quantize == "nf4":  # bitsandbytes quantizes while loading only, so it cannot follow the fuse
         raise TeacherError("teacher_loras cannot be fused into an nf4 base (bitsandbytes quantizes only while "
                            "loading); use quantize int8 or fp8, which quantize after the fuse")
-    second = model_index.get("transformer_2")
-    if isinstance(second, list) and second and second[0] is not None:  # an absent component is [null, null]
-        raise TeacherError("teacher_loras are for one-network teachers; a two-network teacher (Wan 2.2 A14B) "
-                           "would need a style LoRA per network")
+    second = model_index.get(SECOND_NETWORK)
+    has_second = isinstance(second, list) and bool(second) and second[0] is not None  # absent: [null, null]
+    for lora in loras:
+        if lora.network == SECOND_NETWORK and not has_second:
+            raise TeacherError(f"style LoRA {lora.name} is for network {SECOND_NETWORK}, which this one-network "
+                               f"teacher does not have ({SECOND_NETWORK} is Wan 2.2 A14B's low-noise network); give "
+                               f"it network {DEFAULT_NETWORK}")
 
 
 def fuse_style_loras(pipe, family: str, loras: tuple[StyleLora, ...], quantize: str = "none") -> None:
-    """Check ``loras`` against ``pipe``'s transformer, fuse them into it at their strengths, then quantize it in
-    ``quantize`` ("int8" / "fp8"; the pipeline was loaded unquantized for this). TeacherError, one line, for a
-    file that is missing, changed since it was named, or does not fit."""
+    """Check each of ``loras`` against its network of ``pipe``, fuse it into that network at its strength, then
+    quantize the pipeline's network(s) in ``quantize`` ("int8" / "fp8"; the pipeline was loaded unquantized for
+    this). TeacherError, one line, for a file that is missing, changed since it was named, or does not fit."""
     from pdmd.students.lora_formats import LoraFormatError, load_published
     from pdmd.teachers.quantize import quantize_module
 
+    two_networks = getattr(pipe, SECOND_NETWORK, None) is not None
     for lora in loras:
         if not lora.file.is_file():
             raise TeacherError(f"style LoRA {lora.file} is missing")
         if sha256_of(lora.file) != lora.sha256:
             raise TeacherError(f"style LoRA {lora.file} has changed: its sha256 is not the recorded "
                                f"{lora.sha256[:12]}…")
+        target = f"this {family} teacher's {lora.network}" if two_networks else f"this {family} teacher"
         try:
-            load_published(lora.file, family, pipe.transformer)  # the checks of `pdmd lora import`
+            load_published(lora.file, family, getattr(pipe, lora.network))  # the checks of `pdmd lora import`
         except LoraFormatError as err:
-            raise TeacherError(f"style LoRA {lora.name} does not fit this {family} teacher (a LoRA of another "
-                               f"model?): {err}") from None
+            raise TeacherError(f"style LoRA {lora.name} does not fit {target} (a LoRA of another model?): "
+                               f"{err}") from None
     names = [f"{ADAPTER_PREFIX}_{k + 1}" for k in range(len(loras))]
     for name, lora in zip(names, loras):
-        pipe.load_lora_weights(str(lora.file), adapter_name=name)
+        pipe.load_lora_weights(str(lora.file), adapter_name=name,
+                               **({"load_into_transformer_2": True} if lora.network == SECOND_NETWORK else {}))
     pipe.set_adapters(names, adapter_weights=[lora.strength for lora in loras])
-    pipe.fuse_lora(adapter_names=names)
+    pipe.fuse_lora(components=sorted({lora.network for lora in loras}), adapter_names=names)
     pipe.unload_lora_weights()  # the PEFT layers go, the fused weights stay: a plain base for the phase experts
     if quantize != "none":
-        quantize_module(pipe.transformer, quantize)
+        for network in NETWORKS:
+            if getattr(pipe, network, None) is not None:
+                quantize_module(getattr(pipe, network), quantize)

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pdmd import limits
+from pdmd.conditions import ConditionError, condition_set
 from pdmd.core.distill import METHODS
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students.manifest import LoraSpec
@@ -78,6 +79,10 @@ class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     prompts: tuple[str, ...] = ()                # distillation is data-free: prompts only
     sample_prompts: tuple[str, ...] = ()
+    # for a teacher that takes an image (Teacher.conditions; Wan 2.2 TI2V-5B: the first frame): a folder of images
+    # (its prompts.txt, one line per image, or ``prompts`` cycled over them) or a list of image files; the
+    # (image, prompt) pairs replace ``prompts``, and the sample grid shows the first four (pdmd.conditions)
+    condition_images: str | tuple[str, ...] | None = None
     sample_every: int = 50
     # measure the student on the fixed probe set (12 eval prompts x probe_per_prompt images, seed 0) every this many
     # updates and at the end, into probe.jsonl: the adherence / FD curve against training time (built-in teacher;
@@ -98,8 +103,8 @@ class TrainConfig:
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
-    # style LoRAs fused into the diffusers teacher before anything else ([{file, strength}]; "distil my model": the
-    # teacher is base + style, and the student records and keeps a copy of each; pdmd.teachers.style_loras)
+    # style LoRAs fused into the diffusers teacher before anything else ([{file, strength, network}]; "distil my
+    # model": the teacher is base + style, and the student records and keeps a copy of each; pdmd.teachers.style_loras)
     teacher_loras: tuple[StyleLora, ...] = ()
     report_to: str = "none"                      # "tensorboard" logs through accelerate's trackers too
     seed: int = 0
@@ -205,6 +210,7 @@ class TrainConfig:
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ConfigError(f"{name} must be a list of prompt strings")
             set_(name, tuple(value))
+        self._check_condition_images()
         if self.quantize not in QUANTIZATIONS:
             raise ConfigError(f"quantize = {self.quantize!r} is unknown; choose one of {', '.join(QUANTIZATIONS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -220,6 +226,30 @@ class TrainConfig:
         if self.fsdp and self.quantize != "none":  # measured: pdmd.training.fsdp
             raise ConfigError(f"fsdp: true cannot shard a quantized base (quantize = {self.quantize!r}: its weights "
                               "do not split under fully_shard): set quantize: none, or fsdp: false on one device")
+
+    def _check_condition_images(self) -> None:
+        """Every condition image opened and paired with its prompt now, so a bad one stops the run before any
+        work; the teacher's side (does it take an image?) is checked where it is loaded."""
+        spec = self.condition_images
+        if spec is None:
+            return
+        if isinstance(spec, (list, tuple)) and all(isinstance(item, str) for item in spec):
+            object.__setattr__(self, "condition_images", tuple(spec))
+        elif not isinstance(spec, str):
+            raise ConfigError("condition_images must be a folder or a list of image files")
+        if self.teacher == "builtin":
+            raise ConfigError("condition_images: the built-in teacher is a text-only teacher: it takes no image")
+        if self.sample_prompts:
+            raise ConfigError("sample_prompts: a run on condition_images shows its first condition images with their "
+                              "prompts in the sample grid; remove sample_prompts")
+        try:
+            condition_set(self.condition_images, list(self.prompts))
+        except ConditionError as err:
+            raise ConfigError(f"condition_images: {err}") from None
+
+    def condition_pairs(self) -> list:
+        """The (image file, prompt) pairs of ``condition_images`` (pdmd.conditions.condition_set), or []."""
+        return [] if self.condition_images is None else condition_set(self.condition_images, list(self.prompts))
 
     @staticmethod
     def _lora(data) -> LoraSpec:
@@ -290,5 +320,5 @@ class TrainConfig:
         if self.lora.target_modules:
             data["lora"]["target_modules"] = list(self.lora.target_modules)
         data["prompts"], data["sample_prompts"] = list(self.prompts), list(self.sample_prompts)
-        data["teacher_loras"] = [{"file": str(lora.file), "strength": lora.strength} for lora in self.teacher_loras]
+        data["teacher_loras"] = [lora.as_entry() for lora in self.teacher_loras]
         return data

@@ -25,6 +25,7 @@ from pdmd.students.folder import load_phases, save_student, warn_about_shared_ph
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.training import checkpoints, warm_start
+from pdmd.training.conditioning import encode_run
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.from_student import check_student_fits
 from pdmd.training.gradients import average_gradients, clip_gradients
@@ -77,16 +78,10 @@ class Trainer:
         self.experts = [guided(self.roles.velocity(name), config.student_cfg) for name in names]
         self.fake = guided(self.roles.velocity(FAKE), config.student_cfg)
         self.real = guided(self.roles.velocity(None), self.teacher_cfg)
-        prompts = list(config.prompts or self.teacher.default_prompts)
-        if not prompts:
-            raise ConfigError("prompts is empty and the teacher ships no default prompt list")
-        self.prompts, self.sample_prompts = prompts, list(config.sample_prompts or prompts[:4])
-        extra = list(config.sample_prompts)  # without its own, the sample grid shows the first training prompts
-        with torch.no_grad():  # every embedding of the run in one call: afterwards nothing needs the text encoders
-            cond, uncond = self.teacher.encode_prompts(prompts + extra)
-        self.cond, self.uncond = (select(c, slice(len(prompts))) for c in (cond, uncond))
-        sample_rows = slice(len(prompts), None) if extra else slice(len(self.sample_prompts))
-        self.sample_embeddings = tuple(select(c, sample_rows) for c in (cond, uncond))
+        run = encode_run(config, self.teacher)  # its prompts, or condition images with their prompts, encoded once
+        self.prompts, self.cond, self.uncond = run.prompts, run.cond, run.uncond
+        self.condition_image_count = run.condition_images  # 0: the run is text-only
+        self.sample_prompts, self.sample_embeddings = run.sample_prompts, run.sample_embeddings
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
         self.phases_from: dict | None = None  # earlier experts taken from another student (start_from_student)
@@ -235,7 +230,8 @@ class Trainer:
                                                        self.accelerator.device)
         start, target, cond = warm_start.pair_batch(self._pairs, phase, self.config.batch_size, generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("regression/rollout"):
-            loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, cond)
+            loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, cond,
+                                           impose=self.teacher.impose_conditions)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         self._update_ema(phase, grad_norm)
         self.step += 1
@@ -272,17 +268,18 @@ class Trainer:
             noise, cond, _ = self._batch(generator)
             with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                         sgts=self.method.sgts, generator=exit_steps)
+                                         sgts=self.method.sgts, generator=exit_steps,
+                                         impose=self.teacher.impose_conditions)
             fake_losses.append(self._fake_update(x_s, s, cond, generator))
 
         noise, cond, uncond = self._batch(generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                     sgts=self.method.sgts, generator=exit_steps)
+                                     sgts=self.method.sgts, generator=exit_steps, impose=self.teacher.impose_conditions)
         with self.accelerator.autocast():
             loss, diagnostics = distill.generator_loss(
                 x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg, combine=self.teacher.combine_guidance,
-                shift=c.renoise_shift, gradient=c.gradient, generator=generator)
+                shift=c.renoise_shift, gradient=c.gradient, generator=generator, impose=self.teacher.impose_conditions)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         self._update_ema(phase, grad_norm)
         for _ in range(c.fake_ratio if c.fake_rollout == "generator" else 0):
@@ -299,7 +296,9 @@ class Trainer:
         c = self.config
         provenance = dict(teacher=c.teacher, method=c.method, student_cfg=c.student_cfg, teacher_cfg=self.teacher_cfg,
                           updates_trained=self.step, updates_per_phase=c.updates_per_phase, ema_decay=c.ema_decay,
-                          seed=c.seed, phases_from=self.phases_from)
+                          seed=c.seed, phases_from=self.phases_from,
+                          conditions=self.teacher.conditions if self.condition_image_count else (),
+                          condition_images=self.condition_image_count or None)
         with self.roles.ema_weights():
             checkpoints.atomic_export(self.run.student,
                                       lambda folder: save_student(folder, self.roles, self.schedule, **provenance))

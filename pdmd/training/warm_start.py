@@ -20,7 +20,8 @@ def teacher_pairs(config: TrainConfig, teacher: Teacher, real, teacher_cfg: floa
     noise = torch.randn((config.regression_pairs, *teacher.latent_shape), generator=generator)
     chunks = [distill.teacher_states(real, config.schedule, noise[part].to(device), select(cond, index[part]),
                                      select(uncond, index[part]), teacher_cfg, combine=teacher.combine_guidance,
-                                     steps_per_phase=config.regression_teacher_steps)
+                                     steps_per_phase=config.regression_teacher_steps,
+                                     impose=teacher.impose_conditions)
               for part in torch.arange(config.regression_pairs).split(config.batch_size)]
     return [torch.cat(states) for states in zip(*chunks)], select(cond, index)
 
