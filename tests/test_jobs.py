@@ -95,7 +95,7 @@ def test_queue_progress_graceful_stop_and_finish(manager):
     short = wait_for(manager, short.id, lambda j: j.status == FINISHED, "finished")  # the queue moved on
     assert short.step == short.total == 4
     assert [r["step"] for r in RunFolder(short.folder).metrics()] == [1, 2, 3, 4]
-    assert (short.student / "manifest.json").is_file()
+    assert (short.student / "manifest.json").is_file() and short.student.resolve() in manager.students()
     archive = zip_student(short, short.folder.parent / "downloads")
     import zipfile
     assert "manifest.json" in zipfile.ZipFile(archive).namelist()
@@ -223,11 +223,15 @@ def test_a_damaged_or_deleted_jobs_table_is_rebuilt_with_the_running_trainer_ado
 
 
 def test_a_job_from_a_student_passes_its_flags_keeps_them_on_resume_and_in_a_rebuilt_table(manager, tmp_path):
-    source = wait_for(manager, manager.submit("source", tiny()).id, lambda j: j.finished, "finished")
-    student = str(source.student.resolve())
+    student = str((SHIPPED_STUDENTS / "phased").resolve())  # a shipped student: no training run to wait for
     assert student in map(str, manager.students())
-    job = manager.submit("phase2", tiny(updates_per_phase=[2, 100_000]), from_student=student, start_phase=2)
-    flags = f"--from-student {student} --start-phase 2"
+    shipped = TrainConfig.from_yaml(SHIPPED_STUDENTS / "phased" / "config.yaml")
+    fits = tiny(updates_per_phase=[2, 100_000], schedule={"boundaries": list(shipped.schedule.boundaries),
+                                                          "steps": list(shipped.schedule.steps),
+                                                          "shift": shipped.schedule.shift},
+                lora={"rank": shipped.lora.rank, "alpha": shipped.lora.alpha})
+    job = manager.submit("phase2", fits, from_student=student, start_phase=2)
+    flags = "--from-student assets/students/phased --start-phase 2"  # shown as typed in the repository root
     assert flags in display_command(job) and RunFolder(job.folder).from_student() == {"student": student,
                                                                                        "start_phase": 2}
     job = wait_for(manager, job.id, lambda j: j.step >= 3, "trained phase 2")  # phase 1 kept: it starts at step 2
