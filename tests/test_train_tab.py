@@ -23,7 +23,7 @@ from ui import students, train, train_form, train_retrain
 from pdmd.plan.architectures import config_folder, shipped_checkpoints
 from pdmd.teachers import PIPELINES, read_model_index
 from ui.app import build_app
-from ui.teacher_picker import supported_pipelines
+from ui.teacher_picker import runs_from_prompts, supported_pipelines
 
 OPEN = Gate("on")
 LOCKED = Gate("token", token="s3cret")
@@ -280,11 +280,15 @@ def test_the_app_builds_with_the_train_tab(manager):
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
     assert {"train-start", "train-stop", "train-progress", "train-jobs", "compare-student", "train-retrain",
             "train-retrain-student", "train-retrain-phase", "train-adherence", "train-fd"} <= ids
-    # both teacher boxes offer every family's shipped checkpoints, each of a pipeline a teacher adapter takes
+    # both teacher boxes offer every family's shipped checkpoints that sample from prompts alone (the app has no
+    # image input yet), each of a pipeline a teacher adapter takes
     by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    runnable = {c for c in shipped_checkpoints() if runs_from_prompts(c)}
+    assert "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers" not in runnable and "Wan-AI/Wan2.2-TI2V-5B-Diffusers" in runnable
     for box in ("train-teacher", "compare-teacher"):
         offered = [value for _, value in by_id[box].choices]
-        assert set(shipped_checkpoints()) <= set(offered) and "builtin" in offered
+        assert runnable <= set(offered) and "builtin" in offered
+        assert not set(offered) & (set(shipped_checkpoints()) - runnable)
     for checkpoint in shipped_checkpoints():
         index, _ = read_model_index(str(config_folder(checkpoint)))
         assert index["_class_name"] in PIPELINES

@@ -1,27 +1,39 @@
 """The teacher picker: the built-in teacher, a loaded one, or a diffusers pipeline folder / Hub id typed in."""
 from __future__ import annotations
 
+import importlib
+
 import gradio as gr
 
 from pdmd.limits import MAX_TEACHER_STEPS
+from pdmd.plan.architectures import config_folder, shipped_checkpoints
 from pdmd.students import StudentError
-from pdmd.plan.architectures import shipped_checkpoints
-from pdmd.teachers import BUILTIN, PIPELINES, teacher_key
+from pdmd.teachers import BUILTIN, PIPELINES, read_model_index, teacher_key
 from pdmd.teachers.base import TeacherError
 from ui import students
 from ui.inputs import InputError, error_markdown, load_options, teacher_lora_options
 from ui.models import ModelStore
 
+LOAD_ERRORS = (TeacherError, StudentError, OSError, RuntimeError)  # a folder of any kind can be typed in
+
+
+def runs_from_prompts(checkpoint: str) -> bool:
+    """Whether a shipped checkpoint's family samples from prompts alone: the app has no image input yet, so an
+    image-to-video model that needs one (Wan 2.1 I2V) is not offered."""
+    index, _ = read_model_index(str(config_folder(checkpoint)))
+    module, adapter = PIPELINES[index["_class_name"]]
+    return not getattr(importlib.import_module(module), adapter).needs_conditions
+
+
 # offered in the teacher pickers besides 'builtin' and the teachers already loaded: the checkpoints whose
 # architectures ship in assets/architectures (each family's published ones; each loads from the Hub, or from a
 # local folder typed into the box next to the picker)
-SUGGESTED_TEACHERS = tuple(shipped_checkpoints())
+SUGGESTED_TEACHERS = tuple(c for c in shipped_checkpoints() if runs_from_prompts(c))
 
 
 def supported_pipelines() -> str:
     """The diffusers pipelines a typed folder or Hub id may hold, for the pickers' help text."""
     return ", ".join(name.removesuffix("Pipeline") for name in PIPELINES)
-LOAD_ERRORS = (TeacherError, StudentError, OSError, RuntimeError)  # a folder of any kind can be typed in
 
 
 def teacher_pick(value) -> tuple[str, dict]:

@@ -111,6 +111,8 @@ def pipeline_components(name: str) -> tuple[str, dict]:
             components[key] = None  # prompts are never tokenised here: the embeddings' shapes are known
         elif key == "processor":  # a tokenizer with the image and video processors (QwenImage21Pipeline)
             components[key] = UntokenisedProcessor()
+        elif key == "image_processor":  # Wan 2.1 I2V's CLIP processor: no image is read here either
+            components[key] = None
         else:
             components[key] = _build_component(folder, key, library, component_class)
     return class_name, components

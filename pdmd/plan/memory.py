@@ -33,6 +33,7 @@ from pdmd.students.manifest import LoraSpec
 from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.teachers.diffusers_base import parse_dtype
 from pdmd.teachers.quantize import module_bytes, nf4_bytes, tensor_bytes
+from pdmd.teachers.wan_i2v import IMAGE_CONDITION, IMAGE_EMBEDS, WanI2VTeacher
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
     embeds = lambda tokens, width: torch.zeros(batch, tokens, width, dtype=dtype, device=device)  # noqa: E731
     if teacher.family == "wan":
         cond = {"prompt_embeds": embeds(length, config.text_dim)}
+        if isinstance(teacher, WanI2VTeacher) and not teacher.pipe.config.expand_timesteps:
+            cond.update(image_conditioning(teacher, batch, device))
     elif teacher.family == "sd3":  # 77 CLIP tokens followed by the T5 ones
         cond = {"prompt_embeds": embeds(77 + length, config.joint_attention_dim),
                 "pooled_projections": torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device)}
@@ -128,6 +131,20 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
     return cond, (None if teacher.guidance_embedded else dict(cond))
+
+
+def image_conditioning(teacher: WanI2VTeacher, batch: int, device="meta") -> dict:
+    """Wan 2.1 / 2.2 I2V's image entries of cond as WanI2VTeacher encodes them: the frame mask and condition
+    latent (float32, on every network input), and where there is an image encoder its penultimate hidden states,
+    one per patch of its square input plus the class token."""
+    channels, *latent = teacher.latent_shape
+    mask_channels = teacher.pipe.vae_scale_factor_temporal
+    image = {IMAGE_CONDITION: torch.zeros(batch, mask_channels + channels, *latent, device=device)}
+    if teacher.image_encoder is not None:
+        vision = teacher.image_encoder.config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        image[IMAGE_EMBEDS] = torch.zeros(batch, tokens, vision.hidden_size, dtype=teacher.dtype, device=device)
+    return image
 
 
 def _conditioning_bytes(cond) -> int:
@@ -357,12 +374,14 @@ def weight_rows(settings: PlanSettings, fast: bool = True) -> tuple[list[Compone
         largest = max((module_bytes(block) for blocks in teacher.model.modules() if isinstance(blocks, nn.ModuleList)
                        for block in blocks), default=0)
         rows.append(Component("FSDP all-gather buffers", 2 * largest, "both", "two unsharded blocks"))
-    for index, encoder in enumerate(teacher.text_encoders):
+    encoders = [(f"text encoder {index + 1}", encoder) for index, encoder in enumerate(teacher.text_encoders)]
+    if getattr(teacher, "image_encoder", None) is not None:  # Wan 2.1 I2V's CLIP tower, placed and released alike
+        encoders.append(("image encoder", teacher.image_encoder))
+    for label, encoder in encoders:
         note = "offloaded: on the GPU only while encoding" if settings.offload else (
             "released after the prompt embeddings" if on_gpu else "kept (CPU run)")
         when = "inference" if (on_gpu or settings.offload) else "both"
-        rows.append(Component(f"text encoder {index + 1} ({type(encoder).__name__})", module_bytes(encoder), when,
-                              note))
+        rows.append(Component(f"{label} ({type(encoder).__name__})", module_bytes(encoder), when, note))
     offloaded = settings.offload and on_gpu
     rows.append(Component("VAE", module_bytes(teacher.pipe.vae), "inference" if offloaded else "both",
                           "offloaded: on the GPU only while decoding" if offloaded else settings.dtype))

@@ -28,6 +28,7 @@ PIPELINES = {
     "Flux2KleinPipeline": ("pdmd.teachers.flux2", "Flux2KleinTeacher"),
     "ZImagePipeline": ("pdmd.teachers.z_image", "ZImageTeacher"),
     "HunyuanVideo15Pipeline": ("pdmd.teachers.hunyuan_video15", "HunyuanVideo15Teacher"),
+    "WanImageToVideoPipeline": ("pdmd.teachers.wan_i2v", "WanI2VTeacher"),
 }
 
 

@@ -52,6 +52,8 @@ class Teacher(ABC):
     style_loras: tuple = ()
     # what the teacher takes beside its prompts, one per prompt row: () text only, ("image",) an image per row
     conditions: tuple[str, ...] = ()
+    # a family that cannot sample from prompts alone (Wan 2.1 I2V: its network's input holds the image's channels)
+    needs_conditions = False
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:

@@ -144,21 +144,32 @@ def build_flux_schnell(folder: str | Path) -> Path:
     return _flux(folder, guidance_embeds=False)
 
 
-def _wan_transformer(channels: int = 16):
+def _wan_transformer(channels: int = 16, in_channels: int | None = None, image_dim: int | None = None):
+    """A one-block WanTransformer3DModel; ``in_channels`` above ``channels`` for an image-to-video input, and
+    ``image_dim`` with an image cross-attention (added k/v of the inner width, 2 x 12) as Wan 2.1 I2V has."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+                                 in_channels=in_channels or channels, out_channels=channels, text_dim=32, freq_dim=32,
+                                 ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32, image_dim=image_dim,
+                                 added_kv_proj_dim=2 * 12 if image_dim is not None else None)
+
+
+def _wan21_vae():
+    """AutoencoderKLWan (Wan 2.1: z_dim 16, 8x spatial and 4x temporal compression) at toy width."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True],
+                            latents_mean=[0.1 * k for k in range(16)], latents_std=[1.0 + 0.1 * k for k in range(16)])
 
 
 def _wan(folder: str | Path, two_experts: bool) -> Path:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(SEED)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True],
-                           latents_mean=[0.1 * k for k in range(16)], latents_std=[1.0 + 0.1 * k for k in range(16)])
+    vae = _wan21_vae()
     pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_wan_transformer(),
                        transformer_2=_wan_transformer() if two_experts else None,
@@ -191,6 +202,29 @@ def build_wan22_ti2v(folder: str | Path) -> Path:
     pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True), vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), transformer=_wan_transformer(48),
                        expand_timesteps=True)
+    return _save(pipe, folder)
+
+
+CLIP_VISION_SIZE = 32  # the tiny CLIP vision tower's square input: (32 / 8)^2 patches + the class token
+
+
+def build_wan21_i2v(folder: str | Path) -> Path:
+    """WanImageToVideoPipeline like Wan 2.1 I2V 14B (no ``expand_timesteps``): a transformer on 16 + 16 + 4 input
+    channels (latents, the first frame's condition latent, its frame mask) with an image cross-attention of
+    ``image_dim`` 32, a two-layer CLIPVisionModel whose penultimate hidden states it reads (a layer's output, not
+    the patch embeddings), with its CLIPImageProcessor, and the Wan 2.1 VAE and UMT5 text encoder of build_wan21."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(SEED)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=CLIP_VISION_SIZE, patch_size=8, hidden_act="gelu")
+    processor = CLIPImageProcessor(size={"shortest_edge": CLIP_VISION_SIZE},
+                                   crop_size={"height": CLIP_VISION_SIZE, "width": CLIP_VISION_SIZE})
+    pipe = WanImageToVideoPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True),
+                                   vae=_wan21_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   image_processor=processor, image_encoder=CLIPVisionModel(vision),
+                                   transformer=_wan_transformer(16, in_channels=16 + 16 + 4, image_dim=32))
     return _save(pipe, folder)
 
 
@@ -501,6 +535,7 @@ BUILDERS = {
     "wan2.1": build_wan21,
     "wan2.2": build_wan22,
     "wan2.2-ti2v": build_wan22_ti2v,
+    "wan2.1-i2v": build_wan21_i2v,
     "hunyuan-video-1.5": build_hunyuan_video15,
     "qwen-image": build_qwen_image,
     "qwen-image21": build_qwen_image21,
