@@ -175,15 +175,16 @@ def test_bf16_and_offload_distil_and_decode(tmp_path, tiny_pipeline):
     assert load_student(result["student"]).roles.teacher.dtype == torch.float32
 
 
-def random_student(teacher, schedule: PhaseSchedule, folder: Path):
-    """Phase LoRAs with random weights (as if trained), saved as a student folder."""
+def random_student(teacher, schedule: PhaseSchedule, folder: Path, student_cfg: float = 1.0):
+    """Phase LoRAs with random weights (as if trained), saved as a student folder; alpha / rank = 2, so export
+    has a scale to fold."""
     roles = Roles(teacher, [phase_adapter(k) for k in range(schedule.num_phases)], LoraSpec(rank=2, alpha=4))
     torch.manual_seed(1)
     with torch.no_grad():
         for k in range(schedule.num_phases):
             for param in roles.parameters_of(phase_adapter(k)):
                 param.normal_(0, 0.3)
-    save_student(folder, roles, schedule, teacher=teacher.source, method="phased", student_cfg=1.0)
+    save_student(folder, roles, schedule, teacher=teacher.source, method="phased", student_cfg=student_cfg)
     return roles
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_card import run_snippet, snippet
-from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
+from test_diffusers_teachers import fresh_accelerator_state, random_student  # noqa: F401  (autouse)
 from torch import nn
 
 from pdmd.cli import main
@@ -24,9 +24,9 @@ from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import lora_formats as lf
 from pdmd.students import lora_hunyuan_video15 as lh
 from pdmd.students.card import render_card
-from pdmd.students.folder import load_student, save_student
-from pdmd.students.manifest import LoraSpec, Manifest
-from pdmd.students.roles import Roles, phase_adapter
+from pdmd.students.folder import load_student
+from pdmd.students.manifest import Manifest
+from pdmd.students.roles import phase_adapter
 from pdmd.teachers import TeacherError, load_teacher
 from pdmd.teachers.hunyuan_video15 import HunyuanVideo15Teacher
 from pdmd.training.config import TrainConfig
@@ -71,18 +71,6 @@ def switching_scheduler(pipe, boundary: int):
                 pipe.transformer.set_adapters(phase_adapter(1))
             return out
     return Switching(shift=1.0)
-
-
-def random_student(teacher, folder: Path, student_cfg: float) -> Roles:
-    """Two phase LoRAs with random weights (as if trained), alpha / rank = 2 so export has a scale to fold."""
-    roles = Roles(teacher, [phase_adapter(k) for k in range(TWO_PHASES.num_phases)], LoraSpec(rank=2, alpha=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for k in range(TWO_PHASES.num_phases):
-            for param in roles.parameters_of(phase_adapter(k)):
-                param.normal_(0, 0.3)
-    save_student(folder, roles, TWO_PHASES, teacher=teacher.source, method="phased", student_cfg=student_cfg)
-    return roles
 
 
 def linears(model: nn.Module) -> list[str]:
@@ -265,7 +253,8 @@ def test_exported_diffusers_loras_in_the_stock_pipeline_and_the_cards_snippet_re
     latents (student CFG 2: the guider at guidance_scale 2); the card's diffusers snippet, run as written, writes
     its mp4, and stopped before the decode gives those latents; decoded, the frames `pdmd sample --student` writes."""
     student = tmp_path / "student"
-    random_student(load_teacher(str(folder), **SIZE), student, student_cfg=2.0)  # its own: Roles adds adapters
+    # a teacher of its own: Roles adds adapters
+    random_student(load_teacher(str(folder), **SIZE), TWO_PHASES, student, student_cfg=2.0)
     assert main(["lora", "export", "--student", str(student), "--layout", "diffusers", "--out",
                  str(tmp_path / "export")]) == 0
     files = json.loads(capsys.readouterr().out)["files"]

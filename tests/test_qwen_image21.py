@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_card import run_snippet, snippet
-from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
+from test_diffusers_teachers import fresh_accelerator_state, random_student  # noqa: F401  (autouse)
 from torch import nn
 
 from pdmd.cli import main
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import lora_formats as lf
 from pdmd.students.card import render_card
-from pdmd.students.folder import load_student, save_student
-from pdmd.students.manifest import LoraSpec, Manifest
-from pdmd.students.roles import Roles, phase_adapter
+from pdmd.students.folder import load_student
+from pdmd.students.manifest import Manifest
+from pdmd.students.roles import phase_adapter
 from pdmd.teachers import load_teacher
 from pdmd.teachers.flux2 import pack_grid, unpack_grid
 from pdmd.teachers.qwen_image21 import QwenImage21Teacher
@@ -157,18 +157,6 @@ def test_two_phased_updates_then_the_student_reloads_and_samples_the_same(tmp_pa
 
 
 # --- (c) diffusers export into the stock pipeline, and the card -----------------------------------------------
-def random_student(teacher, folder: Path, student_cfg: float) -> Roles:
-    """Two phase LoRAs with random weights (as if trained), alpha / rank = 2 so export has a scale to fold."""
-    roles = Roles(teacher, [phase_adapter(k) for k in range(TWO_PHASES.num_phases)], LoraSpec(rank=2, alpha=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for k in range(TWO_PHASES.num_phases):
-            for param in roles.parameters_of(phase_adapter(k)):
-                param.normal_(0, 0.3)
-    save_student(folder, roles, TWO_PHASES, teacher=teacher.source, method="phased", student_cfg=student_cfg)
-    return roles
-
-
 def test_exported_diffusers_loras_in_the_stock_pipeline_and_the_cards_snippet_reproduce_pdmd_sample(tmp_path, folder,
                                                                                                     capsys):
     """`lora export --layout diffusers` files, loaded with load_lora_weights and switched at the phase boundary,
@@ -176,7 +164,8 @@ def test_exported_diffusers_loras_in_the_stock_pipeline_and_the_cards_snippet_re
     values phase 1's LoRA made); the card's snippet, run as written (student CFG 2: true CFG against " "), writes
     the image `pdmd sample --student` writes."""
     student = tmp_path / "student"
-    roles = random_student(load_teacher(str(folder), **SIZE), student, student_cfg=2.0)  # its own: Roles adds adapters
+    # a teacher of its own: Roles adds adapters
+    roles = random_student(load_teacher(str(folder), **SIZE), TWO_PHASES, student, student_cfg=2.0)
     assert main(["lora", "export", "--student", str(student), "--layout", "diffusers", "--out",
                  str(tmp_path / "export")]) == 0
     files = json.loads(capsys.readouterr().out)["files"]

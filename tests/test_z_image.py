@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_card import run_snippet, snippet
-from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
+from test_diffusers_teachers import fresh_accelerator_state, random_student  # noqa: F401  (autouse)
 
 from pdmd.cli import main
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.students import lora_formats as lf
 from pdmd.students.card import render_card
-from pdmd.students.folder import load_student, save_student
-from pdmd.students.manifest import LoraSpec, Manifest
-from pdmd.students.roles import Roles, phase_adapter
+from pdmd.students.folder import load_student
+from pdmd.students.manifest import Manifest
+from pdmd.students.roles import phase_adapter
 from pdmd.teachers import load_teacher
 from pdmd.teachers.z_image import ZImageTeacher, cfg_of_guidance_scale
 from pdmd.training.config import TrainConfig
@@ -51,18 +51,6 @@ def stock_pipeline(folder: Path):
 
 def linears(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def random_student(teacher, folder: Path, student_cfg: float) -> Roles:
-    """Two phase LoRAs with random weights (as if trained), alpha / rank = 2 so export has a scale to fold."""
-    roles = Roles(teacher, [phase_adapter(k) for k in range(TWO_PHASES.num_phases)], LoraSpec(rank=2, alpha=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for k in range(TWO_PHASES.num_phases):
-            for param in roles.parameters_of(phase_adapter(k)):
-                param.normal_(0, 0.3)
-    save_student(folder, roles, TWO_PHASES, teacher=teacher.source, method="phased", student_cfg=student_cfg)
-    return roles
 
 
 def pipeline_velocity(transformer, x, t, cond) -> torch.Tensor:
@@ -152,7 +140,8 @@ def test_exported_diffusers_loras_in_the_stock_pipeline_reproduce_pdmd_sample(tm
     phase boundary, give the student's latents; the card's diffusers snippet, run as written (student CFG 2, so
     guidance_scale=1 in the pipeline), gives the image `pdmd sample --student` writes."""
     student = tmp_path / "student"
-    random_student(load_teacher(str(folder), **SIZE), student, student_cfg=2.0)  # its own: Roles adds adapters
+    # a teacher of its own: Roles adds adapters
+    random_student(load_teacher(str(folder), **SIZE), TWO_PHASES, student, student_cfg=2.0)
     assert main(["lora", "export", "--student", str(student), "--layout", "diffusers", "--out",
                  str(tmp_path / "export")]) == 0
     files = json.loads(capsys.readouterr().out)["files"]
