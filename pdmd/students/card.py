@@ -141,6 +141,9 @@ def training_text(manifest: Manifest, seconds: float | None) -> str:
     if manifest.ema_decay:
         parts.append(f"EMA {manifest.ema_decay:g}")
     text = "Budget: " + ", ".join(parts) + "."
+    if manifest.condition_images:
+        text += (f" Conditions: {manifest.condition_images} image(s) with their prompts"
+                 + (f" ({manifest.condition_source})" if manifest.condition_source else "") + ".")
     if seconds:
         text += f" Time: {seconds / 60:.1f} min of updates (sum of the step times in `metrics.jsonl`)."
     return text

@@ -77,6 +77,7 @@ class Manifest:
     # many condition images it was distilled on; () for a text-only student, even of an image teacher
     conditions: tuple[str, ...] = ()
     condition_images: int | None = None
+    condition_source: str | None = None   # where they came from: "condition_images: <folder>", "drawn by ..."
 
     # --- reading -----------------------------------------------------------------------------------------
     @classmethod
@@ -150,7 +151,8 @@ class Manifest:
             conditions=_conditions(data.pop("conditions", None) or [], "conditions"),
             condition_images=_optional(data.pop("condition_images", None),
                                        lambda v, n: _count(v, n, limits.MAX_CONDITION_IMAGES, low=1),
-                                       "condition_images"))
+                                       "condition_images"),
+            condition_source=_optional(data.pop("condition_source", None), _text, "condition_source"))
 
     # --- writing -----------------------------------------------------------------------------------------
     def as_dict(self) -> dict:
@@ -166,7 +168,7 @@ class Manifest:
                                    "network": lora.network} for lora in self.teacher_loras] or None,
                 "networks": list(self.networks) if self.networks else None, "phases_from": self.phases_from,
                 "published": self.published, "conditions": list(self.conditions) or None,
-                "condition_images": self.condition_images}
+                "condition_images": self.condition_images, "condition_source": self.condition_source}
         return {k: v for k, v in data.items() if v is not None}
 
     def write(self, folder: Path) -> None:

@@ -54,6 +54,9 @@ class Teacher(ABC):
     conditions: tuple[str, ...] = ()
     # a family that cannot sample from prompts alone (Wan 2.1 I2V: its network's input holds the image's channels)
     needs_conditions = False
+    # a conditioned family whose task is the conditioned one (an editing model): a run given no condition images
+    # draws them from its prompts with the teacher itself (pdmd.training.conditioning) instead of distilling text-only
+    conditions_by_default = False
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> tuple[Any, Any]:

@@ -83,6 +83,10 @@ class TrainConfig:
     # (its prompts.txt, one line per image, or ``prompts`` cycled over them) or a list of image files; the
     # (image, prompt) pairs replace ``prompts``, and the sample grid shows the first four (pdmd.conditions)
     condition_images: str | tuple[str, ...] | None = None
+    # without condition_images, who draws them (pdmd.training.conditioning): "self" (the teacher, from its prompts
+    # alone: an editing model's default), a text-to-image teacher's id or folder (for one that cannot: Wan 2.1
+    # I2V, Qwen-Image-Edit), or "none" (distil text-only: Wan 2.2 TI2V-5B's default, a text-to-video model too)
+    condition_teacher: str | None = None
     sample_every: int = 50
     # measure the student on the fixed probe set (12 eval prompts x probe_per_prompt images, seed 0) every this many
     # updates and at the end, into probe.jsonl: the adherence / FD curve against training time (built-in teacher;
@@ -231,6 +235,16 @@ class TrainConfig:
         """Every condition image opened and paired with its prompt now, so a bad one stops the run before any
         work; the teacher's side (does it take an image?) is checked where it is loaded."""
         spec = self.condition_images
+        chooser = self.condition_teacher
+        if chooser is not None and (not isinstance(chooser, str) or not chooser.strip()):
+            raise ConfigError("condition_teacher must be 'self', 'none' or a text-to-image teacher's id or folder")
+        if chooser is not None:
+            object.__setattr__(self, "condition_teacher", chooser.strip())
+            if self.teacher == "builtin" and chooser.strip() != "none":
+                raise ConfigError("condition_teacher: the built-in teacher is a text-only teacher: it takes no image")
+            if spec is not None and chooser.strip() != "none":
+                raise ConfigError("condition_images and condition_teacher both say where the run's images come "
+                                  "from: give one")
         if spec is None:
             return
         if isinstance(spec, (list, tuple)) and all(isinstance(item, str) for item in spec):

@@ -40,6 +40,7 @@ PROCESS_FILE = "process.json"
 FROM_STUDENT_FILE = "from_student.json"
 CHECKPOINT_DIR = "checkpoints"
 STUDENT_DIR = "student"
+CONDITIONS_DIR = "conditions"  # condition images drawn for the run (pdmd.training.conditioning), with prompts.txt
 LATEST_SAMPLE = "samples/latest.png"
 ACTIONS = ("stop", "sample", "save")
 TAIL_BYTES = 64 * 1024  # the end of a log or metrics file that readers look at
@@ -82,6 +83,10 @@ class RunFolder:
     @property
     def student(self) -> Path:
         return self.path / STUDENT_DIR
+
+    @property
+    def conditions(self) -> Path:
+        return self.path / CONDITIONS_DIR
 
     @property
     def latest_sample(self) -> Path:

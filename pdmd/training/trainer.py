@@ -25,7 +25,7 @@ from pdmd.students.folder import load_phases, save_student, warn_about_shared_ph
 from pdmd.students.manifest import Manifest
 from pdmd.students.roles import FAKE, Roles, phase_adapter
 from pdmd.training import checkpoints, warm_start
-from pdmd.training.conditioning import encode_run
+from pdmd.training.conditioning import condition_pairs, drawing_teacher, encode_run
 from pdmd.training.config import ConfigError, TrainConfig
 from pdmd.training.from_student import check_student_fits
 from pdmd.training.gradients import average_gradients, clip_gradients
@@ -78,9 +78,13 @@ class Trainer:
         self.experts = [guided(self.roles.velocity(name), config.student_cfg) for name in names]
         self.fake = guided(self.roles.velocity(FAKE), config.student_cfg)
         self.real = guided(self.roles.velocity(None), self.teacher_cfg)
-        run = encode_run(config, self.teacher)  # its prompts, or condition images with their prompts, encoded once
+        pairs, source = condition_pairs(  # condition images given, drawn now (or by the run before a resume), or none
+            config, self.teacher, self.run.conditions,
+            lambda drawer: drawing_teacher(drawer, self.teacher, self.roles, config, self.accelerator.device),
+            write=self.is_main, wait=self.accelerator.wait_for_everyone)
+        run = encode_run(config, self.teacher, pairs, source)  # its prompts, or its images with their prompts, once
         self.prompts, self.cond, self.uncond = run.prompts, run.cond, run.uncond
-        self.condition_image_count = run.condition_images  # 0: the run is text-only
+        self.condition_image_count, self.condition_source = run.condition_images, run.condition_source  # 0: text-only
         self.sample_prompts, self.sample_embeddings = run.sample_prompts, run.sample_embeddings
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
@@ -298,7 +302,8 @@ class Trainer:
                           updates_trained=self.step, updates_per_phase=c.updates_per_phase, ema_decay=c.ema_decay,
                           seed=c.seed, phases_from=self.phases_from,
                           conditions=self.teacher.conditions if self.condition_image_count else (),
-                          condition_images=self.condition_image_count or None)
+                          condition_images=self.condition_image_count or None,
+                          condition_source=self.condition_source)
         with self.roles.ema_weights():
             checkpoints.atomic_export(self.run.student,
                                       lambda folder: save_student(folder, self.roles, self.schedule, **provenance))
