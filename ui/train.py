@@ -264,7 +264,18 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
                 lr_fake = gr.Number(defaults[10], label="Fake-score learning rate")
                 batch_size = gr.Number(defaults[11], label="Batch", precision=0)
                 fake_ratio = gr.Number(defaults[12], label="Fake updates per generator update", precision=0)
-            sample_prompts = gr.Textbox(defaults[13], label="Sample prompts (one per line)", lines=3)
+            sample_prompts = gr.Textbox(defaults[13], label="Sample prompts (one per line)", lines=3,
+                                        info="empty for a run on condition images: its grid shows the first ones")
+            with gr.Accordion("Conditioned teachers (image-to-video, editing)", open=False):
+                with gr.Row():
+                    condition_images = gr.Textbox(
+                        defaults[16], label="Condition images", lines=2, elem_id="train-condition-images",
+                        info="a folder on this machine (its prompts.txt: one prompt per image, in name order), or "
+                             "one image file a line")
+                    condition_teacher = gr.Textbox(
+                        defaults[17], label="Without images, drawn by", elem_id="train-condition-teacher",
+                        info="self (the teacher's own images), a text-to-image teacher's folder / Hub id, or none "
+                             "(text-only); empty: the teacher's default")
             with gr.Row():
                 sample_every = gr.Number(defaults[14], label="Sample every (steps)", precision=0)
                 checkpoint_every = gr.Number(defaults[15], label="Checkpoint every (steps)", precision=0)
@@ -304,10 +315,10 @@ def build_train_tab(manager: JobManager, gate: Gate, schedule_state: gr.State, s
 
     fields = [preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, schedule_state, rank,
               alpha, updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
-              sample_every, checkpoint_every]
+              sample_every, checkpoint_every, condition_images, condition_teacher]
     preset_outputs = [teacher, method, schedule_source, boundaries, schedule_steps, shift, rank, alpha,
                       updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
-                      sample_every, checkpoint_every]
+                      sample_every, checkpoint_every, condition_images, condition_teacher]
     preset.change(on_preset, preset, preset_outputs)
     start.click(partial(on_start, manager, gate), [token, name, threads, *fields], [message, job],
                 concurrency_limit=None)

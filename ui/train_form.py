@@ -20,7 +20,7 @@ QUICK = "quick demo"
 METHOD_DEFAULT, FROM_PHASES, EDIT_HERE = "the method's own", "from the Phases tab", "edit here"
 FORM_FIELDS = ["teacher", "method", "schedule_source", "boundaries", "schedule_steps", "shift", "rank", "alpha",
                "updates_per_phase", "lr_generator", "lr_fake", "batch_size", "fake_ratio", "sample_prompts",
-               "sample_every", "checkpoint_every"]
+               "sample_every", "checkpoint_every", "condition_images", "condition_teacher"]
 
 
 def preset_config(name: str) -> dict:
@@ -52,13 +52,21 @@ def preset_fields(name: str) -> list:
     return [config.teacher, config.method, EDIT_HERE, ", ".join(map(_number, schedule.boundaries)),
             ", ".join(map(str, schedule.steps)), _number(schedule.shift), config.lora.rank, config.lora.alpha,
             ", ".join(map(str, config.updates_per_phase)), config.lr_generator, config.lr_fake, config.batch_size,
-            config.fake_ratio, "\n".join(config.sample_prompts), config.sample_every, config.checkpoint_every]
+            config.fake_ratio, "\n".join(config.sample_prompts), config.sample_every, config.checkpoint_every,
+            _lines(config.condition_images), config.condition_teacher or ""]
+
+
+def _lines(spec) -> str:
+    """condition_images as the form shows it: a folder, or one file a line."""
+    return "" if spec is None else spec if isinstance(spec, str) else "\n".join(spec)
 
 
 def form_config(preset, teacher, method, schedule_source, boundaries, schedule_steps, shift, phases_schedule,
                 rank, alpha, updates_per_phase, lr_generator, lr_fake, batch_size, fake_ratio, sample_prompts,
-                sample_every, checkpoint_every) -> dict:
-    """The form as a config dict; TrainConfig (in JobManager.submit) then checks every value."""
+                sample_every, checkpoint_every, condition_images="", condition_teacher="") -> dict:
+    """The form as a config dict; TrainConfig (in JobManager.submit) then checks every value. Condition images:
+    a folder on this machine (its prompts.txt beside the images) or one image file a line; empty fields leave a
+    text-only teacher's run as it is (pdmd.training.conditioning says what a conditioned teacher does then)."""
     config = preset_config(preset)
     if method not in METHODS:
         raise JobError(f"method {method!r} is unknown; choose one of {', '.join(METHODS)}")
@@ -72,7 +80,17 @@ def form_config(preset, teacher, method, schedule_source, boundaries, schedule_s
     if not any(steps):
         raise JobError("updates per phase is empty: give one number (every phase) or one per phase")
     prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
-    return {**config, "teacher": (teacher or "").strip(), "method": method, "schedule": schedule,
+    images = [line.strip() for line in str(condition_images or "").splitlines() if line.strip()]
+    config.pop("condition_images", None)
+    config.pop("condition_teacher", None)
+    if images:
+        config["condition_images"] = images[0] if len(images) == 1 else images
+    if str(condition_teacher or "").strip():
+        config["condition_teacher"] = str(condition_teacher).strip()
+    teacher = (teacher or "").strip()
+    if teacher != "builtin":  # the form has no probe field: the preset's probe measures the built-in scenes only
+        config.pop("probe_every", None)
+    return {**config, "teacher": teacher, "method": method, "schedule": schedule,
             "updates_per_phase": steps, "lora": {**(config.get("lora") or {}), "rank": rank, "alpha": alpha},
             "lr_generator": lr_generator, "lr_fake": lr_fake, "batch_size": batch_size, "fake_ratio": fake_ratio,
             "sample_prompts": prompts, "sample_every": sample_every, "checkpoint_every": checkpoint_every}
