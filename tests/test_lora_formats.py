@@ -329,8 +329,8 @@ def test_shapes_text_encoder_parts_and_dropped_keys_are_errors(tmp_path):
         lf.load_published(tmp_path / "stray.safetensors", "flux", tiny_transformer("flux"))
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(RANK, 16),
                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(16, RANK),
-               "diffusion_model.blocks.0.self_attn.q.diff_b": torch.zeros(16)}, str(tmp_path / "diff.safetensors"))
-    with pytest.raises(lf.LoraFormatError, match=r"unsupported.*self_attn\.q\.diff_b"):
+               "diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(16, 16)}, str(tmp_path / "diff.safetensors"))
+    with pytest.raises(lf.LoraFormatError, match=r"unsupported.*self_attn\.q\.diff"):  # a full-weight diff
         lf.load_published(tmp_path / "diff.safetensors", "wan")
 
 

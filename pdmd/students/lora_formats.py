@@ -2,7 +2,9 @@
 
 In: a LoRA file in the diffusers/PEFT layout (``transformer.<module>.lora_A.weight``), the ComfyUI /
 original-checkpoint layout (``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` + ``.alpha``, or with
-``lora_A``/``lora_B`` as the Wan2.2-Lightning files have) or the kohya layout (``lora_unet_...``) is converted by
+``lora_A``/``lora_B`` as the Wan2.2-Lightning files have, or with a bias delta ``diff_b`` per module and zero
+norm-weight deltas ``norm_k_img.diff`` as the Wan 2.1 I2V Lightx2v files have: the biases become PEFT's lora_bias,
+a student's ``lora.bias``) or the kohya layout (``lora_unet_...``) is converted by
 the diffusers LoRA loader of the teacher's family (``<Family>LoraLoaderMixin.lora_state_dict``, the classmethod
 every diffusers pipeline uses, which runs the right converter) into module-relative PEFT keys with the
 ``alpha / rank`` scale folded in. Every key either lands on a module of the teacher or is reported: nothing is
@@ -103,6 +105,10 @@ QWEN_IMAGE21_FUSED_MLP = ".img_mlp.gate_up"  # ComfyUI's fused [gate_layer; proj
 NETWORK_FILE_NAMES = {"transformer": "high_noise", "transformer_2": "low_noise"}
 KOHYA_PARTS = {"lora_A": "lora_down", "lora_B": "lora_up"}
 PAIR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+BIAS = re.compile(r"^(?P<module>.+)\.lora_B\.bias$")  # PEFT's lora_bias: a module's bias delta (Wan ``diff_b``)
+# Wan LoRAs carry per-module bias deltas (``diff_b``, which diffusers' converter makes lora_B biases) and norm
+# weight deltas (``norm_q.diff``...: all zeros in the published Lightx2v files; diffusers drops them)
+BIAS_FAMILIES = {"wan"}
 
 
 class LoraFormatError(StudentError):
@@ -181,10 +187,42 @@ def detect_layout(state: dict[str, Tensor]) -> str:
 
 
 # --- import ------------------------------------------------------------------------------------------------
-def _unsupported(state: dict[str, Tensor]) -> list[str]:
-    """Keys diffusers' converters would drop with only a log line: full-weight diffs, DoRA scales, biases."""
-    return [k for k in state if k.endswith((".diff", ".diff_b", ".dora_scale")) or ".lora_magnitude_vector" in k
-            or ".lora_B.bias" in k]
+def _unsupported(state: dict[str, Tensor], family: str) -> list[str]:
+    """Keys diffusers' converters would drop with only a log line: full-weight diffs, DoRA scales, and bias terms
+    outside the families whose LoRAs carry them (BIAS_FAMILIES)."""
+    biases = () if family in BIAS_FAMILIES else (".diff_b", ".lora_B.bias")
+    return [k for k in state if k.endswith((".diff", ".dora_scale", *biases)) or ".lora_magnitude_vector" in k]
+
+
+def _without_zero_norm_diffs(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` less its norm-weight deltas (``...norm_k_img.diff``) when every one is zero, as in the published
+    Wan Lightx2v files, so dropping them changes nothing; a non-zero one stays, to be refused."""
+    norms = [k for k in state if k.endswith(".diff") and "norm" in k.rpartition(".")[0].rpartition(".")[2]]
+    if not norms or any(state[k].any() for k in norms):
+        return state
+    return {k: v for k, v in state.items() if k not in norms}
+
+
+def _fold_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every ``<module>.alpha`` folded into its up / B weight as alpha / rank (what a reader applies), exactly, so a
+    converter that reads no alpha for some modules (Wan's top-level ones: head, img_emb...) sees none."""
+    out = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    for key in (k for k in state if k.endswith(".alpha")):
+        module = key[: -len(".alpha")]
+        down = next((f"{module}.{part}.weight" for part in ("lora_down", "lora_A") if f"{module}.{part}.weight" in out),
+                    None)
+        up = next((f"{module}.{part}.weight" for part in ("lora_up", "lora_B") if f"{module}.{part}.weight" in out),
+                  None)
+        if down is None or up is None:
+            raise LoraFormatError(f"{key} has no lora_down/lora_up pair beside it")
+        out[up] = out[up] * (float(state[key]) / out[down].shape[0])
+    return out
+
+
+def module_of(key: str) -> str | None:
+    """The module a PEFT key belongs to (its lora_A / lora_B weight or lora_B bias), or None."""
+    match = PAIR.match(key) or BIAS.match(key)
+    return match["module"] if match else None
 
 
 def _fold_leftover_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -221,9 +259,9 @@ def _fold_adapter_config(state: dict[str, Tensor], config: dict) -> dict[str, Te
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (rank, alpha)):
             raise LoraFormatError(f"{LORA_METADATA_KEY} gives {module} rank {rank!r} and alpha {alpha!r}: not two "
                                   "positive numbers")
-        if f"{module}.lora_B.weight" in out:
-            out[f"{module}.lora_B.weight"] = out[f"{module}.lora_B.weight"] * (
-                alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+        for key in (f"{module}.lora_B.weight", f"{module}.lora_B.bias"):  # PEFT scales lora_B's bias alike
+            if key in out:
+                out[key] = out[key] * (alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
     return out
 
 
@@ -234,7 +272,11 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     from diffusers import loaders
 
     layout = detect_layout(state)
-    unsupported = _unsupported(state)
+    if family in BIAS_FAMILIES:
+        state = _without_zero_norm_diffs(state)
+    if family == "wan" and layout == "comfyui":  # its converter takes an alpha on the blocks' modules only
+        state = _fold_alphas(state)
+    unsupported = _unsupported(state, family)
     if unsupported:
         raise LoraFormatError(f"unsupported LoRA keys (full-weight diffs, DoRA or bias terms): {_listing(unsupported)}")
     if layout == "kohya":
@@ -282,20 +324,21 @@ def check_fits(state: dict[str, Tensor], model: nn.Module) -> None:
     modules = dict(model.named_modules())
     unmatched, misshapen = [], []
     for key, value in state.items():
-        match = PAIR.match(key)
+        match = PAIR.match(key) or BIAS.match(key)
         module = modules.get(match["module"]) if match else None
         module = getattr(module, "base_layer", module)  # already wrapped by PEFT
+        part = match.groupdict().get("part", "lora_B") if match else None  # a bias is lora_B's
         if not isinstance(module, nn.Linear):
             unmatched.append(key)
-        elif (match["part"] == "lora_A" and value.shape[1] != module.in_features) or \
-                (match["part"] == "lora_B" and value.shape[0] != module.out_features):
+        elif (part == "lora_A" and value.shape[1] != module.in_features) or \
+                (part == "lora_B" and value.shape[0] != module.out_features):
             misshapen.append(f"{key} {tuple(value.shape)} vs {match['module']} "
                              f"({module.out_features}x{module.in_features})")
     if unmatched:
         raise LoraFormatError(f"LoRA keys match no module of the teacher: {_listing(unmatched)}")
     if misshapen:
         raise LoraFormatError(f"LoRA shapes do not fit the teacher: {_listing(misshapen)}")
-    pairs = {PAIR.match(k)["module"] for k in state}
+    pairs = {module_of(k) for k in state}
     lonely = [m for m in pairs if f"{m}.lora_A.weight" not in state or f"{m}.lora_B.weight" not in state]
     if lonely:
         raise LoraFormatError(f"LoRA modules missing their lora_A or lora_B half: {_listing(lonely)}")
@@ -323,7 +366,9 @@ def _pad_rank(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
     """Zero-pad every pair to ``rank``: the extra rows of A meet zero columns of B, so B @ A is unchanged."""
     out = {}
     for key, value in state.items():
-        if ".lora_A." in key:
+        if BIAS.match(key):  # a bias has no rank
+            out[key] = value
+        elif ".lora_A." in key:
             out[key] = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])], 0)
         else:
             out[key] = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], 1)
@@ -376,7 +421,8 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
         layouts.append(detect_layout(raw))
         states.append(convert_published(raw, teacher.family, network, strength, read_adapter_config(path)))
     rank = max(v.shape[0] for state in states for k, v in state.items() if ".lora_A." in k)
-    modules = sorted({PAIR.match(k)["module"] for state in states for k in state})
+    modules = sorted({module_of(k) for state in states for k in state})
+    bias = any(BIAS.match(k) for state in states for k in state)
     phases = []
     for k, state in enumerate(states):
         (folder / phase_adapter(k)).mkdir(parents=True, exist_ok=True)
@@ -386,9 +432,12 @@ def make_published_student(folder: str | Path, files: list[str | Path], teacher:
         phases.append(f"{phase_adapter(k)}/{LORA_WEIGHT_NAME}")
     Manifest(teacher=teacher_id or teacher.name, family=teacher.family, method=PUBLISHED, student_cfg=float(cfg),
              updates_trained=0, schedule=schedule, phases=tuple(phases),
-             lora=LoraSpec(rank, float(rank), tuple(modules)), lora_prefix=TRANSFORMER_PREFIX,
+             lora=LoraSpec(rank, float(rank), tuple(modules), bias), lora_prefix=TRANSFORMER_PREFIX,
              **teacher_fields(teacher, folder),
              networks=tuple(name for name, _ in networks) if teacher.network_names else None,
+             # a published LoRA of an image-to-video or editing teacher is sampled with its image (Wan 2.1 I2V
+             # cannot go without one); of a teacher that is text-only too (Wan 2.2 TI2V-5B), from prompts alone
+             conditions=teacher.conditions if teacher.needs_conditions or teacher.conditions_by_default else (),
              published={"files": [re.sub(r"[^A-Za-z0-9_.-]+", "-", f.name)[:80] for f in files],
                         "layouts": layouts, "strengths": strengths}).write(folder)
     return folder
@@ -465,6 +514,9 @@ def comfyui_state(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
             raise LoraFormatError(str(err)) from None
     out = {}
     for key, value in state.items():
+        if (bias := BIAS.match(key)) and family == "wan":  # ComfyUI adds a ``diff_b`` to the module's bias
+            out[f"diffusion_model.{wan_original_name(bias['module'])}.diff_b"] = value
+            continue
         match = PAIR.match(key)
         if match is None:
             raise LoraFormatError(f"{key} is not a lora_A/lora_B weight")
@@ -509,11 +561,13 @@ def with_style(state: dict[str, Tensor], styles: list[dict[str, Tensor]]) -> dic
     parts = [*styles, state]
     dtype = next(iter(state.values())).dtype
     combined = {}
-    for module in sorted({PAIR.match(k)["module"] for part in parts for k in part}):
-        down, up = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    for module in sorted({module_of(k) for part in parts for k in part}):
+        down, up, bias = f"{module}.lora_A.weight", f"{module}.lora_B.weight", f"{module}.lora_B.bias"
         having = [part for part in parts if down in part]
         combined[down] = torch.cat([part[down].to(dtype) for part in having], 0).contiguous()
         combined[up] = torch.cat([part[up].to(dtype) for part in having], 1).contiguous()
+        if any(bias in part for part in parts):  # the bias deltas add up
+            combined[bias] = sum(part[bias].to(dtype) for part in parts if bias in part).contiguous()
     return combined
 
 

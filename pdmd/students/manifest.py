@@ -35,6 +35,9 @@ class LoraSpec:
     rank: int = 16
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ()  # empty: the teacher's own (Teacher.lora_target_modules)
+    # lora_B carries a bias (PEFT's lora_bias): only published files with per-module bias deltas make one (the
+    # Wan 2.1 I2V Lightx2v LoRAs' ``diff_b``); distillation trains none
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,8 @@ class Manifest:
                 "ema_decay": self.ema_decay, "seed": self.seed, "schedule": self.schedule.as_dict(),
                 "phases": list(self.phases),
                 "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
-                         "target_modules": list(self.lora.target_modules), "prefix": self.lora_prefix},
+                         "target_modules": list(self.lora.target_modules), "prefix": self.lora_prefix,
+                         **({"bias": True} if self.lora.bias else {})},
                 "family": self.family, "teacher_options": self.teacher_options or None,
                 "teacher_loras": [{"file": lora.file, "sha256": lora.sha256, "strength": lora.strength,
                                    "network": lora.network} for lora in self.teacher_loras] or None,
@@ -258,7 +262,7 @@ def _schedule(value) -> PhaseSchedule:
 def _lora(value) -> tuple[LoraSpec, str]:
     if not isinstance(value, dict):
         raise StudentError(f"lora = {str(value)[:80]} must be an object with rank, alpha and target_modules")
-    unknown = sorted(set(value) - {"rank", "alpha", "target_modules", "prefix"})
+    unknown = sorted(set(value) - {"rank", "alpha", "target_modules", "prefix", "bias"})
     if unknown:
         raise StudentError(f"lora has unknown key(s) {unknown}")
     rank = value.get("rank")
@@ -271,7 +275,10 @@ def _lora(value) -> tuple[LoraSpec, str]:
         raise StudentError(f"lora.target_modules must be a non-empty list of at most {limits.MAX_TARGET_MODULES} "
                            "module names")
     prefix = _text(value.get("prefix", "unet"), "lora.prefix")
-    return LoraSpec(rank, alpha, tuple(modules)), prefix
+    bias = value.get("bias", False)
+    if not isinstance(bias, bool):
+        raise StudentError(f"lora.bias = {str(bias)[:40]!r} must be true or false")
+    return LoraSpec(rank, alpha, tuple(modules), bias), prefix
 
 
 def _relative_file(value, name: str) -> str:

@@ -33,7 +33,8 @@ def phase_adapter(phase: int) -> str:
 
 def peft_config(lora: LoraSpec) -> LoraConfig:
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
-                      init_lora_weights=True)  # B = 0: every role starts equal to the teacher
+                      init_lora_weights=True,  # B = 0 (and its bias): every role starts equal to the teacher
+                      lora_bias=lora.bias)
 
 
 def _first_parameter_dtype(model: ModelMixin) -> torch.dtype:
@@ -57,6 +58,29 @@ def _skip_dtype_walk(network: nn.Module) -> None:
         if isinstance(module, ModelMixin) and cls.dtype is ModelMixin.dtype:
             module.__class__ = type(cls.__name__, (cls,), {"dtype": property(_first_parameter_dtype),
                                                           "__module__": cls.__module__})
+
+
+def _adapter_state(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """PEFT's state dict of adapter ``name``; its warning that a 1-D lora_B tensor is an ungathered shard is
+    wrong for a lora_bias, which is 1-D."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def _weights(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    return layer.weight.data, (layer.bias.data if getattr(layer, "bias", None) is not None else None)
+
+
+def _merged(wrapper: BaseTunerLayer, name: str) -> tuple[Tensor, Tensor | None]:
+    """Adapter ``name`` merged into its layer: the weight (and, with lora_bias, the bias), in float32, stored in
+    the base's dtype."""
+    base = wrapper.get_base_layer()
+    weight = (base.weight + wrapper.get_delta_weight(name)).to(base.weight.dtype)
+    lora_bias = wrapper.lora_B[name].bias
+    if lora_bias is None or base.bias is None:
+        return weight, None
+    return weight, (base.bias + lora_bias * wrapper.scaling[name]).to(base.bias.dtype)
 
 
 class Roles:
@@ -132,10 +156,14 @@ class Roles:
         if self._folded == name:
             return
         if self._folded is None:  # the base weights as they are now (the model may have moved since __init__)
-            self._base_weights = {layer: layer.get_base_layer().weight.data for layer in self.layers}
+            self._base_weights = {layer: _weights(layer.get_base_layer()) for layer in self.layers}
         merged = self._fold_cache[name] if name is not None else {}
         for layer in self.layers:
-            layer.get_base_layer().weight.data = merged.get(layer, self._base_weights[layer])
+            base = layer.get_base_layer()
+            _, base_bias = self._base_weights[layer]
+            base.weight.data, bias = merged.get(layer, self._base_weights[layer])
+            if base_bias is not None:  # a merged bias only where the adapter has one (lora_bias)
+                base.bias.data = base_bias if bias is None else bias
         for parent, attribute, wrapper in self._slots:
             setattr(parent, attribute, wrapper.get_base_layer() if name is not None else wrapper)
         self._folded = name
@@ -152,10 +180,7 @@ class Roles:
         def velocity(x: Tensor, t: Tensor, cond) -> Tensor:
             if name not in self._fold_cache:
                 self._activate(None)
-                self._fold_cache[name] = {  # merged in float32, stored in the base's dtype
-                    layer: (layer.get_base_layer().weight + layer.get_delta_weight(name)).to(
-                        layer.get_base_layer().weight.dtype)
-                    for layer in self.layers if name in layer.lora_A}
+                self._fold_cache[name] = {layer: _merged(layer, name) for layer in self.layers if name in layer.lora_A}
             self._switch(None)  # adapters off: each layer runs its (swapped) base weight alone
             self._fold(name)
             return self.teacher.velocity(x, t, cond)
@@ -185,12 +210,12 @@ class Roles:
         """One adapter's weights in PEFT key layout (adapter name stripped)."""
         self._fold(None)
         return {k: v.detach().clone() for k, v in
-                get_peft_model_state_dict(self.teacher.model, adapter_name=name).items()}
+                _adapter_state(self.teacher.model, name).items()}
 
     def load_state_dict(self, name: str, state: dict[str, Tensor]) -> None:
         self._activate(None)
         self._fold_cache.pop(name, None)  # merged from the old weights
-        current = get_peft_model_state_dict(self.teacher.model, adapter_name=name)
+        current = _adapter_state(self.teacher.model, name)
         misfits = [k for k, v in state.items() if k in current and current[k].shape != v.shape]
         if misfits:  # torch would list every one; the likely cause is a student of another network
             key = misfits[0]
@@ -222,7 +247,7 @@ class Roles:
         self.ema = {}
         for name in self.adapters:
             if state := _under(tensors, f"ema/{name}/"):
-                weights = get_peft_model_state_dict(self.teacher.model, adapter_name=name)
+                weights = _adapter_state(self.teacher.model, name)
                 self.ema[name] = {k: v.to(weights[k].device, weights[k].dtype) for k, v in state.items()}
 
     def update_ema(self, name: str, decay: float) -> None:
