@@ -22,6 +22,8 @@ PUBLISHED = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1.42, "Wan-AI/Wan2.1-T2V-14B-Di
              "stabilityai/stable-diffusion-3.5-medium": 2.24,
              "stabilityai/stable-diffusion-3.5-large": 8.06, "black-forest-labs/FLUX.1-dev": 11.9,
              "black-forest-labs/FLUX.1-schnell": 11.9, "Qwen/Qwen-Image": 20.4, "Tongyi-MAI/Z-Image-Turbo": 6.15,
+             "black-forest-labs/FLUX.1-Kontext-dev": 11.9,  # FLUX.1-dev's transformer config
+             "Qwen/Qwen-Image-Edit-2509": 20.4,  # Qwen-Image's transformer config
              # FLUX.2 [klein] 4B: the card rounds; 3.88 B are its transformer config's 5 + 20 blocks of width 3072
              "black-forest-labs/FLUX.2-dev": 32.0, "black-forest-labs/FLUX.2-klein-4B": 3.88,
              # Qwen-Image 2.1: its card's "7B" rounds; 7.12 B are its transformer config's 32 blocks of width 4096

@@ -31,7 +31,9 @@ from pdmd.plan.stacks import Layout
 from pdmd.plan.trace import LivePeak, MetaReplay, meta_attention
 from pdmd.students.manifest import LoraSpec
 from pdmd.students.roles import FAKE, Roles, phase_adapter
+from pdmd.teachers import qwen_image_edit
 from pdmd.teachers.diffusers_base import parse_dtype
+from pdmd.teachers.flux_kontext import REFERENCE_LATENTS, FluxKontextTeacher
 from pdmd.teachers.quantize import module_bytes, nf4_bytes, tensor_bytes
 from pdmd.teachers.wan_i2v import IMAGE_CONDITION, IMAGE_EMBEDS, WanI2VTeacher
 
@@ -110,6 +112,9 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
     elif teacher.family == "flux":
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "pooled_projections": torch.zeros(batch, config.pooled_projection_dim, dtype=dtype, device=device)}
+        if isinstance(teacher, FluxKontextTeacher):  # an editing run: the reference image's latent (float32) at
+            # the teacher's size, as many tokens again in every call (a text-only run on Kontext needs less)
+            cond[REFERENCE_LATENTS] = torch.zeros(batch, *teacher.latent_shape, device=device)
     elif teacher.family == "flux2":  # padded to prompt_length; an unconditional branch only where CFG is true CFG
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim)}
         return cond, (None if teacher.negative_prompt is None else dict(cond))
@@ -127,6 +132,13 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=dtype, device=device),
                 "prompt_embeds_2": embeds(glyphs, config.text_embed_2_dim),
                 "prompt_embeds_mask_2": torch.ones(batch, glyphs, dtype=dtype, device=device)}
+    elif isinstance(teacher, qwen_image_edit.QwenImageEditPlusTeacher):  # prompt_length tokens after the
+        # condition image's (the template's few around them left out: no tokenizer here), and the reference latent
+        # (float32) at the teacher's size, as many tokens again as the noisy ones in every call
+        length += teacher.condition_image_tokens()
+        cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
+                "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device),
+                qwen_image_edit.REFERENCE_LATENTS: torch.zeros(batch, *teacher.latent_shape, device=device)}
     else:  # qwen-image: at most prompt_length tokens (the pipeline trims to the longest prompt)
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device)}

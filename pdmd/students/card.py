@@ -33,14 +33,32 @@ CFG_VALUE = {"z-image": lambda cfg: cfg - 1.0}
 # further __call__ keywords a family's snippet needs, by student CFG: QwenImage21Pipeline guides only when given a
 # negative prompt (the teacher's " "), and its text-token KV cache, filled at the first step under the first phase's
 # LoRA, would give the later phases that expert's text keys and values
-CALL_KEYWORDS = {"qwen-image21": lambda cfg: ('negative_prompt=" ", ' if cfg > 1 else "") + "use_kv_cache=False, "}
+CALL_KEYWORDS = {"qwen-image21": lambda cfg: ('negative_prompt=" ", ' if cfg > 1 else "") + "use_kv_cache=False, ",
+                 "qwen-image": lambda cfg: 'negative_prompt=" ", ' if cfg > 1 else ""}
 # families whose pipeline has no LoRA loader mixin and no callback_on_step_end (HunyuanVideo15Pipeline, diffusers
 # 0.42): the LoRAs load into the transformer itself, and the scheduler's step switches the phase experts
 ON_TRANSFORMER = {"hunyuan-video-1.5"}
 # families whose guidance is a pipeline component (a ClassifierFreeGuidance ``guider``), not a __call__ keyword
 GUIDER = {"hunyuan-video-1.5"}
 # the pipeline of a family's student distilled on condition images (manifest ``conditions``), given ``image=``
-IMAGE_PIPELINE = {"wan": "WanImageToVideoPipeline"}
+IMAGE_PIPELINE = {"wan": "WanImageToVideoPipeline", "flux": "FluxKontextPipeline",
+                  "qwen-image": "QwenImageEditPlusPipeline"}
+# what the card's example image is to that pipeline, and what it does with one of another size than the student's
+IMAGE_NOTE = {"wan": "the first frame, best at the student's size: the pipeline stretches an image of another aspect "
+                     "where pdmd crops it",
+              "flux": "the image to edit, best at the student's size: the pipeline encodes one of another size at "
+                      "its own where pdmd covers and crops it to the student's",
+              "qwen-image": "the image to edit, best at the student's size: the pipeline stretches one of another "
+                            "aspect where pdmd covers and crops it"}
+# further __call__ keywords of that pipeline, from the teacher options: FluxKontextPipeline would rescale the output
+# to max_area (1024^2 pixels) and the image to its nearest preferred resolution (_auto_resize)
+IMAGE_KEYWORDS = {"flux": lambda options: f"max_area={options['height'] * options['width']}, _auto_resize=False, "}
+# lines the snippet runs before that pipeline's call: QwenImageEditPlusPipeline VAE-encodes the image at a fixed area
+# (VAE_IMAGE_SIZE, a module constant, 1024^2) whatever the output size, where pdmd encodes it at the student's
+IMAGE_SETUP = {"qwen-image": lambda options: [
+    "from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus",
+    "pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE = "
+    f"{options['height']} * {options['width']}  # the image encoded at the student's size, as pdmd encodes it"]}
 IMAGE_FILE = "first.png"  # the card's example condition image
 
 TEMPLATE = """---
@@ -232,8 +250,7 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         f'STUDENT = "{student}"  # this repository, or a local copy of it',
         f"SIGMAS = [{sigmas}]  # the student's timesteps, already shifted (shift {manifest.schedule.shift:g})",
         f"PHASE_STARTS = {phase_starts(manifest)!r}  # the phase switch: step index -> the expert from there on",
-        *([f'IMAGE = "{IMAGE_FILE}"  # the first frame, best at the student\'s size: the pipeline stretches an image '
-           "of another aspect where pdmd crops it"] if conditioned else []),
+        *([f'IMAGE = "{IMAGE_FILE}"  # {IMAGE_NOTE[manifest.family]}'] if conditioned else []),
         *([f"STYLE = {({n: lora.strength for n, lora in styles.items()})!r}  # the teacher's style LoRA(s) -> "
            "strength, under every phase"] if styles else []),
         "DEVICE = \"cuda\" if torch.cuda.is_available() else \"cpu\"",
@@ -264,12 +281,14 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         activate(f'"{phase_adapter(0)}"'),
         *([f"pipe.guider = pipe.guider.new(guidance_scale={cfg_value:g})"] if guider else []),
         "pipe.to(DEVICE)",
+        *(IMAGE_SETUP.get(manifest.family, lambda options: [])(options) if conditioned else []),
         # prompt by keyword: the first parameter of the FLUX.2 pipelines is a conditioning image
         "result = pipe(" + ("image=load_image(IMAGE), " if conditioned else "")
         + f'prompt="{prompt}", num_inference_steps=len(SIGMAS), '
         + ("" if guider else f"{cfg_keyword}={cfg_value:g}, ")
         + CALL_KEYWORDS.get(manifest.family or "", lambda cfg: "")(manifest.student_cfg)
         + (f"{size}, " if size else "")
+        + (IMAGE_KEYWORDS.get(manifest.family, lambda options: "")(options) if conditioned else "")
         + "generator=torch.Generator().manual_seed(0)"
         + (")" if on_transformer else ", callback_on_step_end=switch_phase)"),
         output,
@@ -309,7 +328,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, seconds: float |
         tags=["pdmd", "phased-dmd", "lora", "few-step", "distillation",
               *(["image-to-video" if "image" in manifest.conditions else "text-to-video"]
                 if "num_frames" in manifest.teacher_options else
-                (["text-to-image"] if manifest.family else [])), *([manifest.family] if manifest.family else [])])
+                (["image-to-image" if "image" in manifest.conditions else "text-to-image"] if manifest.family
+                 else [])), *([manifest.family] if manifest.family else [])])
     return ModelCard.from_template(
         data, template_str=TEMPLATE, name=name, teacher=teacher,
         teacher_link=f"https://huggingface.co/{teacher}" if hub_teacher else "#",

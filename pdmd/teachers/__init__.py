@@ -23,12 +23,14 @@ PIPELINES = {
     "FluxPipeline": ("pdmd.teachers.flux", "FluxTeacher"),
     "WanPipeline": ("pdmd.teachers.wan", "WanTeacher"),
     "QwenImagePipeline": ("pdmd.teachers.qwen_image", "QwenImageTeacher"),
+    "QwenImageEditPlusPipeline": ("pdmd.teachers.qwen_image_edit", "QwenImageEditPlusTeacher"),
     "QwenImage21Pipeline": ("pdmd.teachers.qwen_image21", "QwenImage21Teacher"),
     "Flux2Pipeline": ("pdmd.teachers.flux2", "Flux2Teacher"),
     "Flux2KleinPipeline": ("pdmd.teachers.flux2", "Flux2KleinTeacher"),
     "ZImagePipeline": ("pdmd.teachers.z_image", "ZImageTeacher"),
     "HunyuanVideo15Pipeline": ("pdmd.teachers.hunyuan_video15", "HunyuanVideo15Teacher"),
     "WanImageToVideoPipeline": ("pdmd.teachers.wan_i2v", "WanI2VTeacher"),
+    "FluxKontextPipeline": ("pdmd.teachers.flux_kontext", "FluxKontextTeacher"),
 }
 
 

@@ -117,8 +117,9 @@ def build_sd3(folder: str | Path) -> Path:
     return _save(pipe, folder)
 
 
-def _flux(folder: str | Path, guidance_embeds: bool) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def _flux(folder: str | Path, guidance_embeds: bool, pipeline: str = "FluxPipeline") -> Path:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
@@ -127,10 +128,10 @@ def _flux(folder: str | Path, guidance_embeds: bool) -> Path:
                                          axes_dims_rope=(4, 4, 8))
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler,
-                        vae=_image_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
-                        text_encoder=_clip_text(False), tokenizer=clip_tokenizer(),
-                        text_encoder_2=_t5_encoder(32), tokenizer_2=t5_tokenizer())
+    pipe = getattr(diffusers, pipeline)(transformer=transformer, scheduler=scheduler,
+                                        vae=_image_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
+                                        text_encoder=_clip_text(False), tokenizer=clip_tokenizer(),
+                                        text_encoder_2=_t5_encoder(32), tokenizer_2=t5_tokenizer())
     return _save(pipe, folder)
 
 
@@ -142,6 +143,12 @@ def build_flux_dev(folder: str | Path) -> Path:
 def build_flux_schnell(folder: str | Path) -> Path:
     """FluxPipeline without guidance embedding, like FLUX.1-schnell (true CFG when asked for)."""
     return _flux(folder, guidance_embeds=False)
+
+
+def build_flux_kontext(folder: str | Path) -> Path:
+    """FluxKontextPipeline like FLUX.1 Kontext [dev]: flux-dev's components (guidance-embedded, no image encoder);
+    the reference image goes through the same VAE."""
+    return _flux(folder, guidance_embeds=True, pipeline="FluxKontextPipeline")
 
 
 def _wan_transformer(channels: int = 16, in_channels: int | None = None, image_dim: int | None = None):
@@ -302,6 +309,63 @@ def build_qwen_image(folder: str | Path) -> Path:
                                                 base_image_seq_len=256, max_image_seq_len=8192)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                              tokenizer=tokenizer, transformer=transformer)
+    return _save(pipe, folder)
+
+
+def build_qwen_image_edit_plus(folder: str | Path) -> Path:
+    """QwenImageEditPlusPipeline (Qwen-Image-Edit-2509): build_qwen_image's components, with a Qwen2.5-VL encoder
+    whose one-block vision tower (patch 14, merge 2, as the real one) reads the condition image, and the vision
+    markers as single special tokens it knows by id.
+
+    The processor is a PaddleOCRVLProcessor over a Qwen2-VL image processor, not a Qwen2VLProcessor: transformers
+    builds that one only with torchvision installed, for its video processor. For images both expand each
+    ``<|image_pad|>`` alike, into ``image_grid_thw.prod() // merge_size**2`` tokens (a 384x384 condition image: 196),
+    one per feature the vision tower gives."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import (
+        PaddleOCRVLProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessorPil,
+    )
+
+    torch.manual_seed(SEED)
+    vocab = {char: i for i, char in enumerate(_byte_alphabet())}
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<|image_pad|>"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>",
+                                                                "<|image_pad|>", "<|video_pad|>"]})
+    processor = PaddleOCRVLProcessor(tokenizer=tokenizer, image_processor=Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2))
+    special_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
+                     "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                     "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
+                       "patch_size": 14, "spatial_merge_size": 2},
+        hidden_size=16, vocab_size=len(tokenizer), **special_ids))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True],
+                                 latents_mean=[0.0, 0.1, -0.1, 0.2], latents_std=[1.0, 1.2, 0.8, 1.1])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     processor=processor, transformer=transformer)
     return _save(pipe, folder)
 
 
@@ -532,12 +596,14 @@ BUILDERS = {
     "sd3": build_sd3,
     "flux-dev": build_flux_dev,
     "flux-schnell": build_flux_schnell,
+    "flux-kontext": build_flux_kontext,
     "wan2.1": build_wan21,
     "wan2.2": build_wan22,
     "wan2.2-ti2v": build_wan22_ti2v,
     "wan2.1-i2v": build_wan21_i2v,
     "hunyuan-video-1.5": build_hunyuan_video15,
     "qwen-image": build_qwen_image,
+    "qwen-image-edit-plus": build_qwen_image_edit_plus,
     "qwen-image21": build_qwen_image21,
     "flux2-dev": build_flux2_dev,
     "flux2-klein": build_flux2_klein,
