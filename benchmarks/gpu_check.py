@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from pdmd.conditions import open_image
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.teachers import load_teacher
 from pdmd.teachers.tiny import BUILDERS, build
@@ -39,7 +40,9 @@ from pdmd.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
-         "qwen-image": dict(height=64, width=64), "hunyuan-video-1.5": dict(height=32, width=32, num_frames=5)}
+         "qwen-image": dict(height=64, width=64), "hunyuan-video-1.5": dict(height=32, width=32, num_frames=5),
+         "wan2.2-ti2v": dict(height=32, width=64, num_frames=5), "wan2.1-i2v": dict(height=16, width=32, num_frames=5),
+         "qwen-image-edit-plus": dict(height=32, width=64)}
 DEFAULT_SIZE = dict(height=32, width=32)
 
 
@@ -61,10 +64,13 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
     load_s = time.perf_counter() - started
     schedule = PhaseSchedule.uniform(sample_steps, teacher.default_shift)
     prompts = ["a red fox in the snow", "a city at night"]
-    teacher.sample(prompts, seed=0, schedule=PhaseSchedule.uniform(1))  # warm-up (kernels, allocator)
+    # a conditioned teacher (image-to-video, editing) samples and trains on an image per prompt
+    pictures = condition_folder(teacher, run_dir / f"{family}-images", prompts) if teacher.conditions else None
+    images = [open_image(path) for path in sorted(pictures.glob("*.png"))] if pictures else None
+    teacher.sample(prompts, seed=0, schedule=PhaseSchedule.uniform(1), images=images)  # warm-up (kernels, allocator)
     reset_peak(device)
     started = time.perf_counter()
-    result = teacher.sample(prompts, seed=0, schedule=schedule)
+    result = teacher.sample(prompts, seed=0, schedule=schedule, images=images)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sample_s = time.perf_counter() - started
@@ -75,7 +81,8 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
         teacher=str(folder), method="phased", schedule={"boundaries": [0.8], "steps": [2, 2]},
         updates_per_phase=max(1, steps // 2), batch_size=2, fake_ratio=2, lora={"rank": 8, "alpha": 8},
         prompts=prompts, sample_every=10**6, checkpoint_every=10**6, gradient_checkpointing=True,
-        output_dir=str(run_dir / family), dtype=dtype, **sizes))
+        output_dir=str(run_dir / family), dtype=dtype, **sizes,
+        **({"condition_images": str(pictures)} if pictures else {})))
     trainer = Trainer(config, teacher=teacher)
     reset_peak(device)
     started = time.perf_counter()
@@ -85,10 +92,23 @@ def check(family: str, folder: Path, device: torch.device, dtype: str, steps: in
     train_s = time.perf_counter() - started
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
-    return {"family": family, "device": device.type, "dtype": dtype, "load_s": round(load_s, 2),
+    return {"family": family, "device": device.type, "dtype": dtype, "images": bool(images), "load_s": round(load_s, 2),
             "sample_it_per_s": round(result.nfe / sample_s, 1), "sample_peak_mb": round(sample_peak, 1),
             "train_steps": trainer.step, "train_it_per_s": round(trainer.step / train_s, 2),
             "train_peak_mb": round(peak_mb(device), 1)}
+
+
+def condition_folder(teacher, folder: Path, prompts: list[str]) -> Path:
+    """Random images at the teacher's size, one per prompt, with their prompts.txt (condition_images' layout)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for k in range(len(prompts)):
+        pixels = torch.randint(0, 256, (teacher.height, teacher.width, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{k:02d}.png")
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return folder
 
 
 # The code paths issue 24 fixed, each a short phased run of the tiny SD3 pipeline: config changes from the plain one.
