@@ -62,9 +62,13 @@ def test_two_gloo_ranks_shard_both_networks_train_sgts_identically_and_resume_ex
 
     folder = tiny_pipeline("wan2.2")
     whole, split = _config(tmp_path, folder, "whole"), _config(tmp_path, folder, "split")
+    # a sharded teacher drawing its own condition images: every rank samples them in step (the network's gathers
+    # need all ranks), rank 0 writes them, and both train on what it wrote
+    drawn = _config(tmp_path, tiny_pipeline("wan2.2-ti2v"), "drawn", condition_teacher="self")
     _launch(tmp_path / "collectives", ["train", "--config", str(whole), "--no-progress"],
             ["train", "--config", str(split), "--no-progress", "--max-steps", "4"],  # stops inside phase 2,
-            ["train", "--config", str(split), "--no-progress", "--resume", "latest"])  # its optimiser state saved
+            ["train", "--config", str(split), "--no-progress", "--resume", "latest"],  # its optimiser state saved
+            ["train", "--config", str(drawn), "--no-progress", "--max-steps", "1"])
     # (the resumed run is a fresh Trainer in the same processes: every draw of a run is seeded, so only the
     # checkpoint carries state across)
     run = tmp_path / "whole"
@@ -81,6 +85,11 @@ def test_two_gloo_ranks_shard_both_networks_train_sgts_identically_and_resume_ex
     assert all(s["devices"] == ["cpu"] for s in shards)  # base shards, buffers and adapters on the rank's device
     planned = weight_rows(PlanSettings.from_config(TrainConfig.from_yaml(whole), processes=2, device="cpu"))[0]
     assert sum(r.bytes for r in planned if r.name.startswith("transformer")) == shards[0]["local_base_bytes"]
+
+    conditions = tmp_path / "drawn" / "conditions"
+    assert (conditions / "prompts.txt").read_text().splitlines() == ["a red fox", "a city at night", "a boat"]
+    assert len(list(conditions.glob("*.png"))) == 3
+    assert [json.loads((tmp_path / "drawn" / f"rank-{r}.json").read_text())["step"] for r in (0, 1)] == [1, 1]
 
     resumed = [json.loads((tmp_path / "split" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert resumed[0]["adapters_sha256"] == resumed[1]["adapters_sha256"] == ranks[0]["adapters_sha256"]
