@@ -5,7 +5,9 @@ is read through ``open_image``, which decides from the file's size and its heade
 decoded) whether it is an image this program takes: PNG, JPEG or WebP, at most ``MAX_IMAGE_PIXELS`` pixels and
 ``MAX_IMAGE_BYTES`` bytes, then decodes it in full, so a truncated file fails here and not inside a network.
 Each refusal is one line naming the file. ``fit`` scales an image to cover the teacher's size and crops the
-centre (the aspect kept, nothing stretched); ``condition_set`` pairs a folder or list of images with prompts.
+centre (the aspect kept, nothing stretched); ``condition_set`` pairs a folder or list of images with prompts --
+an image per prompt, or for a teacher that composes several (Qwen-Image-Edit-Plus) a folder of folders, each
+holding one prompt's images.
 """
 from __future__ import annotations
 
@@ -79,40 +81,73 @@ def fit(image, height: int, width: int) -> Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255
 
 
-def image_files(spec: str | Path | list) -> list[Path]:
-    """A folder's image files (sorted by name) or a list of files, each of which must exist."""
+Row = Path | tuple[Path, ...]  # one prompt's image, or its several images in order
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+
+
+def image_rows(spec: str | Path | list) -> list[Row]:
+    """One row per prompt: a folder's images (sorted by name), or, where it holds folders and no image, each
+    folder's images (the folders and their images by name); or a list whose items are files or lists of files.
+    Every file must exist, and every row have as many images."""
     if isinstance(spec, (str, Path)) and Path(spec).is_dir():
-        files = sorted(p for p in Path(spec).iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
-        if not files:
-            raise ConditionError(f"{spec}: no {', '.join(SUFFIXES)} images in the folder")
+        folder = Path(spec)
+        rows = _images_in(folder)
+        if not rows:
+            groups = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            rows = [tuple(_images_in(group)) for group in groups]
+            empty = [group for group, row in zip(groups, rows) if not row]
+            if empty:
+                raise ConditionError(f"{empty[0]}: no {', '.join(SUFFIXES)} images in the folder")
+        if not rows:
+            raise ConditionError(f"{spec}: no {', '.join(SUFFIXES)} images in the folder, nor folders of them")
     else:
-        files = [Path(item) for item in ([spec] if isinstance(spec, (str, Path)) else spec)]
-        if not files:
+        items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+        if not items:
             raise ConditionError("condition_images is an empty list")
-        for path in files:
-            if not path.is_file():
-                raise ConditionError(f"{path}: no such image file")
-    if len(files) > MAX_CONDITION_IMAGES:
-        raise ConditionError(f"{len(files)} condition images, more than the {MAX_CONDITION_IMAGES} a run may have")
-    return files
+        rows = [tuple(Path(p) for p in item) if isinstance(item, (list, tuple)) else Path(item) for item in items]
+        for row in rows:
+            for path in row if isinstance(row, tuple) else (row,):
+                if not path.is_file():
+                    raise ConditionError(f"{path}: no such image file")
+            if isinstance(row, tuple) and not row:
+                raise ConditionError("condition_images lists an empty list of files")
+    counts = sorted({len(row) if isinstance(row, tuple) else 1 for row in rows})
+    if len(counts) > 1:
+        raise ConditionError(f"condition_images: every prompt needs as many images (the rows have {counts})")
+    if len(rows) * counts[0] > MAX_CONDITION_IMAGES:
+        raise ConditionError(f"{len(rows) * counts[0]} condition images, more than the {MAX_CONDITION_IMAGES} a "
+                             "run may have")
+    return rows
 
 
-def condition_set(spec: str | Path | list, prompts: list[str] | None = None) -> list[tuple[Path, str]]:
-    """(image file, prompt) pairs: a folder's ``prompts.txt`` gives one line per image; otherwise ``prompts`` are
-    cycled over the images. Every image is opened and checked here, so a bad one stops the run before it starts."""
-    files = image_files(spec)
+def open_row(row: Row):
+    """A row's image, or its images as a tuple, each read by open_image."""
+    return tuple(open_image(path) for path in row) if isinstance(row, tuple) else open_image(row)
+
+
+def condition_set(spec: str | Path | list, prompts: list[str] | None = None) -> list[tuple[Row, str]]:
+    """(image file(s), prompt) pairs: a folder's ``prompts.txt`` gives one line per row (an image, or a folder of
+    them); otherwise ``prompts`` are cycled over the rows. Every image is opened and checked here, so a bad one stops
+    the run before it starts."""
+    files = image_rows(spec)
     beside = Path(spec) / PROMPTS_FILE if isinstance(spec, (str, Path)) and Path(spec).is_dir() else None
     if beside is not None and beside.is_file():
         lines = [line.strip() for line in beside.read_text().splitlines() if line.strip()]
         if len(lines) != len(files):
             raise ConditionError(f"{beside}: {len(lines)} prompts for {len(files)} images (one line per image, in "
-                                 "the images' name order)")
+                                 "the images' name order)" if not isinstance(files[0], tuple) else
+                                 f"{beside}: {len(lines)} prompts for {len(files)} folders of images (one line per "
+                                 "folder, in name order)")
         paired = lines
     elif prompts:
         paired = list(itertools.islice(itertools.cycle(prompts), len(files)))
     else:
         raise ConditionError(f"no prompts for the condition images: write {PROMPTS_FILE} beside them or give "
                              "prompts")
-    for path in files:
-        open_image(path).close()
+    for row in files:
+        for path in row if isinstance(row, tuple) else (row,):
+            open_image(path).close()
     return list(zip(files, paired))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pdmd.conditions import ConditionError, condition_set, fit, open_image
+from pdmd.conditions import ConditionError, condition_set, fit, open_image, open_row
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -87,3 +87,28 @@ def test_a_list_with_a_bad_or_missing_file_stops_before_anything_runs(tmp_path):
         condition_set([good, tmp_path / "missing.png"], ["a prompt"])
     with pytest.raises(ConditionError, match="no prompts"):
         condition_set([good])
+
+
+def test_a_folder_of_folders_gives_each_prompt_its_images(tmp_path):
+    """For a teacher that composes several images a prompt: each subfolder is a row, its images in name order; a
+    list of lists likewise; rows of different sizes, an empty subfolder or a missing file stop the run."""
+    for row, names in (("1-cat", ("b.png", "a.png")), ("2-dog", ("x.png", "y.jpg"))):
+        (tmp_path / row).mkdir()
+        for name in names:
+            picture(tmp_path / row / name)
+    (tmp_path / "prompts.txt").write_text("put the cat in the room\nthe dog wears the hat\n")
+    pairs = condition_set(tmp_path)
+    assert [([p.name for p in row], prompt) for row, prompt in pairs] == [
+        (["a.png", "b.png"], "put the cat in the room"), (["x.png", "y.jpg"], "the dog wears the hat")]
+    assert [image.size for image in open_row(pairs[0][0])] == [(40, 20)] * 2
+    assert open_row(tmp_path / "1-cat" / "a.png").size == (40, 20)  # a single file: the image itself
+    listed = condition_set([[tmp_path / "1-cat" / "a.png", tmp_path / "2-dog" / "x.png"]], ["compose them"])
+    assert isinstance(listed[0][0], tuple) and len(listed[0][0]) == 2
+    (tmp_path / "2-dog" / "y.jpg").unlink()
+    with pytest.raises(ConditionError, match=r"every prompt needs as many images \(the rows have \[1, 2\]\)"):
+        condition_set(tmp_path)
+    (tmp_path / "2-dog" / "x.png").unlink()
+    with pytest.raises(ConditionError, match="2-dog: no .png"):
+        condition_set(tmp_path)
+    with pytest.raises(ConditionError, match="missing.png: no such image file"):
+        condition_set([[tmp_path / "1-cat" / "a.png", tmp_path / "missing.png"]], ["x"])

@@ -109,7 +109,7 @@ def test_teacher_with_an_image_samples_what_the_edit_plus_pipeline_samples(teach
 
     cond, uncond = teacher.encode(PROMPTS, images)
     assert torch.equal(cond[REFERENCE_LATENTS], uncond[REFERENCE_LATENTS])  # the image guides both branches
-    assert cond[REFERENCE_LATENTS].shape == (2, 4, 8, 16) and cond["prompt_embeds"].shape[:2] == \
+    assert cond[REFERENCE_LATENTS].shape == (2, 1, 4, 8, 16) and cond["prompt_embeds"].shape[:2] == \
         cond["prompt_embeds_mask"].shape == uncond["prompt_embeds_mask"].shape
     swapped, _ = teacher.encode(PROMPTS, images[::-1])
     seen_by_text = swapped["prompt_embeds"] - cond["prompt_embeds"]
@@ -130,6 +130,39 @@ def test_without_an_image_or_with_a_too_long_prompt_it_refuses_in_one_line(teach
     with pytest.raises(TeacherError, match=f"has {teacher.prompt_length + 1} tokens, more than the "
                                            f"{teacher.prompt_length} this teacher takes: shorten it$"):
         teacher.encode([long], random_images(1))
+
+
+def test_two_images_per_prompt_sample_what_the_pipeline_samples_given_the_list(teacher, folder,
+                                                                              vae_area_of_the_teacher):
+    """Edit-Plus composes several images: a row's tuple is the pipeline's ``image=[...]`` ("Picture 1", "Picture 2",
+    a reference grid each); rows of a batch take as many each, and more than the model card's three is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    images = random_images(4, seed=1)
+    rows = [tuple(images[:2]), tuple(images[2:])]
+    schedule = PhaseSchedule.uniform(2, teacher.default_shift)
+    network_calls = []
+    hook = calls_of(teacher.model, network_calls)
+    try:
+        ours = teacher.sample(PROMPTS, seed=0, schedule=schedule, cfg=3.0, images=rows).sample
+    finally:
+        hook.remove()
+    assert network_calls[0]["img_shapes"] == [[(1, 4, 8)] * 3] * 2 and network_calls[0]["hidden_states"].shape[1] == 96
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    noise = teacher.noise(len(PROMPTS), 0)
+    for row, (prompt, pair) in enumerate(zip(PROMPTS, rows)):
+        theirs = pipe(image=list(pair), prompt=prompt, negative_prompt=" ", true_cfg_scale=3.0,
+                      sigmas=list(schedule.timesteps[:-1]), num_inference_steps=2,
+                      latents=pack_2x2(noise[row:row + 1]), output_type="latent", **SIZE).images
+        torch.testing.assert_close(ours[row:row + 1], unpack_2x2(theirs, *teacher.latent_shape[1:]),
+                                   rtol=1e-4, atol=1e-4)
+    swapped = teacher.sample(PROMPTS, seed=0, schedule=schedule, cfg=3.0, images=[r[::-1] for r in rows]).sample
+    assert (swapped - ours).abs().max() > 1e-3  # the order is the pictures' numbering
+    with pytest.raises(TeacherError, match=r"takes 1 to 3 images per prompt \(got 4\)$"):
+        teacher.encode(PROMPTS[:1], [tuple(images)])
+    with pytest.raises(TeacherError, match=r"need as many images each \(got \[1, 2\]\)$"):
+        teacher.encode(PROMPTS, [images[0], tuple(images[1:3])])
 
 
 def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(tmp_path, folder, capsys,
@@ -193,6 +226,35 @@ def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(t
     assert (plain - sample).abs().max() > 1e-3  # the experts learnt something the snippet loads
 
 
+def test_a_student_distilled_on_two_images_a_prompt_samples_back_from_two(tmp_path, folder, capsys):
+    """A folder of folders: each prompt's two images, in name order; the student takes two (``--image`` twice)."""
+    condition = tmp_path / "pairs"
+    images = random_images(4, seed=2)
+    for k, row in enumerate(("cat", "dog")):
+        (condition / row).mkdir(parents=True)
+        for j in range(2):
+            images[2 * k + j].save(condition / row / f"{j}.png")
+    (condition / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    spec = config_of(tmp_path, folder, condition, **SIZE)
+    spec.pop("num_frames")
+    config = TrainConfig.from_dict(spec)
+    trainer = Trainer(config)
+    assert trainer.cond[REFERENCE_LATENTS].shape == (2, 2, 4, 8, 16)
+    student = Path(trainer.fit(progress=False)["student"])
+    pair = (condition / "dog" / "0.png", condition / "dog" / "1.png")
+    expected = trainer.teacher.sample(PROMPTS[1:], 3, config.schedule, config.student_cfg, trainer.experts,
+                                      images=[tuple(open_image(p) for p in pair)]).sample
+    reloaded = load_student(student).sample(PROMPTS[1:], seed=3, images=[tuple(open_image(p) for p in pair)])
+    torch.testing.assert_close(reloaded.sample, expected, rtol=1e-4, atol=1e-4)
+    out = tmp_path / "two.png"
+    assert main(["sample", "--student", str(student), "--prompt", PROMPTS[1], "--image", str(pair[0]), "--image",
+                 str(pair[1]), "--seed", "3", "--out", str(out)]) == 0
+    from pdmd.media import save_png
+    save_png(trainer.teacher.decode(expected), tmp_path / "expected.png")
+    ours, theirs = (np.asarray(Image.open(path)).astype(int) for path in (out, tmp_path / "expected.png"))
+    assert np.abs(ours - theirs).max() <= 1
+
+
 def test_the_plan_counts_the_reference_tokens_and_the_condition_image(capsys):
     """Qwen-Image-Edit-2509's shipped configs at 1024x1024: prompt_length prompt tokens after the condition
     image's 196, a 16 x 128 x 128 reference latent beside the noise (twice Qwen-Image's image tokens), and the
@@ -204,7 +266,7 @@ def test_the_plan_counts_the_reference_tokens_and_the_condition_image(capsys):
     assert isinstance(teacher, QwenImageEditPlusTeacher) and teacher.latent_shape == (16, 128, 128)
     cond, uncond = prompt_conditioning(teacher, 1)
     assert cond["prompt_embeds"].shape == (1, teacher.prompt_length + 196, 3584)
-    assert cond[REFERENCE_LATENTS].shape == (1, 16, 128, 128) and uncond.keys() == cond.keys()
+    assert cond[REFERENCE_LATENTS].shape == (1, 1, 16, 128, 128) and uncond.keys() == cond.keys()
     calls = []
     hook = calls_of(teacher.model, calls)
     try:

@@ -114,7 +114,7 @@ def test_cli_samples_with_an_image_and_refuses_bad_input_in_one_line(tmp_path, f
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
     refused([*video, "--image", str(not_an_image)], f"{not_an_image}: not an image this program reads")
-    refused([*video, "--image", str(image), "--image", str(image)], "2 --image for 1 --prompt")
+    refused([*video, "--image", str(image), "--image", str(image)], f"{folder} takes one image per prompt (got 2)")
     refused(["--teacher", "builtin", "--prompt", "a red star", "--image", str(image)],
             "builtin is a text-only teacher: it takes no image", tmp_path / "refused.png")
     random_student(load_teacher(str(folder), **SIZE), PhaseSchedule((0.6,), (1, 1), 3.0), tmp_path / "student")

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student", help="student folder (manifest.json + one LoRA per phase)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--image", action="append", metavar="FILE",
-                        help="PNG, JPEG or WebP for a teacher that takes an image (Wan 2.2 TI2V-5B: the first frame) "
-                             "or a student distilled on condition images, one per --prompt")
+                        help="PNG, JPEG or WebP for a teacher that takes an image (Wan I2V: the first frame; FLUX "
+                             "Kontext, Qwen-Image-Edit: the image to edit) or a student distilled on condition images; "
+                             "repeat it for a teacher that composes several (Qwen-Image-Edit-Plus: up to 3)")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--steps", type=positive_int, help="teacher steps (default: the teacher's)")
     parser.add_argument("--cfg", type=non_negative_float, help="guidance (default: the teacher's or the student's)")
@@ -56,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
                "num_frames": args.frames, "teacher_loras": tuple(args.teacher_lora or ())}
     loading = {k: v for k, v in loading.items() if v not in (None, False, ())}
     prompts = [args.prompt]
-    if args.image and len(args.image) != len(prompts):
-        return fail(f"{len(args.image)} --image for {len(prompts)} --prompt: give one image per prompt")
     try:
-        images = [open_image(path) for path in args.image] if args.image else None
+        opened = [open_image(path) for path in args.image or ()]  # the prompt's image, or its several
+        images = None if not opened else [opened[0] if len(opened) == 1 else tuple(opened)]
         if args.student:
             manifest = Manifest.read(args.student)  # the resolution it was distilled at, unless told otherwise
             check_images(args.student, manifest, images)

@@ -138,7 +138,7 @@ def prompt_conditioning(teacher, batch: int, device="meta"):
         length += teacher.condition_image_tokens()
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device),
-                qwen_image_edit.REFERENCE_LATENTS: torch.zeros(batch, *teacher.latent_shape, device=device)}
+                qwen_image_edit.REFERENCE_LATENTS: torch.zeros(batch, 1, *teacher.latent_shape, device=device)}
     else:  # qwen-image: at most prompt_length tokens (the pipeline trims to the longest prompt)
         cond = {"prompt_embeds": embeds(length, config.joint_attention_dim),
                 "prompt_embeds_mask": torch.ones(batch, length, dtype=torch.long, device=device)}

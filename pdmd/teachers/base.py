@@ -54,6 +54,9 @@ class Teacher(ABC):
     conditions: tuple[str, ...] = ()
     # a family that cannot sample from prompts alone (Wan 2.1 I2V: its network's input holds the image's channels)
     needs_conditions = False
+    # how many images one prompt may come with: several for an editing model that composes references
+    # (Qwen-Image-Edit-Plus), whose encode_prompts_with_images then gets a tuple of images per prompt
+    max_images_per_prompt = 1
     # a conditioned family whose task is the conditioned one (an editing model): a run given no condition images
     # draws them from its prompts with the teacher itself (pdmd.training.conditioning) instead of distilling text-only
     conditions_by_default = False
@@ -64,14 +67,24 @@ class Teacher(ABC):
 
     def encode(self, prompts: list[str], images: list | None = None) -> tuple[Any, Any]:
         """``encode_prompts``, or with ``images`` (RGB PIL images read by ``pdmd.conditions.open_image``, one per
-        prompt) the family's ``encode_prompts_with_images``; a text-only teacher refuses images."""
+        prompt, or a tuple of them per prompt where ``max_images_per_prompt`` allows) the family's
+        ``encode_prompts_with_images``; a text-only teacher refuses images. Rows encoded together take as many
+        images each (their conditioning has one shape)."""
         if images is None:
             return self.encode_prompts(prompts)
         if "image" not in self.conditions:
             raise TeacherError(f"{self.name} is a text-only teacher: it takes no image")
         if len(images) != len(prompts):
             raise TeacherError(f"{len(images)} image(s) for {len(prompts)} prompt(s): give one image per prompt")
-        return self.encode_prompts_with_images(prompts, images)
+        rows = [tuple(item) if isinstance(item, (list, tuple)) else (item,) for item in images]
+        counts = sorted({len(row) for row in rows})
+        most = self.max_images_per_prompt
+        if counts[0] < 1 or counts[-1] > most:
+            allowed = "one image" if most == 1 else f"1 to {most} images"
+            raise TeacherError(f"{self.name} takes {allowed} per prompt (got {counts[-1] or 'none'})")
+        if len(counts) > 1:
+            raise TeacherError(f"prompts sampled together need as many images each (got {counts})")
+        return self.encode_prompts_with_images(prompts, rows if most > 1 else [row[0] for row in rows])
 
     def encode_prompts_with_images(self, prompts: list[str], images: list) -> tuple[Any, Any]:
         """The ``(cond, uncond)`` pair of prompts each with its image, for a teacher whose ``conditions`` name

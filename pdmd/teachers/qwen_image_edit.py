@@ -1,7 +1,8 @@
-"""Qwen-Image-Edit-2509 (``QwenImageEditPlusPipeline``): Qwen-Image that edits a reference image, given one per
+"""Qwen-Image-Edit-2509 (``QwenImageEditPlusPipeline``): Qwen-Image that edits reference images, one or more per
 prompt.
 
-Matches the pipeline's __call__ in diffusers 0.42 with one image:
+Matches the pipeline's __call__ in diffusers 0.42 (described for one image; each further one adds its "Picture k"
+in the template and its grid of reference tokens, in order):
 
 - the prompt goes through the pipeline's own ``encode_prompt`` together with the image at the condition size
   (``calculate_dimensions(CONDITION_IMAGE_SIZE, aspect)``, about 384x384, resized by the pipeline's image
@@ -23,8 +24,8 @@ the output that size by default; here, as everywhere in pdmd, the image is cover
 height x width (pdmd.conditions.fit), so the reference has as many tokens as the output, and the condition image is
 the pipeline's condition size of that fitted image. The stock pipeline samples the same given an image already at
 the teacher's size when ``VAE_IMAGE_SIZE`` is that size's area and its sides are multiples of 32 (a 1024x1024
-teacher: the default). Several reference images per prompt (the pipeline takes a list) are not supported: one image
-per row.
+teacher: the default). Several images per prompt (the pipeline's list, "Picture 1", "Picture 2"...: up to
+MAX_IMAGES, the model card's range) come as a tuple per row, every row of a batch with as many.
 """
 from __future__ import annotations
 
@@ -36,23 +37,27 @@ from pdmd.teachers.base import TeacherError
 from pdmd.teachers.diffusers_base import pack_2x2, unpack_2x2
 from pdmd.teachers.qwen_image import NEGATIVE_PROMPT, QwenImageTeacher
 
-# cond's entry for the reference image: its normalised latent, (B, C, h, w) float32, packed at each call
+# cond's entry for the reference images: their normalised latents, (B, images, C, h, w) float32, packed at each call
 REFERENCE_LATENTS = "reference_latents"
+MAX_IMAGES = 3  # per prompt: the 2509 model card's "1 to 3 input images"
 
 
 class QwenImageEditPlusTeacher(QwenImageTeacher):
     conditions = ("image",)
     needs_conditions = True  # the pipeline cannot run without an image
     default_steps = 40       # the model card's; true_cfg_scale 4 as Qwen-Image
+    max_images_per_prompt = MAX_IMAGES
 
     def encode_prompts(self, prompts: list[str]) -> tuple[dict, dict]:
         raise TeacherError(f"{self.name} is an image-editing model and cannot run text-only: give one image per "
                            "prompt (--image, or condition_images in a train config)")
 
-    def encode_prompts_with_images(self, prompts: list[str], images: list) -> tuple[dict, dict]:
-        fitted = [fit(image, self.height, self.width) for image in images]
-        seen = [self.condition_image(pixels) for pixels in fitted]
-        reference = {REFERENCE_LATENTS: self.reference_latents(fitted)}
+    def encode_prompts_with_images(self, prompts: list[str], images: list[tuple]) -> tuple[dict, dict]:
+        """Each prompt with its image(s), "Picture 1", "Picture 2"... in the template and as many reference grids
+        after the noisy tokens, in the order given."""
+        fitted = [[fit(image, self.height, self.width) for image in row] for row in images]
+        seen = [[self.condition_image(pixels) for pixels in row] for row in fitted]
+        reference = {REFERENCE_LATENTS: torch.stack([self.reference_latents(row) for row in fitted])}
         rows = self.prompt_rows([*prompts, *[NEGATIVE_PROMPT] * len(prompts)], seen * 2)  # cond rows, then uncond
         cond, uncond = ({key: value[part] for key, value in rows.items()}
                         for part in (slice(len(prompts)), slice(len(prompts), None)))
@@ -86,14 +91,15 @@ class QwenImageEditPlusTeacher(QwenImageTeacher):
         height, width = smart_resize(*self.condition_size(), factor=vision.patch_size * merge)
         return (height // vision.patch_size) * (width // vision.patch_size) // merge ** 2
 
-    def prompt_rows(self, prompts: list[str], images: list) -> dict:
-        """Each prompt with its condition image through the pipeline's ``encode_prompt`` (one call per row, as the
+    def prompt_rows(self, prompts: list[str], images: list[list]) -> dict:
+        """Each prompt with its condition images through the pipeline's ``encode_prompt`` (one call per row, as the
         pipeline encodes its one prompt), padded to the template's tokens plus ``prompt_length`` with the mask."""
         def encode(device):
-            # the empty prompt's length is the template's and the image's tokens alone (all images share a size)
+            # the empty prompt's length is the template's and the images' tokens alone (all images share a size,
+            # every row has as many)
             texts = ["", *prompts]
-            return tuple(self.pipe.encode_prompt(prompt=[text], image=[image], device=device)[0]
-                         for text, image in zip(texts, [images[0], *images]))
+            return tuple(self.pipe.encode_prompt(prompt=[text], image=list(row), device=device)[0]
+                         for text, row in zip(texts, [images[0], *images]))
 
         template, *rows = self.encode_with(encode)
         length = template.shape[1] + self.prompt_length
@@ -110,8 +116,9 @@ class QwenImageEditPlusTeacher(QwenImageTeacher):
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def reference_latents(self, fitted: list[Tensor]) -> Tensor:
-        """``prepare_latents``' image latents before packing: each image in [-1, 1] as a one-frame video, encoded
-        alone (as the pipeline encodes its one), normalised with the VAE's latents_mean / latents_std."""
+        """``prepare_latents``' image latents before packing, (images, C, h, w): each image in [-1, 1] as a
+        one-frame video, encoded alone (as the pipeline encodes each), normalised with the VAE's latents_mean /
+        latents_std."""
         latents = torch.cat([self.encode_vae(pixels[None, :, None] * 2 - 1) for pixels in fitted])[:, :, 0]
         config = self.pipe.vae.config
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
@@ -120,10 +127,11 @@ class QwenImageEditPlusTeacher(QwenImageTeacher):
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
         batch, _, height, width = x.shape
-        reference = cond[REFERENCE_LATENTS]
+        references = cond[REFERENCE_LATENTS].to(x).unbind(1)
         noisy = pack_2x2(x)
-        grids = [(1, height // 2, width // 2), (1, reference.shape[-2] // 2, reference.shape[-1] // 2)]
-        out = self.model(hidden_states=torch.cat([noisy, pack_2x2(reference.to(x))], dim=1).to(self.dtype),
+        grids = [(1, height // 2, width // 2), *[(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in references]]
+        tokens = torch.cat([noisy, *map(pack_2x2, references)], dim=1)
+        out = self.model(hidden_states=tokens.to(self.dtype),
                          timestep=self.timesteps(t, x).to(self.dtype), guidance=None,
                          encoder_hidden_states_mask=cond["prompt_embeds_mask"],
                          encoder_hidden_states=cond["prompt_embeds"], img_shapes=[grids] * batch,

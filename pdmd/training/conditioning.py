@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pdmd import limits
-from pdmd.conditions import PROMPTS_FILE, condition_set, open_image
+from pdmd.conditions import PROMPTS_FILE, condition_set, open_row
 from pdmd.media import save_png
 from pdmd.teachers.base import Teacher
 from pdmd.training.config import ConfigError, TrainConfig
@@ -64,7 +64,7 @@ def encode_pairs(teacher: Teacher, pairs: list) -> tuple[Any, Any]:
     chunks = []
     for start in range(0, len(pairs), IMAGES_PER_ENCODE):
         part = pairs[start:start + IMAGES_PER_ENCODE]
-        chunks.append(teacher.encode([prompt for _, prompt in part], [open_image(path) for path, _ in part]))
+        chunks.append(teacher.encode([prompt for _, prompt in part], [open_row(row) for row, _ in part]))
     return concatenate([cond for cond, _ in chunks]), concatenate([uncond for _, uncond in chunks])
 
 

@@ -81,7 +81,8 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     # for a teacher that takes an image (Teacher.conditions; Wan 2.2 TI2V-5B: the first frame): a folder of images
     # (its prompts.txt, one line per image, or ``prompts`` cycled over them) or a list of image files; the
-    # (image, prompt) pairs replace ``prompts``, and the sample grid shows the first four (pdmd.conditions)
+    # (image, prompt) pairs replace ``prompts``, and the sample grid shows the first four (pdmd.conditions); for a
+    # teacher that composes several images a prompt (Qwen-Image-Edit-Plus), a folder of folders or a list of lists
     condition_images: str | tuple[str, ...] | None = None
     # without condition_images, who draws them (pdmd.training.conditioning): "self" (the teacher, from its prompts
     # alone: an editing model's default), a text-to-image teacher's id or folder (for one that cannot: Wan 2.1
@@ -247,10 +248,14 @@ class TrainConfig:
                                   "from: give one")
         if spec is None:
             return
-        if isinstance(spec, (list, tuple)) and all(isinstance(item, str) for item in spec):
-            object.__setattr__(self, "condition_images", tuple(spec))
+        def files(item) -> bool:
+            return isinstance(item, str) or (isinstance(item, (list, tuple)) and all(isinstance(f, str) for f in item))
+        if isinstance(spec, (list, tuple)) and all(files(item) for item in spec):  # a file, or one prompt's files
+            object.__setattr__(self, "condition_images",
+                               tuple(item if isinstance(item, str) else tuple(item) for item in spec))
         elif not isinstance(spec, str):
-            raise ConfigError("condition_images must be a folder or a list of image files")
+            raise ConfigError("condition_images must be a folder or a list of image files (or of lists of them, a "
+                              "prompt's several images)")
         if self.teacher == "builtin":
             raise ConfigError("condition_images: the built-in teacher is a text-only teacher: it takes no image")
         if self.sample_prompts:
@@ -335,4 +340,6 @@ class TrainConfig:
             data["lora"]["target_modules"] = list(self.lora.target_modules)
         data["prompts"], data["sample_prompts"] = list(self.prompts), list(self.sample_prompts)
         data["teacher_loras"] = [lora.as_entry() for lora in self.teacher_loras]
+        if isinstance(self.condition_images, tuple):  # YAML writes lists
+            data["condition_images"] = [item if isinstance(item, str) else list(item) for item in self.condition_images]
         return data
