@@ -147,7 +147,8 @@ def test_bad_condition_images_and_text_only_teachers_are_refused_before_the_run(
 
 def test_the_impose_rule_fixes_the_first_frame_and_keeps_it_out_of_the_gradient(folder, images):
     """rollout's x_s holds the condition's latent in the first frame, with no gradient path into it; both x0
-    estimates of generator_loss hold it too, so the DMD2 gradient there is exactly zero."""
+    estimates of generator_loss hold it too, so the DMD2 gradient there is exactly zero; and the fake score's loss
+    is over the other frames."""
     teacher = load_teacher(str(folder), **SIZE)
     pairs = [(images / name, prompt) for name, prompt in PAIRS.items()]
     cond, uncond = teacher.encode([p for _, p in pairs], [open_image(f) for f, _ in pairs])
@@ -164,3 +165,11 @@ def test_the_impose_rule_fixes_the_first_frame_and_keeps_it_out_of_the_gradient(
                                     impose=teacher.impose_conditions)  # the regression warm start's pairs
     assert all(torch.equal(state[:, :, :1], cond[FIRST_FRAME]) for state in states[1:])
     assert distill.unconditioned(noise, cond) is noise  # a text-only teacher's rule changes nothing
+
+    # the fake score's Eq. (20) leaves the fixed frame out: its output there gets no gradient, the rest the mean's
+    output = torch.randn_like(x_s, requires_grad=True)
+    distill.fake_loss(lambda x, t, c: output, x_s.detach(), s, cond, generator=torch.Generator().manual_seed(0),
+                      impose=teacher.impose_conditions).backward()
+    assert bool((output.grad[:, :, :1] == 0).all()) and bool((output.grad[:, :, 1:] != 0).all())
+    plain = distill.fake_loss(lambda x, t, c: output, x_s.detach(), s, cond, generator=torch.Generator().manual_seed(0))
+    assert distill.free_entries(x_s, cond, distill.unconditioned) is None and plain.item() > 0  # text-only: plain mean

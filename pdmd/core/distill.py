@@ -127,12 +127,19 @@ def generator_loss(x_s: Tensor, s: float, teacher: Velocity, fake: Velocity, con
 
 
 def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float = 1.0,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None, impose: Impose = unconditioned) -> Tensor:
     """docs/method.md §4: score matching within the subinterval (s, 1) on generated x_s -- the clamped loss,
-    Eq. (20) (paper Eq. 13)."""
+    Eq. (20) (paper Eq. 13) -- over the entries of the sample the conditions leave to the network (§6)."""
     x_s = x_s.detach()
     t, eps, x_t = renoise(x_s, s, shift, generator)
-    return rf.subinterval_loss(fake(x_t, t, cond), x_s, eps, s, t)
+    return rf.subinterval_loss(fake(x_t, t, cond), x_s, eps, s, t, mask=free_entries(x_s, cond, impose))
+
+
+def free_entries(x: Tensor, cond, impose: Impose) -> Tensor | None:
+    """1 where a sample is the network's, 0 where the conditions fix it (``impose`` puts the same there whatever
+    ``x`` holds); None where nothing is fixed (a text-only teacher)."""
+    free = impose(torch.zeros_like(x), cond) != impose(torch.ones_like(x), cond)
+    return None if bool(free.all()) else free.to(x.dtype)
 
 
 def teacher_states(teacher: Velocity, schedule: PhaseSchedule, noise: Tensor, cond=None, uncond=None,

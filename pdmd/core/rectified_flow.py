@@ -106,15 +106,17 @@ def naive_subinterval_target(x_s: Tensor, eps: Tensor) -> Tensor:
 
 
 def subinterval_loss(v_pred: Tensor, x_s: Tensor, eps: Tensor, s, t,
-                     max_weight: float = MAX_SUBINTERVAL_WEIGHT) -> Tensor:
+                     max_weight: float = MAX_SUBINTERVAL_WEIGHT, mask: Tensor | None = None) -> Tensor:
     """§4, Eq. (20) (paper Eq. 13): J = E[ min(1/sigma_{t|s}^2, 10) || sigma_{t|s} F(x_t, t) - sigma_{t|s} target ||^2 ].
 
-    The scaled form stays finite as t -> s, where the target itself blows up. Mean over all elements.
+    The scaled form stays finite as t -> s, where the target itself blows up. Mean over all elements, or over those
+    ``mask`` (x_s's shape, 0 or 1) keeps.
     """
     _, sigma_ts = transition_coefficients(_per_sample(s, x_s), _per_sample(t, x_s))
     weight = torch.clamp(1 / sigma_ts**2, max=max_weight)
     scaled_target = scaled_subinterval_target(x_s, eps, s, t).detach()
-    return (weight * (sigma_ts * v_pred - scaled_target) ** 2).mean()
+    squared = weight * (sigma_ts * v_pred - scaled_target) ** 2
+    return squared.mean() if mask is None else (squared * mask).sum() / mask.sum()
 
 
 def dmd_gradient_velocity(v_real: Tensor, v_fake: Tensor, s, t) -> Tensor:

@@ -220,7 +220,8 @@ class Trainer:
     def _fake_update(self, x_s: Tensor, s: float, cond, generator: torch.Generator) -> float:
         """One update of the fake score on the generator's samples x_s (docs/method.md §4, Eq. (20))."""
         with self.accelerator.autocast(), record_function("fake/forward"):
-            loss = distill.fake_loss(self.fake, x_s, s, cond, shift=self.config.renoise_shift, generator=generator)
+            loss = distill.fake_loss(self.fake, x_s, s, cond, shift=self.config.renoise_shift, generator=generator,
+                                     impose=self.teacher.impose_conditions)
         self._update("fake", FAKE, loss)
         return loss.item()
 
