@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"wan2.1": dict(height=32, width=32, num_frames=9), "wan2.2": dict(height=32, width=32, num_frames=9),
          "qwen-image": dict(height=64, width=64), "hunyuan-video-1.5": dict(height=32, width=32, num_frames=5),
          "wan2.2-ti2v": dict(height=32, width=64, num_frames=5), "wan2.1-i2v": dict(height=16, width=32, num_frames=5),
+         "wan2.2-i2v": dict(height=16, width=32, num_frames=5),
          "qwen-image-edit-plus": dict(height=32, width=64)}
 DEFAULT_SIZE = dict(height=32, width=32)
 

@@ -16,6 +16,8 @@ from pdmd.training.config import TrainConfig
 # published parameter counts of the transformer(s), in billions (model cards / papers)
 PUBLISHED = {"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": 1.42, "Wan-AI/Wan2.1-T2V-14B-Diffusers": 14.3,
              "Wan-AI/Wan2.2-T2V-A14B-Diffusers": 2 * 14.3, "Wan-AI/Wan2.2-TI2V-5B-Diffusers": 5.0,
+             # Wan 2.2 I2V A14B: T2V A14B's two networks, each with a 36-channel patch embedding (no image encoder)
+             "Wan-AI/Wan2.2-I2V-A14B-Diffusers": 2 * 14.3,
              # Wan 2.1 I2V 14B: the card's "14B" is the T2V trunk; its config's image k/v projections in each of the
              # 40 blocks (2 x 5120^2), the image embedder and the 36-channel patch embedding give 16.39 B
              "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": 16.39,

@@ -109,25 +109,18 @@ def test_teacher_with_an_image_samples_what_the_i2v_pipeline_samples(teacher, fo
     assert (other - ours).abs().mean() > 1e-3  # the image shapes the sample
 
 
-def test_wan22_i2v_two_networks_switch_at_the_boundary_as_the_pipeline(folder, images, tmp_path):
-    """Wan 2.2 I2V A14B: the same pipeline class with ``transformer_2`` and ``boundary_ratio`` and no image
-    encoder (its transformers have no image_dim); steps at t >= 0.875 on ``transformer``, below on the other."""
+def test_wan22_i2v_two_networks_switch_at_the_boundary_as_the_pipeline(tiny_pipeline, images):
+    """Wan 2.2 I2V A14B (tiny.py ``build_wan22_i2v``): the same pipeline class with ``transformer_2`` and
+    ``boundary_ratio`` and no image encoder (its transformers have no image_dim); steps at t >= 0.9 on
+    ``transformer``, below on the other."""
     from diffusers import WanImageToVideoPipeline
 
-    from pdmd.teachers.tiny import _wan_transformer
-
-    stock = WanImageToVideoPipeline.from_pretrained(str(folder))
-    torch.manual_seed(1)
-    networks = {name: _wan_transformer(16, in_channels=16 + 16 + 4) for name in ("transformer", "transformer_2")}
-    WanImageToVideoPipeline(tokenizer=stock.tokenizer, text_encoder=stock.text_encoder, vae=stock.vae,
-                            scheduler=stock.scheduler, **networks, boundary_ratio=0.875
-                            ).save_pretrained(str(tmp_path / "a14b"))
-    teacher = load_teacher(str(tmp_path / "a14b"), **SIZE)
+    a14b = tiny_pipeline("wan2.2-i2v")
+    teacher = load_teacher(str(a14b), **SIZE)
     assert teacher.network_names == ("transformer", "transformer_2") and teacher.image_encoder is None
     schedule = PhaseSchedule.uniform(4, teacher.default_shift)
-    assert schedule.timesteps[0] >= 0.875 > schedule.timesteps[2]
-    pipe = with_sigmas(WanImageToVideoPipeline.from_pretrained(str(tmp_path / "a14b")),
-                       list(schedule.timesteps[:-1]))
+    assert schedule.timesteps[1] >= 0.9 > schedule.timesteps[2]  # two steps on each network
+    pipe = with_sigmas(WanImageToVideoPipeline.from_pretrained(str(a14b)), list(schedule.timesteps[:-1]))
     seen = matches_the_stock_pipeline(teacher, pipe, images, schedule)
     assert all(call["encoder_hidden_states_image"] is None for call in seen)
 

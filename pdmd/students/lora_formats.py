@@ -389,7 +389,8 @@ def phase_networks(teacher: Teacher, schedule: PhaseSchedule) -> list[tuple[str 
             raise LoraFormatError(
                 f"phase {k + 1} runs on more than one network ({steps}): a published per-network LoRA needs every "
                 f"step of its phase on one network: put the phase boundary just below the noise level where the "
-                f"teacher switches networks (Wan2.2 A14B: steps at t >= 0.875 run the high-noise one), e.g. 0.87")
+                f"teacher switches networks (here steps at t >= {teacher.boundary:g} run the high-noise one), e.g. "
+                f"{teacher.boundary - 0.005:g}")
         networks.append((used[0], teacher.model[used[0]]))
     return networks
 

@@ -235,6 +235,21 @@ def build_wan21_i2v(folder: str | Path) -> Path:
     return _save(pipe, folder)
 
 
+def build_wan22_i2v(folder: str | Path) -> Path:
+    """WanImageToVideoPipeline like Wan 2.2 I2V A14B: two networks on 16 + 16 + 4 input channels with no image
+    cross-attention (no ``image_dim``, so no image encoder or processor), ``transformer`` for t >= 0.9 (the
+    checkpoint's ``boundary_ratio``) and ``transformer_2`` below, its flow shift 5, and the Wan 2.1 VAE and UMT5 text
+    encoder of build_wan21."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    torch.manual_seed(SEED)
+    pipe = WanImageToVideoPipeline(tokenizer=t5_tokenizer(), text_encoder=_t5_encoder(32, umt5=True),
+                                   vae=_wan21_vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                   transformer=_wan_transformer(16, in_channels=16 + 16 + 4),
+                                   transformer_2=_wan_transformer(16, in_channels=16 + 16 + 4), boundary_ratio=0.9)
+    return _save(pipe, folder)
+
+
 def build_hunyuan_video15(folder: str | Path) -> Path:
     """HunyuanVideo15Pipeline like HunyuanVideo-1.5 480p text-to-video: a Qwen2.5-VL text model (3 layers: the
     pipeline reads the third hidden state from the end), a ByT5 glyph encoder for quoted text (ByT5's own
@@ -601,6 +616,7 @@ BUILDERS = {
     "wan2.2": build_wan22,
     "wan2.2-ti2v": build_wan22_ti2v,
     "wan2.1-i2v": build_wan21_i2v,
+    "wan2.2-i2v": build_wan22_i2v,
     "hunyuan-video-1.5": build_hunyuan_video15,
     "qwen-image": build_qwen_image,
     "qwen-image-edit-plus": build_qwen_image_edit_plus,
