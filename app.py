@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pdmd.limits import MAX_PUBLISHED_BYTES, MAX_QUEUE, MAX_UPLOAD_BYTES
+from pdmd.limits import MAX_QUEUE
 from pdmd.showcase import Showcase, ShowcaseError
 from ui.inputs import redact
 
@@ -24,16 +24,15 @@ def main(argv=None) -> None:
         showcase = Showcase.from_env()
     except ShowcaseError as err:
         raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
-    from ui.app import CSS, blocked_paths, build_app
+    from ui.app import build_app, launch_settings
     from ui.teacher_picker import LOAD_ERRORS
     try:
         app = build_app(showcase=showcase)
     except (ShowcaseError, *LOAD_ERRORS) as err:  # an invalid showcase file, or (load: eager) a model in it
         raise SystemExit(f"app.py: showcase refused: {redact(str(err))}") from None
     # a bounded queue: beyond MAX_QUEUE waiting requests a visitor is told the server is busy
-    app.queue(max_size=MAX_QUEUE).launch(
-        server_name=args.host, server_port=args.port, share=False, css=CSS, blocked_paths=blocked_paths(),
-        max_file_size=max(MAX_UPLOAD_BYTES, MAX_PUBLISHED_BYTES))
+    app.queue(max_size=MAX_QUEUE).launch(server_name=args.host, server_port=args.port, share=False,
+                                         **launch_settings())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ relative to the file. Schema (every key but ``teachers``, a teacher's ``model`` 
             cfg: 1.0
         examples:
           - {prompt: "a corgi running on a beach", seed: 42}
+          - {prompt: "the cat turns its head", seed: 0, image: cat.png}   # for a teacher that takes an image
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from pdmd import limits
+from pdmd.conditions import ConditionError, open_image
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.students import StudentError
 from pdmd.students.manifest import Manifest
@@ -59,7 +61,7 @@ TEACHER_KEYS = {"name", "model", "dtype", "offload", "quantize", "height", "widt
                 "students", "examples", "teacher_loras"}
 FOLDER_KEYS = {"name", "folder"}
 LORA_KEYS = {"name", "lora", "boundaries", "steps", "shift", "strengths", "cfg"}
-EXAMPLE_KEYS = {"prompt", "seed"}
+EXAMPLE_KEYS = {"prompt", "seed", "image"}
 
 
 class ShowcaseError(ValueError):
@@ -94,7 +96,7 @@ class ShowcaseTeacher:
     steps: int | None = None
     cfg: float | None = None
     students: tuple[ShowcaseStudent, ...] = ()
-    examples: tuple[tuple[str, int], ...] = ()
+    examples: tuple[tuple[str, int, Path | None], ...] = ()  # (prompt, seed, condition image or None)
 
     @property
     def key(self) -> str:
@@ -244,7 +246,15 @@ def _teacher(entry: _Entry, data) -> ShowcaseTeacher:
         prompt = example.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > limits.MAX_PROMPT_CHARS:
             where.at("prompt").fail(f"must be text of 1-{limits.MAX_PROMPT_CHARS} characters")
-        examples.append((prompt.strip(), int(where.number(example.get("seed", 0), "seed", 0, limits.MAX_SEED, True))))
+        image = None
+        if "image" in example:
+            image = where.path(example["image"], "image")
+            try:
+                open_image(image).close()  # a bad image stops the app, as a bad model does
+            except ConditionError as err:
+                where.at("image").fail(str(err).replace(str(image), str(example["image"])))
+        examples.append((prompt.strip(), int(where.number(example.get("seed", 0), "seed", 0, limits.MAX_SEED, True)),
+                         image))
     steps = data.get("steps")
     cfg = data.get("cfg")
     return ShowcaseTeacher(

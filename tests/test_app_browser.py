@@ -285,3 +285,28 @@ def test_a_typed_wan_folder_loads_and_compare_plays_two_mp4_videos(page, wan_fol
         playwright.expect(page.locator(f"#{side}-image")).to_be_hidden()
     playwright.expect(page.locator("#compare-slider")).to_be_hidden()  # the slider is for images
     screenshot(page, "compare-wan")
+
+
+def test_a_typed_i2v_folder_takes_an_uploaded_image_and_compare_plays_two_mp4_videos(page, tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    first_frame = tmp_path / "first-frame.png"
+    Image.new("RGB", (32, 16), (200, 40, 40)).save(first_frame)
+    page.get_by_role("tab", name="Compare").click()
+    playwright.expect(page.locator("#compare-image")).to_be_hidden()  # the Wan 2.2 text-to-video teacher's page
+    page.locator("#compare-teacher-path").get_by_role("textbox").fill(str(tiny_pipeline("wan2.1-i2v")))
+    if not page.get_by_label("Height (px)").is_visible():
+        page.get_by_text("Teacher resolution").click()
+    for label, value in (("Height (px)", "16"), ("Width (px)", "32"), ("Frames (video)", "5")):
+        page.get_by_label(label).fill(value)
+    page.locator("#compare-load-teacher").click()
+    playwright.expect(page.locator("#compare-teacher-status")).to_contain_text("samples from an image", timeout=60_000)
+    page.locator("#compare-run").click()  # no image yet: one line saying what to do
+    playwright.expect(page.locator("#compare-status")).to_contain_text("upload an image", timeout=60_000)
+    page.locator("#compare-image input[type=file]").set_input_files(str(first_frame))
+    playwright.expect(page.locator("#compare-image")).to_contain_text("first-frame.png", timeout=30_000)
+    page.locator("#compare-run").click()
+    playwright.expect(page.locator("#compare-status")).to_contain_text("Done.", timeout=90_000)
+    for side in ("teacher", "student"):
+        assert_plays_mp4(page, f"#{side}-video")
+    screenshot(page, "compare-i2v")

@@ -147,12 +147,12 @@ def test_a_row_sampled_in_a_batch_equals_the_same_request_alone(tmp_path):
     from ui_fixtures import make_student
 
     from pdmd.core.schedule import PhaseSchedule
-    from ui.comparison import _sample_side, student_side, teacher_side
+    from ui.comparison import Row, _sample_side, student_side, teacher_side
     from ui.models import ModelStore
 
     store = ModelStore()
-    rows = [(("a red star on a dark background",), 0), (("a blue circle on a light background",) * 2, 7),
-            (("a green square on a grey background",), 123)]
+    rows = [Row(("a red star on a dark background",), 0), Row(("a blue circle on a light background",) * 2, 7),
+            Row(("a green square on a grey background",), 123)]
     student = make_student(tmp_path / "student")
     for side in (teacher_side(store, "builtin", {}, PhaseSchedule.uniform(4, 1.0), 3.0),
                  student_side(store, student, PhaseSchedule((0.5,), (1, 1), 1.0))):

@@ -7,6 +7,7 @@ import shutil
 import signal
 import time
 import zipfile
+from functools import partial
 
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from ui import students, train, train_form, train_retrain
 from pdmd.plan.architectures import config_folder, shipped_checkpoints
 from pdmd.teachers import PIPELINES, read_model_index
 from ui.app import build_app
-from ui.teacher_picker import runs_from_prompts, supported_pipelines
+from ui.teacher_picker import supported_pipelines
 
 OPEN = Gate("on")
 LOCKED = Gate("token", token="s3cret")
@@ -107,6 +108,31 @@ def test_bad_input_is_a_visible_message_and_starts_nothing(manager, changes, nam
     text, picker = train.on_start(manager, OPEN, None, name, threads, *fields(**changes))
     assert "pdmd-error" in text and message in text and skipped(picker)
     assert manager.jobs() == []
+
+
+def test_a_conditions_folder_reaches_the_job_and_a_bad_image_starts_nothing(manager, tmp_path, tiny_pipeline):
+    """The Train tab's condition images: a folder goes into the job's config as condition_images (with the drawing
+    choice beside it), a bad image in it is one line naming the file and no job, and either field empty is the
+    preset's text-only run (test_a_preset_untouched_is_exactly_its_config_file)."""
+    images = tmp_path / "firsts"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), "red").save(images / name)
+    (images / "prompts.txt").write_text("a red wall\na red door\na broken file\n")
+    (images / "c.png").write_text("not a picture")
+    teacher = str(tiny_pipeline("wan2.2-ti2v"))
+    fields_of = partial(fields, teacher=teacher, sample_prompts="")  # the grid shows the first condition images
+    text, picker = train.on_start(manager, OPEN, None, "", 1, *fields_of(condition_images=str(images)))
+    assert "pdmd-error" in text and "condition_images: " in text and "/firsts/c.png: not an image" in text
+    assert skipped(picker) and manager.jobs() == []
+    text, _ = train.on_start(manager, OPEN, None, "", 1, *fields_of(condition_images=str(images),
+                                                                     condition_teacher="self"))
+    assert "give one" in text and manager.jobs() == []  # images and a drawing teacher both
+    (images / "c.png").unlink()
+    (images / "prompts.txt").write_text("a red wall\na red door\n")
+    train.on_start(manager, OPEN, None, "firsts", 1, *fields_of(condition_images=f" {images} \n"))
+    (job,) = manager.jobs()
+    assert job.config["condition_images"] == str(images) and job.config.get("condition_teacher") is None
 
 
 def test_the_gate_refuses_every_request_without_the_token(manager):
@@ -280,15 +306,13 @@ def test_the_app_builds_with_the_train_tab(manager):
     ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
     assert {"train-start", "train-stop", "train-progress", "train-jobs", "compare-student", "train-retrain",
             "train-retrain-student", "train-retrain-phase", "train-adherence", "train-fd"} <= ids
-    # both teacher boxes offer every family's shipped checkpoints that sample from prompts alone (the app has no
-    # image input yet), each of a pipeline a teacher adapter takes
+    # both teacher boxes offer every family's shipped checkpoints, image-to-video ones too (Compare takes an image,
+    # the Train tab condition images), each of a pipeline a teacher adapter takes
     by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
-    runnable = {c for c in shipped_checkpoints() if runs_from_prompts(c)}
-    assert "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers" not in runnable and "Wan-AI/Wan2.2-TI2V-5B-Diffusers" in runnable
     for box in ("train-teacher", "compare-teacher"):
         offered = [value for _, value in by_id[box].choices]
-        assert runnable <= set(offered) and "builtin" in offered
-        assert not set(offered) & (set(shipped_checkpoints()) - runnable)
+        assert set(shipped_checkpoints()) <= set(offered) and "builtin" in offered
+        assert "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers" in offered
     for checkpoint in shipped_checkpoints():
         index, _ = read_model_index(str(config_folder(checkpoint)))
         assert index["_class_name"] in PIPELINES

@@ -97,8 +97,9 @@ def mp4_shape(path: str) -> tuple[int, int, int]:
 
 # --- picking and loading a teacher ---------------------------------------------------------------------------
 def test_loading_a_pipeline_folder_sets_the_teacher_its_defaults_and_its_students(store, wan, tiny_pipeline):
-    state, status, picker, steps, cfg, teachers = teacher_picker.on_load_teacher(
+    state, status, picker, steps, cfg, teachers, image = teacher_picker.on_load_teacher(
         store, "builtin", str(tiny_pipeline("wan2.2")), *WAN_SIZE)
+    assert image == {"__type__": "update", "visible": False, "value": None}  # a text-to-video teacher: no image
     assert state == wan and state["options"] == {"height": 16, "width": 16, "num_frames": 5}
     assert teachers["value"] == state["name"] == str(tiny_pipeline("wan2.2").resolve())
     assert "wan" in status and "video" in status and "transformer_2" in status

@@ -59,6 +59,15 @@ def build_app(store: ModelStore | None = None, manager: JobManager | None = None
     return app
 
 
+def launch_settings() -> dict:
+    """What app.py launches with besides host and port. Uploads are bounded twice: gradio's ``max_file_size``
+    for every file at its upload route (one limit for the whole app, so the largest thing uploaded: a published
+    LoRA), then each use's own limit before the file is opened (a student folder's MAX_UPLOAD_BYTES, a condition
+    image's MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS in pdmd.conditions.open_image)."""
+    return {"css": CSS, "blocked_paths": blocked_paths(),
+            "max_file_size": max(limits.MAX_UPLOAD_BYTES, limits.MAX_PUBLISHED_BYTES, limits.MAX_IMAGE_BYTES)}
+
+
 def blocked_paths() -> list[str]:
     """Folders gradio must never serve a file from, whatever a request asks: the runs (jobs.sqlite, logs,
     configs, checkpoints, other visitors' uploads) and the repository. What a visitor needs -- sample images,

@@ -7,7 +7,9 @@ downloadable comparison PNG. Handlers are plain functions of their inputs; build
 The teacher is picked at the top (the built-in one, or a diffusers pipeline folder / Hub id typed in, optionally
 with a style LoRA fused in: base + style is then the teacher); the student picker lists that teacher's students.
 A video teacher (Wan) plays its samples as mp4s side by side (animated GIFs where no mp4 writer is installed); the
-boundary strip and the comparison PNG use their first frames. An image teacher adds a before/after slider (teacher vs student, same seed). Published LoRA files (e.g.
+boundary strip and the comparison PNG use their first frames. An image teacher adds a before/after slider (teacher
+vs student, same seed). A teacher that takes an image (image-to-video, editing: ``Teacher.conditions``) shows an
+image input under the prompt, and both sides sample on that image, prompt and seed. Published LoRA files (e.g.
 Wan2.2-Lightning's high- and low-noise pair) become a student folder under runs/uploads through
 pdmd.students.lora_formats, at one strength per phase set with a slider each.
 """
@@ -30,6 +32,7 @@ from ui.comparison import (
     before_after,
     boundary_strip,
     comparison_png,
+    image_input,
     media,
     picked_schedule,
     run_student_side,
@@ -47,6 +50,7 @@ from ui.inputs import (
     InputError,
     bounded_number,
     check_prompt,
+    condition_image,
     error_markdown,
     phase_choices,
     resolve_seed,
@@ -87,22 +91,27 @@ def describe_student(store: ModelStore, value: str, source: str, phases_schedule
 
 
 def on_compare_student(store: ModelStore, prompt, seed, randomise, student_value, source, phases_schedule,
-                       teacher_cfg, teacher=BUILTIN, teacher_phases=()):
+                       teacher_cfg, teacher=BUILTIN, teacher_phases=(), image=None):
     """Outputs: student video, student image (see comparison.media), its caption, the seed used (written back to
     the seed box), status, run state (None when the input is bad). ``teacher_phases``: the "phase k" labels the
-    teacher takes over from the student (its steps / phases Euler steps each, at ``teacher_cfg``)."""
+    teacher takes over from the student (its steps / phases Euler steps each, at ``teacher_cfg``). ``image``: the
+    uploaded condition image's path (comparison.image_input) for a teacher that takes one; the teacher side
+    samples on it too."""
     try:
         prompt, note = check_prompt(prompt, teacher_pick(teacher)[0])
         seed = resolve_seed(seed, randomise)
         cfg = bounded_number(teacher_cfg, "CFG", 0, MAX_CFG)
+        condition = condition_image(image)
         label, schedule, row, own = run_student_side(
-            store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher, teacher_phases)
+            store, [prompt], seed, student_value, source, phases_schedule, cfg, teacher, teacher_phases,
+            images=() if condition is None else (condition,))
     except USER_ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(str(err)), None
     picture = row.pictures[0]
     caption = f"**{label}** — NFE {row.nfe}, {row.seconds:.2f} s, seed {seed}"
     run = {"prompt": prompt, "seed": seed, "label": label, "nfe": row.nfe, "seconds": row.seconds, "teacher": own,
-           "image": still(picture), "boundaries": list(schedule.boundaries), "states": row.states}
+           "image": still(picture), "boundaries": list(schedule.boundaries), "states": row.states,
+           "condition": condition}  # the checked image itself: the teacher side opens no file
     status = f"Student done in {row.seconds:.2f} s; running the teacher… {note}".strip()
     return *media(picture, label), caption, seed, status, run
 
@@ -117,10 +126,12 @@ def on_compare_teacher(store: ModelStore, run: dict | None, steps, cfg, progress
         cfg = bounded_number(cfg, "CFG", 0, MAX_CFG)
         name, options = teacher_pick(run.get("teacher"))
         schedule = teacher_schedule(steps, store.teacher(name, options).default_shift, tuple(run["boundaries"]))
+        condition = run.get("condition")
+        (row,) = sample_side(teacher_side(store, name, options, schedule, cfg),
+                             [([run["prompt"]], run["seed"], () if condition is None else (condition,))],
+                             on_step=lambda done, total: progress(done / total, desc=f"teacher step {done}/{total}"))
     except USER_ERRORS as err:
         return (gr.skip(),) * 7 + (error_markdown(str(err)),)
-    (row,) = sample_side(teacher_side(store, name, options, schedule, cfg), [([run["prompt"]], run["seed"])],
-                         on_step=lambda done, total: progress(done / total, desc=f"teacher step {done}/{total}"))
     pictures, nfe, seconds = row.pictures, row.nfe, row.seconds
     teacher_run = {"label": f"Teacher ({steps} steps, CFG {cfg:g})", "nfe": nfe, "seconds": seconds,
                    "image": still(pictures[0]), "states": row.states}
@@ -228,6 +239,10 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
         with gr.Column(scale=2):
             prompt = gr.Textbox(EXAMPLES[0][0], label="Prompt", elem_id="compare-prompt",
                                 info="colour, shape and background, e.g. 'a purple star on a sky background'")
+            # shown for a teacher that takes an image (on_load_teacher); an API call that sends one anyway to a
+            # text-only teacher is refused (comparison.sample_side)
+            image = image_input(label=f"Image (PNG, JPEG or WebP, up to {limits.MAX_IMAGE_PIXELS // 2**20} MP)",
+                                visible="image" in teacher.conditions, elem_id="compare-image")
             with gr.Row():
                 seed = gr.Number(0, label="Seed (shows the seed used)", precision=0, minimum=0, maximum=MAX_SEED,
                                  elem_id="compare-seed")
@@ -288,7 +303,8 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
             export_file = gr.DownloadButton("Download the LoRAs (.zip)")
         export_status = gr.Markdown()
 
-    student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state, teacher_phases]
+    student_inputs = [prompt, seed, randomise, picker, source, schedule_state, cfg, teacher_state, teacher_phases,
+                      image]
     student_outputs = [*student_side, seed, status, gr.State()]
     run_state = student_outputs[-1]
     teacher_outputs = [*teacher_side, summary, strip, download, slider, status]
@@ -322,7 +338,7 @@ def build_compare_tab(store: ModelStore, schedule_state: gr.State, refresh_on=()
                       queue=False).then(partial(on_load_teacher, store),
                                         [teacher_picker, teacher_path, height, width, frames, lora_file,
                                          lora_strength],
-                                        [teacher_state, teacher_status, picker, steps, cfg, teacher_picker],
+                                        [teacher_state, teacher_status, picker, steps, cfg, teacher_picker, image],
                                         concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS)
     export_button.click(partial(on_export_student, store), [picker, export_layout, teacher_state],
                         [export_file, export_status], concurrency_id="files")

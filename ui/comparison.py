@@ -11,8 +11,9 @@ import threading
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 import torch
@@ -20,11 +21,12 @@ from PIL import Image
 from torch import Tensor
 
 from pdmd import limits
+from pdmd.conditions import SUFFIXES
 from pdmd.core.rectified_flow import unshift_time
 from pdmd.core.sampling import per_phase
 from pdmd.core.schedule import PhaseSchedule
 from pdmd.media import save_video
-from pdmd.students.folder import Student
+from pdmd.students.folder import Student, check_images
 from pdmd.students.manifest import Manifest
 from pdmd.teachers import same_teacher, teacher_key
 from pdmd.teachers.base import Teacher
@@ -102,6 +104,18 @@ def before_after(teacher_picture: Tensor, student_image: Image.Image) -> dict:
 
 
 # --- layout shared by Compare and Showcase ------------------------------------------------------------------------
+def image_input(**kwargs) -> gr.File:
+    """The condition-image upload of Compare and Showcase. A gr.File: its preprocess (gradio 6.31) hands the
+    handler the uploaded file's path without opening it, so the first thing to open a visitor's file is
+    pdmd.conditions.open_image (ui.inputs.condition_image), which refuses it from its size and header. Not gr.Image:
+    its preprocess (image_utils.preprocess_image) PIL-opens the file, converts it to ``image_mode`` -- a full
+    decode -- and decodes a data: URL in full before any handler runs, so a 20000x20000 PNG would be decoded
+    before our check; and a gr.Image subclass with its own preprocess makes gradio write a .pyi stub beside its
+    module at import. The suffixes are open_image's; a text file named .png gets through to it and is refused
+    there."""
+    return gr.File(file_count="single", file_types=list(SUFFIXES), type="filepath", **kwargs)
+
+
 def side_views(prefix: str, slider_id: str) -> tuple[tuple, tuple, gr.ImageSlider]:
     """Teacher and student side by side, each (video, image, caption) with elem_ids ``{prefix}teacher-video``
     etc., and the before/after slider (``slider_id``; shown once an image comparison has run)."""
@@ -138,7 +152,13 @@ class BoundaryState:
     denoised: Image.Image  # the model's x_0 prediction from x_t
 
 
-Row = tuple[tuple[str, ...], int]  # prompts sampled together (one batch) and the seed of their noise
+class Row(NamedTuple):
+    """Prompts sampled together (one batch), the seed of their noise, and each prompt's condition image for a
+    teacher that takes one (RGB PIL images from ui.inputs.condition_image: plain values, they pickle into a
+    ZeroGPU worker), or none."""
+    prompts: tuple[str, ...]
+    seed: int
+    images: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,9 @@ class Side:
     student: str | None = None             # a student side: its folder (its experts run at its own CFG)
     teacher_phases: tuple[int, ...] = ()   # the student's 0-based phases the teacher samples instead
     boundary_states: bool = True           # decode x_t and the x0 prediction at each interior boundary
+    # its rows carry condition images (sample_side sets it): a batch is one encode call, so rows with images and
+    # rows without never share one
+    conditioned: bool = False
 
     @property
     def schedule(self) -> PhaseSchedule:
@@ -183,19 +206,41 @@ class SampledRow:
     states: list[BoundaryState]   # the first picture's state at each interior boundary (none unless asked)
 
 
-def sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
-    """Each row's pictures with their NFE, wall seconds and boundary states. Requests for the same side that
-    arrive while one runs are sampled together, as one network batch (ui/batching.py), each row from its own
-    seed's noise. A batch is the app's one GPU call: on ZeroGPU it runs inside spaces.GPU for a time sized to its
-    network evaluations (ui/gpu.py). ``on_step(done, total)``: live progress over the batch's Euler steps, where
-    the call runs in this process."""
-    rows = [(tuple(prompts), int(seed)) for prompts, seed in rows]
-    return _BATCHER.submit(side, rows, on_step)
+def sample_side(side: Side, rows: list, on_step=None) -> list[SampledRow]:
+    """Each row's pictures with their NFE, wall seconds and boundary states; a row is ``(prompts, seed)`` or
+    ``(prompts, seed, images)`` (Row). Requests for the same side that arrive while one runs are sampled together,
+    as one network batch (ui/batching.py), each row from its own seed's noise and with its own images. A batch is
+    the app's one GPU call: on ZeroGPU it runs inside spaces.GPU for a time sized to its network evaluations
+    (ui/gpu.py). ``on_step(done, total)``: live progress over the batch's Euler steps, where the call runs in this
+    process. Images the side's teacher cannot take, or none where it needs them, are refused here (InputError)."""
+    rows = [Row(tuple(row[0]), int(row[1]), tuple(row[2]) if len(row) > 2 else ()) for row in rows]
+    return _BATCHER.submit(replace(side, conditioned=_conditioned(side, rows)), rows, on_step)
+
+
+def _conditioned(side: Side, rows: list[Row]) -> bool:
+    """Whether the rows carry condition images, checked against the side's teacher (loaded here, as it would be
+    for the batch) before any batch forms: one image per prompt, every row or none."""
+    _, student, teacher = _model(side)
+    if student is not None:  # a student's experts learnt with an image or without one, not both
+        for row in rows:
+            check_images(students.student_name(student.folder), student.manifest, list(row.images) or None)
+    for row in rows:
+        if row.images and len(row.images) != len(row.prompts):
+            raise InputError(f"{len(row.images)} image(s) for {len(row.prompts)} prompt(s): give one per prompt")
+    with_images = {bool(row.images) for row in rows}
+    if True in with_images and "image" not in teacher.conditions:
+        raise InputError(f"{teacher.name} is a text-only teacher: it takes no image; remove the image")
+    if False in with_images and teacher.needs_conditions:
+        raise InputError(f"{teacher.name} samples from an image and cannot run from the prompt alone: upload an "
+                         "image (PNG, JPEG or WebP) under the prompt")
+    if len(with_images) > 1:
+        raise InputError("give every row of a request an image, or none")
+    return with_images == {True}
 
 
 def _run_batch(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
     nfe, video = _evaluations(side)
-    seconds = gpu_seconds(nfe, sum(len(prompts) for prompts, _ in rows), video)
+    seconds = gpu_seconds(nfe, sum(len(row.prompts) for row in rows), video)
     return run_on_gpu(_sample_side, side, rows, seconds=seconds, on_step=on_step)
 
 
@@ -259,8 +304,9 @@ def _sample_side(side: Side, rows: list[Row], on_step=None) -> list[SampledRow]:
 def _sample_rows(teacher: Teacher, rows: list[Row], schedule: PhaseSchedule, cfg, experts, boundary_states: bool,
                  on_step) -> list[SampledRow]:
     """Every row's prompts in one network batch, each row from ``teacher.noise(len(prompts), seed)`` -- the noise
-    it would have alone -- so a row's pictures do not depend on its company (up to float rounding)."""
-    edges = list(itertools.accumulate((len(prompts) for prompts, _ in rows), initial=0))
+    it would have alone -- and with its own images, so a row's pictures do not depend on its company (up to float
+    rounding)."""
+    edges = list(itertools.accumulate((len(row.prompts) for row in rows), initial=0))
     firsts = torch.tensor(edges[:-1])  # each row's first picture carries its boundary states
     captured = {}
 
@@ -272,9 +318,11 @@ def _sample_rows(teacher: Teacher, rows: list[Row], schedule: PhaseSchedule, cfg
             on_step(step["i"] + 1, schedule.nfe)
 
     start = time.perf_counter()
-    noise = torch.cat([teacher.noise(len(prompts), seed) for prompts, seed in rows])
-    prompts = [prompt for row_prompts, _ in rows for prompt in row_prompts]
-    result = teacher.sample(prompts, schedule=schedule, cfg=cfg, experts=experts, callback=record, noise=noise)
+    noise = torch.cat([teacher.noise(len(row.prompts), row.seed) for row in rows])
+    prompts = [prompt for row in rows for prompt in row.prompts]
+    conditions = [image for row in rows for image in row.images] or None  # every row's or none (Side.conditioned)
+    result = teacher.sample(prompts, schedule=schedule, cfg=cfg, experts=experts, callback=record, noise=noise,
+                            images=conditions)
     pictures = teacher.decode(result.sample).cpu()  # the app's process of a ZeroGPU call has no GPU to receive it
     seconds = time.perf_counter() - start
     decoded = {t: (teacher.decode(x).cpu(), teacher.decode(d).cpu()) for t, (x, d) in captured.items()}
@@ -306,24 +354,24 @@ def student_of(store: ModelStore, value: str, teacher_name: str) -> tuple[Path, 
 
 def run_student_side(store: ModelStore, prompts: list[str], seed: int, value: str, source: str,
                      phases_schedule: dict | None, teacher_cfg: float, teacher=None, teacher_phases=None,
-                     boundary_states: bool = True) -> tuple[str, PhaseSchedule, SampledRow, dict]:
+                     boundary_states: bool = True, images=()) -> tuple[str, PhaseSchedule, SampledRow, dict]:
     """Sample the picked student (or the baseline); returns (label, schedule, the sampled row, the teacher state
     the teacher side must use: the student's own teacher at its resolution). ``teacher_phases``: the checked
     "phase k" labels the teacher takes instead of the student's experts (Student.with_teacher_phases, at
-    ``teacher_cfg``), checked before anything loads."""
+    ``teacher_cfg``), checked before anything loads. ``images``: one condition image per prompt, or none."""
     name, options = teacher_pick(teacher)
     if value == students.BASELINE:
         if teacher_phases:
             raise InputError("the baseline is the teacher already: handing phases to the teacher needs a student")
         schedule = schedule_of(phases_schedule)
         (row,) = sample_side(teacher_side(store, name, options, schedule, teacher_cfg, boundary_states),
-                             [(prompts, seed)])
+                             [(prompts, seed, images)])
         return "Baseline (teacher, no distillation)", schedule, row, {"name": name, "options": options}
     folder, manifest = student_of(store, value, name)
     handed_back = parse_teacher_phases(teacher_phases, manifest.schedule.num_phases)
     side = student_side(store, folder, student_schedule(manifest.schedule, source, phases_schedule), teacher_cfg,
                         handed_back, boundary_states)
-    (row,) = sample_side(side, [(prompts, seed)])
+    (row,) = sample_side(side, [(prompts, seed, images)])
     schedule = side_schedule(side)
     own = {"name": manifest.teacher, "options": manifest.teacher_load_options(folder)}
     label = f"Student {students.student_name(folder)}"

@@ -3,10 +3,11 @@ which borrows a GPU for the call; elsewhere the same code runs as a plain call.
 
 On ZeroGPU the call runs in a worker process forked from the app's, and ``spaces`` hands every argument and result
 across by pickle: so the one GPU call of the app (ui.comparison._sample_side, one side of a comparison) takes plain
-values naming its model and finds the model in the worker's copy of the model store (ui.models.store_by_id), and
-returns CPU tensors, PIL images and numbers. No callback crosses, so live progress is dropped there. Its duration is
-sized to the request -- network evaluations (CFG counted) x images x a per-evaluation estimate -- so a few-step
-student asks for seconds and gets queue priority over a many-step teacher. ``spaces`` is optional: without it, or
+values naming its model and its rows (prompts, seeds, condition images as PIL images), finds the model in the
+worker's copy of the model store (ui.models.store_by_id), and returns CPU tensors, PIL images and numbers. No
+callback crosses, so live progress is dropped there. Its duration is sized to the request -- network evaluations
+(CFG counted) x images x a per-evaluation estimate -- so a few-step student asks for seconds and gets queue
+priority over a many-step teacher. ``spaces`` is optional: without it, or
 off ZeroGPU, nothing changes. The decision is made at import, as ZeroGPU needs its GPU functions declared before
 the app starts (and ``spaces`` imported before anything touches CUDA: ui.models imports this module).
 """

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pdmd import limits
 from pdmd.builtin.scenes import PromptError, parse_prompt
+from pdmd.conditions import ConditionError, open_image
 from pdmd.core.schedule import PhaseSchedule, ScheduleError
 from pdmd.paths import ROOT, runs_dir
 from pdmd.students import StudentError
@@ -23,7 +24,7 @@ class InputError(ValueError):
     """A form value the app cannot use; the message says which and why."""
 
 
-USER_ERRORS = (InputError, StudentError, ScheduleError, PromptError, TeacherError)
+USER_ERRORS = (InputError, StudentError, ScheduleError, PromptError, TeacherError, ConditionError)
 
 
 def redact(message: str) -> str:
@@ -90,6 +91,20 @@ def resolve_seed(seed, randomise: bool) -> int:
     if randomise:
         return random_seed()
     return bounded_number(seed, "seed", 0, limits.MAX_SEED, whole=True)
+
+
+def condition_image(value):
+    """A visitor's condition image as an RGB PIL image, or None when there is none. ``value`` is the path gradio
+    saved the upload to (ui.comparison.image_input hands it over unopened): pdmd.conditions.open_image checks its
+    bytes, format and pixels from the header before decoding it. A refusal names the file by the name it was sent
+    with, not where the server keeps it; nothing is written."""
+    if value is None or value == "":
+        return None
+    path = text(value, "the image", limits.MAX_NAME_CHARS)
+    try:
+        return open_image(path)
+    except ConditionError as err:
+        raise InputError(str(err).replace(path, Path(path).name)) from None
 
 
 def load_options(height, width, frames) -> dict:

@@ -5,10 +5,13 @@ and ShowcaseStore refuses to load any other teacher or student folder, so the AP
 the dropdown. Video teachers (Wan) show playable mp4s (GIF only when no mp4 writer is installed), image teachers
 a before/after slider next to the side-by-side view; each side is captioned with its NFE and wall time. A
 published student (LoRA files) has one strength slider per phase; each strength set is its own student folder
-under runs/showcase, the newest SHOWCASE_STRENGTH_VARIANTS kept.
+under runs/showcase, the newest SHOWCASE_STRENGTH_VARIANTS kept. A pair whose teacher takes an image
+(image-to-video, editing) shows an image input under the prompt, both sides sampling on it; examples may carry
+an image.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from functools import partial
@@ -25,6 +28,7 @@ from pdmd.teachers import teacher_key
 from pdmd.teachers.base import TeacherError
 from ui.comparison import (
     before_after,
+    image_input,
     media,
     sample_side,
     side_views,
@@ -40,6 +44,7 @@ from ui.inputs import (
     InputError,
     bounded_number,
     check_prompt,
+    condition_image,
     error_markdown,
     parse_strengths,
     resolve_seed,
@@ -153,21 +158,42 @@ def on_status(store: ShowcaseStore, pair) -> str:
     return f"Loading **{teacher.name}** (the first request loads it; a large model takes minutes)…"
 
 
-def on_student(store: ShowcaseStore, pair, prompt, seed, *strengths):
-    """Outputs: student video, student image, caption, status, run state (None when refused)."""
+def takes_image(store: ShowcaseStore, pair) -> bool:
+    """Whether the pair's teacher takes an image: its examples carry one, or it is loaded and says so (a lazy
+    showcase learns it on the first request, which loads the teacher)."""
+    teacher, _ = store.showcase.pair(pair)
+    if any(image is not None for _, _, image in teacher.examples):
+        return True
+    return store.is_loaded(teacher) and "image" in store.teacher(teacher.model).conditions
+
+
+def on_image_box(store: ShowcaseStore, pair) -> dict:
+    """The image input: shown for a pair whose teacher takes an image, hidden (and emptied) otherwise."""
+    try:
+        shown = takes_image(store, pair)
+    except ERRORS:
+        return gr.skip()
+    return gr.update(visible=True) if shown else gr.update(visible=False, value=None)
+
+
+def on_student(store: ShowcaseStore, pair, prompt, seed, *strengths, image=None):
+    """Outputs: student video, student image, caption, status, run state (None when refused). ``image``: the
+    uploaded condition image's path (ui.comparison.image_input), for a teacher that takes one."""
     try:
         teacher, student = store.showcase.pair(pair)
         prompt, _ = check_prompt(prompt, teacher.model)
         seed = resolve_seed(seed, False)
+        condition = condition_image(image)
         folder = student_folder(store, teacher, student,
                                 parse_strengths(strengths, len(student.lora)) if student.is_published else None)
         schedule = store.manifest(folder).schedule
-        (row,) = sample_side(student_side(store, folder, schedule, boundary_states=False), [([prompt], seed)])
+        (row,) = sample_side(student_side(store, folder, schedule, boundary_states=False),
+                             [([prompt], seed, () if condition is None else (condition,))])
     except ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}"), None
     picture = row.pictures[0]
     run = {"pair": pair, "prompt": prompt, "seed": seed, "nfe": row.nfe, "seconds": row.seconds,
-           "image": still(picture), "boundaries": list(schedule.boundaries)}
+           "image": still(picture), "boundaries": list(schedule.boundaries), "condition": condition}
     caption = f"**Student {student.name}** — NFE {row.nfe}, {row.seconds:.2f} s, seed {seed}"
     return (*media(picture, student.name), caption, f"Student done in {row.seconds:.2f} s; running the teacher…",
             run)
@@ -182,8 +208,9 @@ def on_teacher(store: ShowcaseStore, run, steps, cfg):
         steps = bounded_number(steps, "teacher steps", 1, limits.MAX_TEACHER_STEPS, whole=True)
         cfg = bounded_number(cfg, "CFG", 0, limits.MAX_CFG)
         schedule = teacher_schedule(steps, store.teacher(teacher.model).default_shift, tuple(run["boundaries"]))
+        condition = run.get("condition")
         (row,) = sample_side(teacher_side(store, teacher.model, None, schedule, cfg, boundary_states=False),
-                             [([run["prompt"]], run["seed"])])
+                             [([run["prompt"]], run["seed"], () if condition is None else (condition,))])
     except ERRORS as err:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_markdown(f"Refused: {err}")
     pictures, nfe, seconds = row.pictures, row.nfe, row.seconds
@@ -201,12 +228,16 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
     opening = "/".join(showcase.opening)
     first_teacher, first_student = showcase.pair(opening)
     slider_count = max([len(s.lora) for t in showcase.teachers for s in t.students] + [0])
-    examples = [[f"{t.name}/{t.students[0].name}", prompt, seed] for t in showcase.teachers for prompt, seed in t.examples]
+    examples = [[f"{t.name}/{t.students[0].name}", prompt, seed, None if image is None else str(image)]
+                for t in showcase.teachers for prompt, seed, image in t.examples]
+    with_images = any(example[3] is not None for example in examples)
     with gr.Row():
         with gr.Column(scale=2):
             pair = gr.Dropdown(showcase.pairs(), value=opening, label="Teacher / student", elem_id="showcase-pair")
             info = gr.Markdown(on_pick(showcase, slider_count, opening)[0], elem_id="showcase-info")
             prompt = gr.Textbox(examples[0][1] if examples else "", label="Prompt", elem_id="showcase-prompt")
+            image = image_input(label=f"Image (PNG, JPEG or WebP, up to {limits.MAX_IMAGE_PIXELS // 2**20} MP)",
+                                visible=takes_image(store, opening), elem_id="showcase-image")
             seed = gr.Number(examples[0][2] if examples else 0, label="Seed", precision=0, minimum=0,
                              maximum=limits.MAX_SEED, elem_id="showcase-seed")
             with gr.Row():
@@ -217,17 +248,31 @@ def build_showcase_tab(store: ShowcaseStore) -> None:
             run_button = gr.Button("Run comparison", variant="primary", elem_id="showcase-run")
             status = gr.Markdown(elem_id="showcase-status")
             if examples:
-                gr.Examples(examples, [pair, prompt, seed], label="Examples")
+                gr.Examples(examples if with_images else [example[:3] for example in examples],
+                            [pair, prompt, seed, image] if with_images else [pair, prompt, seed], label="Examples")
         with gr.Column(scale=3):
             summary = gr.Markdown(elem_id="showcase-summary")
             teacher_side, student_side, slider = side_views("showcase-", "showcase-slider")
     run_state = gr.State(None)
     pick_outputs = [info, steps, cfg, *strengths]
     pair.change(partial(on_pick, showcase, slider_count), pair, pick_outputs, api_name="showcase_pick")
+    pair.change(partial(on_image_box, store), pair, image, api_name=False, show_progress="hidden")
+
+    # the image input comes after the strength sliders, so API calls sending none keep their argument positions;
+    # gradio reads the API's parameter names, and which may be left out, from the signature
+    def student_with_image(*values):
+        *fields, image = values
+        return on_student(store, *fields, image=image)
+    student_with_image.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+         for name in ("pair", "prompt", "seed", *(f"strength_{k + 1}" for k in range(slider_count)))]
+        + [inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)])
+
     # as in Compare: the few-step student never waits behind another visitor's teacher run
     run_button.click(partial(on_status, store), pair, status, api_name="showcase_status").then(
-        partial(on_student, store), [pair, prompt, seed, *strengths],
+        student_with_image, [pair, prompt, seed, *strengths, image],
         [*student_side, status, run_state], api_name="showcase_student", concurrency_id="student",
         concurrency_limit=limits.SAMPLE_SLOTS).then(
         partial(on_teacher, store), [run_state, steps, cfg], [*teacher_side, slider, summary, status],
-        api_name="showcase_teacher", concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS)
+        api_name="showcase_teacher", concurrency_id="teacher", concurrency_limit=limits.SAMPLE_SLOTS).then(
+        partial(on_image_box, store), pair, image, api_name=False, show_progress="hidden")  # the teacher is loaded
