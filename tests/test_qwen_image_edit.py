@@ -226,8 +226,9 @@ def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(t
     assert (plain - sample).abs().max() > 1e-3  # the experts learnt something the snippet loads
 
 
-def test_a_student_distilled_on_two_images_a_prompt_samples_back_from_two(tmp_path, folder, capsys):
-    """A folder of folders: each prompt's two images, in name order; the student takes two (``--image`` twice)."""
+def test_a_run_on_two_images_a_prompt_and_the_cli_with_two(tmp_path, folder, teacher, capsys):
+    """A folder of folders: each prompt's two images, in name order, encoded as the teacher encodes a tuple; and
+    ``--image`` given twice is one prompt's two images."""
     condition = tmp_path / "pairs"
     images = random_images(4, seed=2)
     for k, row in enumerate(("cat", "dog")):
@@ -237,20 +238,20 @@ def test_a_student_distilled_on_two_images_a_prompt_samples_back_from_two(tmp_pa
     (condition / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     spec = config_of(tmp_path, folder, condition, **SIZE)
     spec.pop("num_frames")
-    config = TrainConfig.from_dict(spec)
-    trainer = Trainer(config)
+    trainer = Trainer(TrainConfig.from_dict(spec))
+    pairs = [tuple(open_image(condition / row / f"{j}.png") for j in range(2)) for row in ("cat", "dog")]
+    at_once, _ = trainer.teacher.encode(PROMPTS, pairs)
     assert trainer.cond[REFERENCE_LATENTS].shape == (2, 2, 4, 8, 16)
-    student = Path(trainer.fit(progress=False)["student"])
-    pair = (condition / "dog" / "0.png", condition / "dog" / "1.png")
-    expected = trainer.teacher.sample(PROMPTS[1:], 3, config.schedule, config.student_cfg, trainer.experts,
-                                      images=[tuple(open_image(p) for p in pair)]).sample
-    reloaded = load_student(student).sample(PROMPTS[1:], seed=3, images=[tuple(open_image(p) for p in pair)])
-    torch.testing.assert_close(reloaded.sample, expected, rtol=1e-4, atol=1e-4)
+    for key in at_once:
+        torch.testing.assert_close(trainer.cond[key], at_once[key], rtol=1e-5, atol=1e-6)
+
     out = tmp_path / "two.png"
-    assert main(["sample", "--student", str(student), "--prompt", PROMPTS[1], "--image", str(pair[0]), "--image",
-                 str(pair[1]), "--seed", "3", "--out", str(out)]) == 0
+    assert main(["sample", "--teacher", str(folder), "--prompt", PROMPTS[1], "--image", str(condition / "dog" / "0.png"),
+                 "--image", str(condition / "dog" / "1.png"), "--steps", "2", "--seed", "3",
+                 "--height", str(SIZE["height"]), "--width", str(SIZE["width"]), "--out", str(out)]) == 0
+    expected = teacher.sample(PROMPTS[1:], 3, PhaseSchedule.uniform(2, teacher.default_shift), images=pairs[1:]).sample
     from pdmd.media import save_png
-    save_png(trainer.teacher.decode(expected), tmp_path / "expected.png")
+    save_png(teacher.decode(expected), tmp_path / "expected.png")
     ours, theirs = (np.asarray(Image.open(path)).astype(int) for path in (out, tmp_path / "expected.png"))
     assert np.abs(ours - theirs).max() <= 1
 

@@ -130,9 +130,10 @@ def test_a_conditions_folder_reaches_the_job_and_a_bad_image_starts_nothing(mana
     assert "give one" in text and manager.jobs() == []  # images and a drawing teacher both
     (images / "c.png").unlink()
     (images / "prompts.txt").write_text("a red wall\na red door\n")
-    train.on_start(manager, OPEN, None, "firsts", 1, *fields_of(condition_images=f" {images} \n"))
-    (job,) = manager.jobs()
-    assert job.config["condition_images"] == str(images) and job.config.get("condition_teacher") is None
+    config = train_form.form_config(*fields_of(condition_images=f" {images} \n"))  # what on_start submits
+    assert config["condition_images"] == str(images) and "condition_teacher" not in config
+    assert "probe_every" not in config  # the preset's probe measures the built-in teacher only
+    assert TrainConfig.from_dict(config, output_dir="x").condition_pairs()[1][1] == "a red door"
 
 
 def test_the_gate_refuses_every_request_without_the_token(manager):

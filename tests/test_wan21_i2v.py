@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ import pytest
 import torch
 from PIL import Image
 from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
+from test_card import PROMPT as CARD_PROMPT
+from test_card import run_snippet, snippet
 from test_wan_i2v_training import config_of
 
 from pdmd.cli import main
 from pdmd.conditions import open_image
 from pdmd.core.schedule import PhaseSchedule
+from pdmd.students.card import render_card
 from pdmd.students.folder import load_student
 from pdmd.students.manifest import MANIFEST
 from pdmd.teachers import TeacherError, load_teacher
@@ -170,6 +174,17 @@ def test_a_student_distilled_on_condition_images_samples_back_from_an_image(tmp_
     save_png(as_stills(trainer.teacher.decode(expected)), tmp_path / "expected.png")
     ours, theirs = (np.asarray(Image.open(path)).astype(int) for path in (out, tmp_path / "expected.png"))
     assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+
+    # the model card's snippet, stopped before the decode: the stock pipeline (its CLIP image encoder included)
+    # with the phase LoRAs gives the student's latents from the same image
+    code = snippet(str(render_card(student, repo_id=str(student))))
+    assert "WanImageToVideoPipeline.from_pretrained" in code and "image=load_image(IMAGE)" in code
+    shutil.copyfile(image, tmp_path / "first.png")
+    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
+                                      "callback_on_step_end=switch_phase, output_type='latent')")
+                         .split("video = result")[0], tmp_path)
+    ours = load_student(student).sample([CARD_PROMPT], seed=0, images=[open_image(image)]).sample
+    torch.testing.assert_close(latent["result"].frames, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_the_plan_conditions_the_network_as_the_teacher_does(teacher, folder, images):
