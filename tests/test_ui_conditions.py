@@ -226,6 +226,21 @@ def test_bad_uploads_through_the_api_are_refused_in_one_line_and_leave_nothing(s
     assert files_under(runs_dir) == before and files_under(downloads) == []
 
 
+def test_a_server_path_sent_as_the_image_is_not_read(served, tmp_path):
+    """A call that names a file on the server instead of uploading one: gradio refuses a path outside its upload
+    cache before the handler runs, so no visitor can make the app open (or show) a file of the server's."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from app_latency import RestClient
+
+    url, _, _ = served
+    secret = Path(picture_file(tmp_path / "server", "private.png", 5))
+    with pytest.raises(RuntimeError, match="compare_student"):
+        RestClient(url).predict("a red star on a dark background", 0, False, students.BASELINE, comparison.AS_TRAINED,
+                                4.0, [], {"path": str(secret), "meta": {"_type": "gradio.FileData"}},
+                                api_name="/compare_student")
+
+
 # --- the Showcase: examples with an image ----------------------------------------------------------------------
 def showcase_yaml(folder: Path, model: Path, image: str) -> Path:
     (folder / "lora.safetensors").write_bytes(b"")  # a published student's file: only its presence is read here
