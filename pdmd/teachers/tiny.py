@@ -294,24 +294,30 @@ def build_hunyuan_video15(folder: str | Path) -> Path:
     return _save(pipe, folder)
 
 
-def build_qwen_image(folder: str | Path) -> Path:
-    """QwenImagePipeline: Qwen2.5-VL text encoder, QwenImage MMDiT and VAE, 32x32 images."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _qwen_image_parts():
+    """The QwenImage MMDiT, VAE (latents_mean / latents_std away from 0 / 1) and dynamic-shift scheduler that
+    Qwen-Image and Qwen-Image-Edit-Plus share."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-    torch.manual_seed(SEED)
-    tokenizer = qwen2_tokenizer()
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                               guidance_embeds=False, axes_dims_rope=(8, 4, 4))
     vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True],
                                  latents_mean=[0.0, 0.1, -0.1, 0.2], latents_std=[1.0, 1.2, 0.8, 1.1])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192)
+    return transformer, vae, scheduler
+
+
+def build_qwen_image(folder: str | Path) -> Path:
+    """QwenImagePipeline: Qwen2.5-VL text encoder, QwenImage MMDiT and VAE, 32x32 images."""
+    from diffusers import QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen2_tokenizer()
+    transformer, vae, scheduler = _qwen_image_parts()
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "vocab_size": len(tokenizer), "rope_theta": 1000000.0,
@@ -320,8 +326,6 @@ def build_qwen_image(folder: str | Path) -> Path:
                      "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
         hidden_size=16, vocab_size=len(tokenizer))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config),
                              tokenizer=tokenizer, transformer=transformer)
     return _save(pipe, folder)
@@ -336,12 +340,7 @@ def build_qwen_image_edit_plus(folder: str | Path) -> Path:
     builds that one only with torchvision installed, for its video processor. For images both expand each
     ``<|image_pad|>`` alike, into ``image_grid_thw.prod() // merge_size**2`` tokens (a 384x384 condition image: 196),
     one per feature the vision tower gives."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPlusPipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import QwenImageEditPlusPipeline
     from transformers import (
         PaddleOCRVLProcessor,
         Qwen2_5_VLConfig,
@@ -371,14 +370,7 @@ def build_qwen_image_edit_plus(folder: str | Path) -> Path:
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
                        "patch_size": 14, "spatial_merge_size": 2},
         hidden_size=16, vocab_size=len(tokenizer), **special_ids))
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True],
-                                 latents_mean=[0.0, 0.1, -0.1, 0.2], latents_std=[1.0, 1.2, 0.8, 1.1])
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192)
+    transformer, vae, scheduler = _qwen_image_parts()
     pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                      processor=processor, transformer=transformer)
     return _save(pipe, folder)
