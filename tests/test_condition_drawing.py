@@ -55,6 +55,7 @@ def test_the_teacher_draws_its_own_first_frames_and_a_resumed_run_reads_them_bac
     manifest = json.loads((Path(result["student"]) / MANIFEST).read_text())
     assert manifest["conditions"] == ["image"] and manifest["condition_images"] == 2
     assert manifest["condition_source"] == "drawn by the teacher itself from the run's prompts"
+    assert manifest["task"] == "image-to-video"
     assert "Conditions: 2 image(s) with their prompts (drawn by the teacher itself" in \
         (Path(result["student"]) / "README.md").read_text()
 

@@ -186,7 +186,8 @@ def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(t
     result = trainer.fit(progress=False)
     assert result["finished"] and result["step"] == 2
     student = Path(result["student"])
-    assert json.loads((student / MANIFEST).read_text())["conditions"] == ["image"]
+    manifest = json.loads((student / MANIFEST).read_text())
+    assert manifest["conditions"] == ["image"] and manifest["task"] == "image-to-image"
 
     image, prompt = condition / "dog.png", PROMPTS[1]
     expected = trainer.teacher.sample([prompt], 3, config.schedule, config.student_cfg, trainer.experts,

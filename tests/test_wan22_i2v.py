@@ -69,6 +69,7 @@ def test_a_phased_student_loads_into_the_stock_pipeline_and_reproduces_pdmd_samp
     student = Path(result["student"])
     manifest = json.loads((student / MANIFEST).read_text())
     assert manifest["conditions"] == ["image"] and manifest["networks"] == NETWORKS
+    assert manifest["task"] == "image-to-video"
     assert manifest["phases"] == ["phase_1/pytorch_lora_weights.safetensors",
                                   "phase_2/pytorch_lora_weights.safetensors"]  # one file per phase, one network
 

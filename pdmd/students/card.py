@@ -326,10 +326,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, seconds: float |
         base_model=teacher if hub_teacher else None, library_name="diffusers",
         license=teacher_license(teacher),
         tags=["pdmd", "phased-dmd", "lora", "few-step", "distillation",
-              *(["image-to-video" if "image" in manifest.conditions else "text-to-video"]
-                if "num_frames" in manifest.teacher_options else
-                (["image-to-image" if "image" in manifest.conditions else "text-to-image"] if manifest.family
-                 else [])), *([manifest.family] if manifest.family else [])])
+              *([manifest.task] if manifest.family else []), *([manifest.family] if manifest.family else [])])
     return ModelCard.from_template(
         data, template_str=TEMPLATE, name=name, teacher=teacher,
         teacher_link=f"https://huggingface.co/{teacher}" if hub_teacher else "#",

@@ -129,6 +129,7 @@ class Manifest:
         missing = [k for k in ("teacher", "schedule", "phases", "lora") if k not in data]
         if missing:
             raise StudentError(f"no {missing[0]!r} entry")
+        data.pop("task", None)  # written for readers of the file; derived again from the fields (``task``)
         known = set(cls.__dataclass_fields__) - {"lora_prefix"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -157,9 +158,19 @@ class Manifest:
                                        "condition_images"),
             condition_source=_optional(data.pop("condition_source", None), _text, "condition_source"))
 
+    @property
+    def task(self) -> str:
+        """What the student does: text-to-image or -video, image-to-video (a first frame), or image-to-image (an
+        editing teacher's student), from its teacher's options and the conditions it was distilled on."""
+        video = "num_frames" in self.teacher_options
+        if "image" in self.conditions:
+            return "image-to-video" if video else "image-to-image"
+        return "text-to-video" if video else "text-to-image"
+
     # --- writing -----------------------------------------------------------------------------------------
     def as_dict(self) -> dict:
-        data = {"version": VERSION, "teacher": self.teacher, "method": self.method, "student_cfg": self.student_cfg,
+        data = {"version": VERSION, "teacher": self.teacher, "task": self.task, "method": self.method,
+                "student_cfg": self.student_cfg,
                 "teacher_cfg": self.teacher_cfg, "updates_trained": self.updates_trained,
                 "updates_per_phase": list(self.updates_per_phase) if self.updates_per_phase else None,
                 "ema_decay": self.ema_decay, "seed": self.seed, "schedule": self.schedule.as_dict(),
