@@ -173,6 +173,26 @@ def test_a_student_distilled_on_condition_images_samples_back_and_loads_into_the
     assert (plain - ours).abs().max() > 1e-3  # the experts learnt something the snippet loads
 
 
+def test_a_text_only_students_card_keeps_the_pipelines_output_size(tmp_path, folder):
+    """A student distilled text-to-image (``condition_teacher: none``) loads as DiffusionPipeline, which is
+    FluxKontextPipeline for this teacher: the manifest records the class, so the snippet passes max_area (the
+    pipeline would rescale the output to 1024^2 pixels) and no image keywords, and gives the student's latents."""
+    from test_diffusers_teachers import random_student
+
+    schedule = PhaseSchedule((0.6,), (1, 1), 3.0)
+    random_student(load_teacher(str(folder), **SIZE), schedule, tmp_path / "student", student_cfg=GUIDANCE)
+    manifest = json.loads((tmp_path / "student" / MANIFEST).read_text())
+    assert manifest["pipeline"] == "FluxKontextPipeline" and manifest["task"] == "text-to-image"
+    code = snippet(str(render_card(tmp_path / "student", repo_id=str(tmp_path / "student"))))
+    assert "DiffusionPipeline.from_pretrained" in code and "max_area=512, generator" in code
+    assert "_auto_resize" not in code and "load_image" not in code
+    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
+                                      "callback_on_step_end=switch_phase, output_type='latent')")
+                         .split("image = result")[0], tmp_path)
+    ours = load_student(tmp_path / "student").sample([CARD_PROMPT], seed=0).sample
+    torch.testing.assert_close(unpack_2x2(latent["result"].images, 8, 16), ours, rtol=1e-4, atol=1e-4)
+
+
 def test_the_plan_counts_the_reference_tokens(teacher, folder, images):
     """The planner's meta cond has the real one's shapes and dtypes; on the shipped Kontext [dev] architecture
     every traced activation is FLUX.1-dev's at twice the image tokens (512 text + 2 x 16 image tokens at 64x64

@@ -50,9 +50,11 @@ IMAGE_NOTE = {"wan": "the first frame, best at the student's size: the pipeline 
                       "its own where pdmd covers and crops it to the student's",
               "qwen-image": "the image to edit, best at the student's size: the pipeline stretches one of another "
                             "aspect where pdmd covers and crops it"}
-# further __call__ keywords of that pipeline, from the teacher options: FluxKontextPipeline would rescale the output
-# to max_area (1024^2 pixels) and the image to its nearest preferred resolution (_auto_resize)
-IMAGE_KEYWORDS = {"flux": lambda options: f"max_area={options['height'] * options['width']}, _auto_resize=False, "}
+# further __call__ keywords of a pipeline class, from the teacher options and whether an image is given:
+# FluxKontextPipeline rescales the output to max_area (1024^2 pixels), with an image or without, and the image to
+# its nearest preferred resolution (_auto_resize)
+PIPELINE_KEYWORDS = {"FluxKontextPipeline": lambda options, image: f"max_area={options['height'] * options['width']}, "
+                     + ("_auto_resize=False, " if image else "")}
 # lines the snippet runs before that pipeline's call: QwenImageEditPlusPipeline VAE-encodes the image at a fixed area
 # (VAE_IMAGE_SIZE, a module constant, 1024^2) whatever the output size, where pdmd encodes it at the student's
 IMAGE_SETUP = {"qwen-image": lambda options: [
@@ -240,6 +242,8 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
     sigmas = ", ".join(repr(round(t, 8)) for t in manifest.schedule.timesteps[:-1])
     conditioned = "image" in manifest.conditions  # Wan 2.2 TI2V-5B from a first frame
     pipeline = IMAGE_PIPELINE[manifest.family] if conditioned else "DiffusionPipeline"
+    # the teacher's own class (an older manifest records none: then the family's image pipeline, given an image)
+    keywords = PIPELINE_KEYWORDS.get(manifest.pipeline or (pipeline if conditioned else ""), lambda options, image: "")
     return "\n".join([
         "import torch",
         f"from diffusers import {pipeline}, FlowMatchEulerDiscreteScheduler",
@@ -288,7 +292,7 @@ def diffusers_usage(manifest: Manifest, student: str, prompt: str) -> str:
         + ("" if guider else f"{cfg_keyword}={cfg_value:g}, ")
         + CALL_KEYWORDS.get(manifest.family or "", lambda cfg: "")(manifest.student_cfg)
         + (f"{size}, " if size else "")
-        + (IMAGE_KEYWORDS.get(manifest.family, lambda options: "")(options) if conditioned else "")
+        + keywords(options, conditioned)
         + "generator=torch.Generator().manual_seed(0)"
         + (")" if on_transformer else ", callback_on_step_end=switch_phase)"),
         output,

@@ -68,7 +68,9 @@ def teacher_fields(teacher: Teacher, folder: Path) -> dict:
         (folder / TEACHER_LORA_DIR).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(lora.file, folder / TEACHER_LORA_DIR / name)
         records.append(TeacherLora(f"{TEACHER_LORA_DIR}/{name}", lora.sha256, lora.strength, lora.network))
-    return {"teacher_options": options, "teacher_loras": tuple(records)}
+    pipe = getattr(teacher, "pipe", None)  # a diffusers teacher's pipeline class: what its card's snippet loads
+    return {"teacher_options": options, "teacher_loras": tuple(records),
+            "pipeline": type(pipe).__name__ if pipe is not None else None}
 
 
 def save_student(folder: Path, roles: Roles, schedule: PhaseSchedule, **provenance) -> Manifest:

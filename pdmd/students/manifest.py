@@ -67,6 +67,7 @@ class Manifest:
     student_cfg: float = 1.0              # guidance when sampling the student (1: distilled in)
     teacher_cfg: float | None = None      # the real score's guidance it was distilled with
     family: str | None = None             # diffusers teacher family (sd3, flux, wan, qwen-image)
+    pipeline: str | None = None           # the teacher's diffusers pipeline class (FluxKontextPipeline...)
     teacher_options: dict = field(default_factory=dict)  # load_teacher options: resolution, dtype...
     teacher_loras: tuple[TeacherLora, ...] = ()  # style LoRAs fused into the teacher: base + style is the teacher
     networks: tuple | None = None         # two-network teachers: per phase, the network(s) its LoRA is for
@@ -143,6 +144,7 @@ class Manifest:
             student_cfg=_cfg(data.pop("student_cfg", 1.0), "student_cfg"),
             teacher_cfg=_optional(data.pop("teacher_cfg", None), _cfg, "teacher_cfg"),
             family=_optional(data.pop("family", None), _text, "family"),
+            pipeline=_optional(data.pop("pipeline", None), _text, "pipeline"),
             teacher_options=_teacher_options(data.pop("teacher_options", None) or {}),
             teacher_loras=_teacher_loras(data.pop("teacher_loras", None) or [], "teacher_loras"),
             networks=_optional(data.pop("networks", None), lambda v, n: _networks(v, n, len(phases)), "networks"),
@@ -178,7 +180,7 @@ class Manifest:
                 "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
                          "target_modules": list(self.lora.target_modules), "prefix": self.lora_prefix,
                          **({"bias": True} if self.lora.bias else {})},
-                "family": self.family, "teacher_options": self.teacher_options or None,
+                "family": self.family, "pipeline": self.pipeline, "teacher_options": self.teacher_options or None,
                 "teacher_loras": [{"file": lora.file, "sha256": lora.sha256, "strength": lora.strength,
                                    "network": lora.network} for lora in self.teacher_loras] or None,
                 "networks": list(self.networks) if self.networks else None, "phases_from": self.phases_from,
