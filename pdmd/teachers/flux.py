@@ -40,17 +40,26 @@ class FluxTeacher(PackedLatentTeacher):
         return encode(prompts), None if self.guidance_embedded else encode([""] * len(prompts))
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        batch, _, height, width = x.shape
+        _, _, height, width = x.shape
+        out = self.run_tokens(pack_2x2(x), self.image_ids(height, width, x, cond), t, x, cond)
+        return unpack_2x2(out.float(), height, width)
+
+    def image_ids(self, height: int, width: int, x: Tensor, cond: dict) -> Tensor:
+        """The rotary ids of a latent grid of ``height`` x ``width`` (packed 2x2), FluxPipeline's."""
+        return self.pipe._prepare_latent_image_ids(x.shape[0], height // 2, width // 2, x.device,
+                                                   cond["prompt_embeds"].dtype)
+
+    def run_tokens(self, tokens: Tensor, image_ids: Tensor, t: Tensor, x: Tensor, cond: dict) -> Tensor:
+        """The transformer on packed image ``tokens`` with their rotary ``image_ids``, at the batch's guidance
+        (FluxPipeline's call); ``x`` gives the batch, device and timestep shape."""
         embeds = cond["prompt_embeds"]
-        image_ids = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, embeds.dtype)
         text_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype)
         guidance = cond.get("guidance")
         if self.guidance_embedded and guidance is None:  # a bare call: the teacher's own guidance
-            guidance = torch.full((batch,), self.default_cfg, dtype=torch.float32, device=x.device)
-        out = self.model(hidden_states=pack_2x2(x).to(self.dtype), timestep=self.timesteps(t, x), guidance=guidance,
-                         pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds,
-                         txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        return unpack_2x2(out.float(), height, width)
+            guidance = torch.full((x.shape[0],), self.default_cfg, dtype=torch.float32, device=x.device)
+        return self.model(hidden_states=tokens.to(self.dtype), timestep=self.timesteps(t, x), guidance=guidance,
+                          pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds,
+                          txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         config = self.pipe.vae.config

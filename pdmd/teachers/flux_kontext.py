@@ -62,19 +62,10 @@ class FluxKontextTeacher(FluxTeacher):
         reference = cond.get(REFERENCE_LATENTS)
         if reference is None:  # text-only: FLUX.1
             return super().velocity(x, t, cond)
-        batch, _, height, width = x.shape
-        embeds = cond["prompt_embeds"]
-        noisy_ids = self.pipe._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, embeds.dtype)
-        reference_ids = self.pipe._prepare_latent_image_ids(batch, reference.shape[2] // 2, reference.shape[3] // 2,
-                                                            x.device, embeds.dtype)
+        _, _, height, width = x.shape
+        reference_ids = self.image_ids(*reference.shape[2:], x, cond)
         reference_ids[:, 0] = 1  # the reference's place on the first rotary axis
         noisy = pack_2x2(x)
-        tokens = torch.cat([noisy, pack_2x2(reference.to(x))], dim=1)
-        guidance = cond.get("guidance")
-        if self.guidance_embedded and guidance is None:  # a bare call: the teacher's own guidance
-            guidance = torch.full((batch,), self.default_cfg, dtype=torch.float32, device=x.device)
-        out = self.model(hidden_states=tokens.to(self.dtype), timestep=self.timesteps(t, x), guidance=guidance,
-                         pooled_projections=cond["pooled_projections"], encoder_hidden_states=embeds,
-                         txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype),
-                         img_ids=torch.cat([noisy_ids, reference_ids]), return_dict=False)[0]
+        out = self.run_tokens(torch.cat([noisy, pack_2x2(reference.to(x))], dim=1),
+                              torch.cat([self.image_ids(height, width, x, cond), reference_ids]), t, x, cond)
         return unpack_2x2(out[:, :noisy.shape[1]].float(), height, width)

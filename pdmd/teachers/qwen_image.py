@@ -45,12 +45,17 @@ class QwenImageTeacher(PackedLatentTeacher):
         return unpack_2x2(rescaled, height, width)
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        batch, _, height, width = x.shape
-        out = self.model(hidden_states=pack_2x2(x).to(self.dtype), timestep=self.timesteps(t, x).to(self.dtype),
-                         guidance=None, encoder_hidden_states_mask=cond["prompt_embeds_mask"],
-                         encoder_hidden_states=cond["prompt_embeds"],
-                         img_shapes=[[(1, height // 2, width // 2)]] * batch, return_dict=False)[0]
-        return unpack_2x2(out.float(), height, width)
+        _, _, height, width = x.shape
+        return unpack_2x2(self.run_tokens(pack_2x2(x), [(1, height // 2, width // 2)], t, x, cond).float(),
+                          height, width)
+
+    def run_tokens(self, tokens: Tensor, grids: list[tuple], t: Tensor, x: Tensor, cond: dict) -> Tensor:
+        """The transformer on packed image ``tokens`` made of the latent ``grids`` (frames, rows, columns), in
+        order (QwenImagePipeline's call); ``x`` gives the batch and the timestep shape."""
+        return self.model(hidden_states=tokens.to(self.dtype), timestep=self.timesteps(t, x).to(self.dtype),
+                          guidance=None, encoder_hidden_states_mask=cond["prompt_embeds_mask"],
+                          encoder_hidden_states=cond["prompt_embeds"], img_shapes=[grids] * x.shape[0],
+                          return_dict=False)[0]
 
     def decode(self, latents: Tensor) -> Tensor:
         config = self.pipe.vae.config

@@ -126,14 +126,9 @@ class QwenImageEditPlusTeacher(QwenImageTeacher):
         return (latents - mean) / std
 
     def velocity(self, x: Tensor, t: Tensor, cond: dict) -> Tensor:
-        batch, _, height, width = x.shape
+        _, _, height, width = x.shape
         references = cond[REFERENCE_LATENTS].to(x).unbind(1)
         noisy = pack_2x2(x)
         grids = [(1, height // 2, width // 2), *[(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in references]]
-        tokens = torch.cat([noisy, *map(pack_2x2, references)], dim=1)
-        out = self.model(hidden_states=tokens.to(self.dtype),
-                         timestep=self.timesteps(t, x).to(self.dtype), guidance=None,
-                         encoder_hidden_states_mask=cond["prompt_embeds_mask"],
-                         encoder_hidden_states=cond["prompt_embeds"], img_shapes=[grids] * batch,
-                         return_dict=False)[0]
+        out = self.run_tokens(torch.cat([noisy, *map(pack_2x2, references)], dim=1), grids, t, x, cond)
         return unpack_2x2(out[:, :noisy.shape[1]].float(), height, width)
