@@ -42,6 +42,15 @@ def run_snippet(code: str, where: Path) -> dict:
     return namespace
 
 
+def snippet_latents(code: str, where: Path):
+    """The snippet run as written up to its pipeline call, that call returning latents (its result's ``frames``
+    or ``images``): what pdmd's student samples, before the lossy decode and file."""
+    latent = code.replace("callback_on_step_end=switch_phase)",
+                          "callback_on_step_end=switch_phase, output_type='latent')")
+    result = run_snippet(re.split(r"\n(?:video|image) = result", latent)[0], where)["result"]
+    return result.frames if hasattr(result, "frames") else result.images
+
+
 def test_a_trained_tiny_students_card_renders_its_schedule_training_and_usage(tmp_path, tiny_pipeline):
     config = TrainConfig.from_dict(tiny_config(tmp_path, "sd3", folder=tiny_pipeline("sd3")))
     folder = Path(Trainer(config).fit(progress=False)["student"])
@@ -82,11 +91,9 @@ def test_wan22_card_loads_the_low_noise_lora_into_transformer_2_and_matches_the_
     run_snippet(code, tmp_path)  # as written: an mp4
     assert (tmp_path / "student.mp4").stat().st_size > 0
     # the same code stopped before the decode: its latents are the student's (mp4 encoding is lossy)
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("video = result")[0], tmp_path)
+    latent = snippet_latents(code, tmp_path)
     student = load_student(tmp_path / "student")
-    torch.testing.assert_close(latent["result"].frames, student.sample([PROMPT], seed=0).sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latent, student.sample([PROMPT], seed=0).sample, rtol=1e-4, atol=1e-5)
 
 
 def test_a_two_network_export_names_each_file_by_its_network(tmp_path, tiny_pipeline):

@@ -22,6 +22,14 @@ def png_header(width: int, height: int) -> bytes:
             + png_chunk(b"IDAT", zlib.compress(bytes(64))))
 
 
+def random_images(size: dict, count: int, seed: int = 0) -> list[Image.Image]:
+    """``count`` seeded random RGB images at ``size`` (a teacher's ``height`` and ``width``): a conditioned
+    teacher's test images, at its own size so that neither pdmd nor the stock pipeline resizes them."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size["height"], size["width"], 3), dtype=np.uint8))
+            for _ in range(count)]
+
+
 def picture(path, width=40, height=20, format=None):
     rows = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype("uint8")
     Image.fromarray(rows).save(path, format=format)

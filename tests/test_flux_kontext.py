@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditions import random_images
 from test_card import PROMPT as CARD_PROMPT
-from test_card import run_snippet, snippet
+from test_card import run_snippet, snippet, snippet_latents
 from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
 from test_wan21_i2v import network_inputs
 from test_wan_i2v_training import config_of
@@ -52,9 +53,7 @@ def teacher(folder) -> FluxKontextTeacher:
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
     """One random image per prompt at the teacher's size, so neither side resizes it."""
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
-            for _ in PROMPTS]
+    return random_images(SIZE, len(PROMPTS))
 
 
 def stock_latents(folder: Path, schedule: PhaseSchedule, noise, images: list | None) -> torch.Tensor:
@@ -162,11 +161,9 @@ def test_a_student_distilled_on_condition_images_samples_back_and_loads_into_the
     shutil.copyfile(image, tmp_path / "first.png")
     run_snippet(code, tmp_path)
     assert Image.open(tmp_path / "student.png").size == (SIZE["width"], SIZE["height"])
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("image = result")[0], tmp_path)
+    latent = snippet_latents(code, tmp_path)
     ours = load_student(student).sample([CARD_PROMPT], seed=0, images=[open_image(image)]).sample
-    torch.testing.assert_close(unpack_2x2(latent["result"].images, 8, 16), ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unpack_2x2(latent, 8, 16), ours, rtol=1e-4, atol=1e-4)
     with trainer.roles.active(None):  # the base network alone
         plain = trainer.teacher.sample([CARD_PROMPT], 0, config.schedule, config.student_cfg,
                                        images=[open_image(image)]).sample
@@ -186,11 +183,9 @@ def test_a_text_only_students_card_keeps_the_pipelines_output_size(tmp_path, fol
     code = snippet(str(render_card(tmp_path / "student", repo_id=str(tmp_path / "student"))))
     assert "DiffusionPipeline.from_pretrained" in code and "max_area=512, generator" in code
     assert "_auto_resize" not in code and "load_image" not in code
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("image = result")[0], tmp_path)
+    latent = snippet_latents(code, tmp_path)
     ours = load_student(tmp_path / "student").sample([CARD_PROMPT], seed=0).sample
-    torch.testing.assert_close(unpack_2x2(latent["result"].images, 8, 16), ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unpack_2x2(latent, 8, 16), ours, rtol=1e-4, atol=1e-4)
 
 
 def test_the_plan_counts_the_reference_tokens(teacher, folder, images):

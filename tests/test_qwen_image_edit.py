@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditions import random_images
 from test_card import PROMPT as CARD_PROMPT
-from test_card import run_snippet, snippet
+from test_card import run_snippet, snippet, snippet_latents
 from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
 from test_wan_i2v_training import config_of
 
@@ -48,13 +49,6 @@ def teacher(folder) -> QwenImageEditPlusTeacher:
     return load_teacher(str(folder), **SIZE)
 
 
-def random_images(count: int, seed: int = 0) -> list[Image.Image]:
-    """Random images at the teacher's size (so neither side resizes the VAE's image)."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
-            for _ in range(count)]
-
-
 @pytest.fixture
 def vae_area_of_the_teacher(monkeypatch):
     """The stock pipeline VAE-encodes its image at VAE_IMAGE_SIZE pixels (1024^2) whatever the output size; the
@@ -76,7 +70,7 @@ def test_teacher_with_an_image_samples_what_the_edit_plus_pipeline_samples(teach
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
     assert teacher.conditions == ("image",) and teacher.needs_conditions and teacher.latent_shape == (4, 8, 16)
-    images = random_images(2)
+    images = random_images(SIZE, 2)
     schedule = PhaseSchedule.uniform(3, teacher.default_shift)
     encoder_calls, network_calls = [], []
     hooks = [calls_of(teacher.pipe.text_encoder, encoder_calls), calls_of(teacher.model, network_calls)]
@@ -129,7 +123,7 @@ def test_without_an_image_or_with_a_too_long_prompt_it_refuses_in_one_line(teach
     long = "x" * (teacher.prompt_length + 1)  # one token a byte in the tiny tokenizer
     with pytest.raises(TeacherError, match=f"has {teacher.prompt_length + 1} tokens, more than the "
                                            f"{teacher.prompt_length} this teacher takes: shorten it$"):
-        teacher.encode([long], random_images(1))
+        teacher.encode([long], random_images(SIZE, 1))
 
 
 def test_two_images_per_prompt_sample_what_the_pipeline_samples_given_the_list(teacher, folder,
@@ -138,7 +132,7 @@ def test_two_images_per_prompt_sample_what_the_pipeline_samples_given_the_list(t
     a reference grid each); rows of a batch take as many each, and more than the model card's three is refused."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
-    images = random_images(4, seed=1)
+    images = random_images(SIZE, 4, seed=1)
     rows = [tuple(images[:2]), tuple(images[2:])]
     schedule = PhaseSchedule.uniform(2, teacher.default_shift)
     network_calls = []
@@ -173,7 +167,7 @@ def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(t
     monkeypatch.setattr(conditioning, "IMAGES_PER_ENCODE", 1)
     condition = tmp_path / "images"
     condition.mkdir()
-    for name, image in zip(("cat.png", "dog.png"), random_images(2, seed=1)):
+    for name, image in zip(("cat.png", "dog.png"), random_images(SIZE, 2, seed=1)):
         image.save(condition / name)
     (condition / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     spec = config_of(tmp_path, folder, condition, **SIZE, student_cfg=2.0)
@@ -217,10 +211,8 @@ def test_a_student_distilled_on_condition_images_loads_into_the_stock_pipeline(t
     sample = reloaded.sample([CARD_PROMPT], seed=0, images=[open_image(image)]).sample
     save_png(trainer.teacher.decode(sample), tmp_path / "pdmd.png")
     assert np.abs(from_snippet - np.asarray(Image.open(tmp_path / "pdmd.png")).astype(int)).max() <= 1
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("image = result")[0], tmp_path)
-    torch.testing.assert_close(unpack_2x2(latent["result"].images, 8, 16), sample, rtol=1e-4, atol=1e-4)
+    latent = snippet_latents(code, tmp_path)
+    torch.testing.assert_close(unpack_2x2(latent, 8, 16), sample, rtol=1e-4, atol=1e-4)
     with trainer.roles.active(None):  # the base network alone
         plain = trainer.teacher.sample([CARD_PROMPT], 0, config.schedule, config.student_cfg,
                                        images=[open_image(image)]).sample
@@ -231,7 +223,7 @@ def test_a_run_on_two_images_a_prompt_and_the_cli_with_two(tmp_path, folder, tea
     """A folder of folders: each prompt's two images, in name order, encoded as the teacher encodes a tuple; and
     ``--image`` given twice is one prompt's two images."""
     condition = tmp_path / "pairs"
-    images = random_images(4, seed=2)
+    images = random_images(SIZE, 4, seed=2)
     for k, row in enumerate(("cat", "dog")):
         (condition / row).mkdir(parents=True)
         for j in range(2):

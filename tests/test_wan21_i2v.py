@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditions import random_images
 from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
 from test_card import PROMPT as CARD_PROMPT
-from test_card import run_snippet, snippet
+from test_card import snippet, snippet_latents
 from test_wan_i2v_training import config_of
 
 from pdmd.cli import main
@@ -47,9 +48,7 @@ def teacher(folder) -> WanI2VTeacher:
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
     """One random image per prompt, at the teacher's size (so the VAE's side resizes neither)."""
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
-            for _ in PROMPTS]
+    return random_images(SIZE, len(PROMPTS))
 
 
 def with_sigmas(pipe, sigmas: list[float]):
@@ -180,11 +179,9 @@ def test_a_student_distilled_on_condition_images_samples_back_from_an_image(tmp_
     code = snippet(str(render_card(student, repo_id=str(student))))
     assert "WanImageToVideoPipeline.from_pretrained" in code and "image=load_image(IMAGE)" in code
     shutil.copyfile(image, tmp_path / "first.png")
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("video = result")[0], tmp_path)
+    latent = snippet_latents(code, tmp_path)
     ours = load_student(student).sample([CARD_PROMPT], seed=0, images=[open_image(image)]).sample
-    torch.testing.assert_close(latent["result"].frames, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latent, ours, rtol=1e-4, atol=1e-4)
 
 
 def test_the_plan_conditions_the_network_as_the_teacher_does(teacher, folder, images):

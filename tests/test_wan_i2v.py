@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditions import random_images
 from test_diffusers_teachers import random_student
 from test_wan_ti2v import PROMPTS, SIZE, stock_pipeline
 
@@ -32,9 +32,7 @@ def teacher(folder) -> WanTeacher:
 @pytest.fixture(scope="module")
 def images() -> list[Image.Image]:
     """One random image per prompt, at the teacher's size (so neither side resizes it)."""
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
-            for _ in PROMPTS]
+    return random_images(SIZE, len(PROMPTS))
 
 
 def stock_i2v_pipeline(folder: Path, sigmas: list[float]):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_conditions import random_images
 from test_diffusers_teachers import fresh_accelerator_state  # noqa: F401  (autouse)
 from test_wan21_i2v import SIZE, with_sigmas
 
@@ -38,8 +38,7 @@ def teacher(folder):
 
 @pytest.fixture(scope="module")
 def image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8))
+    return random_images(SIZE, 1)[0]
 
 
 def lightx2v_file(path: Path, transformer: torch.nn.Module, seed: int = 0, norm_diff: float = 0.0) -> Path:

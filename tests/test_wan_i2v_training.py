@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_conditions import random_images
 from test_diffusers_teachers import SIZES, fresh_accelerator_state  # noqa: F401  (autouse)
 from test_card import PROMPT as CARD_PROMPT
-from test_card import run_snippet, snippet
+from test_card import run_snippet, snippet, snippet_latents
 from test_wan_ti2v import SIZE
 
 from pdmd.cli import main
@@ -44,11 +45,10 @@ def folder(tiny_pipeline) -> Path:
 @pytest.fixture
 def images(tmp_path) -> Path:
     """Two random PNGs at the teacher's size (so no side resizes them) and their prompts.txt."""
-    rng = np.random.default_rng(0)
     images = tmp_path / "images"
     images.mkdir()
-    for name in PAIRS:
-        Image.fromarray(rng.integers(0, 256, (SIZE["height"], SIZE["width"], 3), dtype=np.uint8)).save(images / name)
+    for name, image in zip(PAIRS, random_images(SIZE, len(PAIRS))):
+        image.save(images / name)
     (images / "prompts.txt").write_text("\n".join(PAIRS.values()) + "\n")
     return images
 
@@ -107,11 +107,9 @@ def test_a_student_distilled_on_condition_images_samples_back_from_an_image(tmp_
     shutil.copyfile(image, tmp_path / "first.png")
     run_snippet(code, tmp_path)
     assert (tmp_path / "student.mp4").stat().st_size > 0
-    latent = run_snippet(code.replace("callback_on_step_end=switch_phase)",
-                                      "callback_on_step_end=switch_phase, output_type='latent')")
-                         .split("video = result")[0], tmp_path)
+    latent = snippet_latents(code, tmp_path)
     ours = load_student(student).sample([CARD_PROMPT], seed=0, images=[open_image(image)]).sample
-    torch.testing.assert_close(latent["result"].frames, ours, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(latent, ours, rtol=1e-4, atol=1e-4)
     with trainer.roles.active(None):  # the base network alone
         plain = trainer.teacher.sample([CARD_PROMPT], 0, config.schedule, config.student_cfg,
                                        images=[open_image(image)])
