@@ -137,11 +137,11 @@ def fake_loss(fake: Velocity, x_s: Tensor, s: float, cond=None, *, shift: float 
 
 def free_entries(x: Tensor, cond, impose: Impose) -> Tensor | None:
     """1 where a sample is the network's, 0 where the conditions fix it (``impose`` puts the same there whatever
-    ``x`` holds); None where nothing is fixed (a text-only teacher)."""
+    ``x`` holds); None for a text-only rule (``unconditioned``), which fixes nothing. No value is read back, so a
+    training step waits on no device."""
     if impose is unconditioned or x.is_meta:  # the planner's meta tensors hold no values to compare
         return None
-    free = impose(torch.zeros_like(x), cond) != impose(torch.ones_like(x), cond)
-    return None if bool(free.all()) else free.to(x.dtype)
+    return (impose(torch.zeros_like(x), cond) != impose(torch.ones_like(x), cond)).to(x.dtype)
 
 
 def teacher_states(teacher: Velocity, schedule: PhaseSchedule, noise: Tensor, cond=None, uncond=None,

@@ -85,6 +85,8 @@ class Trainer:
         run = encode_run(config, self.teacher, pairs, source)  # its prompts, or its images with their prompts, once
         self.prompts, self.cond, self.uncond = run.prompts, run.cond, run.uncond
         self.condition_image_count, self.condition_source = run.condition_images, run.condition_source  # 0: text-only
+        # what the conditions fix in a sample (docs/method.md §6); a text-only run fixes nothing, and says so
+        self.impose = self.teacher.impose_conditions if self.condition_image_count else distill.unconditioned
         self.sample_prompts, self.sample_embeddings = run.sample_prompts, run.sample_embeddings
         self.teacher.release_text_encoders()  # their device memory goes to training
         self.step = 0
@@ -221,7 +223,7 @@ class Trainer:
         """One update of the fake score on the generator's samples x_s (docs/method.md §4, Eq. (20))."""
         with self.accelerator.autocast(), record_function("fake/forward"):
             loss = distill.fake_loss(self.fake, x_s, s, cond, shift=self.config.renoise_shift, generator=generator,
-                                     impose=self.teacher.impose_conditions)
+                                     impose=self.impose)
         self._update("fake", FAKE, loss)
         return loss.item()
 
@@ -236,7 +238,7 @@ class Trainer:
         start, target, cond = warm_start.pair_batch(self._pairs, phase, self.config.batch_size, generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("regression/rollout"):
             loss = distill.regression_loss(self.experts, phase, self.schedule, start, target, cond,
-                                           impose=self.teacher.impose_conditions)
+                                           impose=self.impose)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         self._update_ema(phase, grad_norm)
         self.step += 1
@@ -274,17 +276,17 @@ class Trainer:
             with torch.no_grad(), self.accelerator.autocast(), record_function("fake/rollout"):
                 x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
                                          sgts=self.method.sgts, generator=exit_steps,
-                                         impose=self.teacher.impose_conditions)
+                                         impose=self.impose)
             fake_losses.append(self._fake_update(x_s, s, cond, generator))
 
         noise, cond, uncond = self._batch(generator)
         with self._checkpointed_rollout(), self.accelerator.autocast(), record_function("generator/rollout"):
             x_s, s = distill.rollout(self.experts, phase, self.schedule, noise, cond,
-                                     sgts=self.method.sgts, generator=exit_steps, impose=self.teacher.impose_conditions)
+                                     sgts=self.method.sgts, generator=exit_steps, impose=self.impose)
         with self.accelerator.autocast():
             loss, diagnostics = distill.generator_loss(
                 x_s, s, self.real, self.fake, cond, uncond, self.teacher_cfg, combine=self.teacher.combine_guidance,
-                shift=c.renoise_shift, gradient=c.gradient, generator=generator, impose=self.teacher.impose_conditions)
+                shift=c.renoise_shift, gradient=c.gradient, generator=generator, impose=self.impose)
         grad_norm = self._update("generator", phase_adapter(phase), loss)
         self._update_ema(phase, grad_norm)
         for _ in range(c.fake_ratio if c.fake_rollout == "generator" else 0):
