@@ -203,22 +203,6 @@ def _without_zero_norm_diffs(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if k not in norms}
 
 
-def _fold_alphas(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every ``<module>.alpha`` folded into its up / B weight as alpha / rank (what a reader applies), exactly, so a
-    converter that reads no alpha for some modules (Wan's top-level ones: head, img_emb...) sees none."""
-    out = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-    for key in (k for k in state if k.endswith(".alpha")):
-        module = key[: -len(".alpha")]
-        down = next((f"{module}.{part}.weight" for part in ("lora_down", "lora_A") if f"{module}.{part}.weight" in out),
-                    None)
-        up = next((f"{module}.{part}.weight" for part in ("lora_up", "lora_B") if f"{module}.{part}.weight" in out),
-                  None)
-        if down is None or up is None:
-            raise LoraFormatError(f"{key} has no lora_down/lora_up pair beside it")
-        out[up] = out[up] * (float(state[key]) / out[down].shape[0])
-    return out
-
-
 def module_of(key: str) -> str | None:
     """The module a PEFT key belongs to (its lora_A / lora_B weight or lora_B bias), or None."""
     match = PAIR.match(key) or BIAS.match(key)
@@ -275,7 +259,7 @@ def to_peft(state: dict[str, Tensor], family: str) -> dict[str, Tensor]:
     if family in BIAS_FAMILIES:
         state = _without_zero_norm_diffs(state)
     if family == "wan" and layout == "comfyui":  # its converter takes an alpha on the blocks' modules only
-        state = _fold_alphas(state)
+        state = _fold_leftover_alphas(state)
     unsupported = _unsupported(state, family)
     if unsupported:
         raise LoraFormatError(f"unsupported LoRA keys (full-weight diffs, DoRA or bias terms): {_listing(unsupported)}")
