@@ -235,10 +235,14 @@ def test_a_server_path_sent_as_the_image_is_not_read(served, tmp_path):
 
     url, _, _ = served
     secret = Path(picture_file(tmp_path / "server", "private.png", 5))
-    with pytest.raises(RuntimeError, match="compare_student"):
-        RestClient(url).predict("a red star on a dark background", 0, False, students.BASELINE, comparison.AS_TRAINED,
-                                4.0, [], {"path": str(secret), "meta": {"_type": "gradio.FileData"}},
-                                api_name="/compare_student")
+    client = RestClient(url)
+
+    def call(image):
+        return client.predict("a red star on a dark background", 0, False, students.BASELINE, comparison.AS_TRAINED,
+                              4.0, [], image, api_name="/compare_student")
+    assert "Student done" in call(None)[4]  # the same call, no image: answered
+    with pytest.raises(RuntimeError, match="compare_student"):  # gradio's refusal: an error event, no outputs
+        call({"path": str(secret), "meta": {"_type": "gradio.FileData"}})
 
 
 # --- the Showcase: examples with an image ----------------------------------------------------------------------
